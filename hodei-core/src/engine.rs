@@ -1,0 +1,1498 @@
+//! The engine: the control plane's decision core as a sans-IO machine.
+//!
+//! # Method taxonomy
+//! - getters: [`Engine::job`], [`Engine::worker`], [`Engine::workers`], ...
+//! - inputs, `handle_*`: facts from the outside world (a submission, a
+//!   worker's report, a claim result, the passing of time with
+//!   [`Engine::handle_tick`]). Each takes `now`, which must never go
+//!   backwards between calls.
+//! - outputs: [`Engine::poll_effect`] yields the [`Effect`]s to carry out,
+//!   in order; [`Engine::next_deadline`] says when to call
+//!   [`Engine::handle_tick`] next.
+//!
+//! Same inputs, same outputs: the engine reads no clock and draws its ids
+//! and randomness from the [`Entropy`] it was built with.
+//!
+//! # Several replicas
+//! The engine owns only the jobs it claimed from the shared queue
+//! ([`Effect::Claim`] / [`Engine::handle_claimed`]) and the workers
+//! connected to it. Every job change goes out as [`Effect::UpdateJob`]
+//! with the version it was based on; when the store reports that someone
+//! else changed the job, the shell calls [`Engine::handle_job_changed`]
+//! and the engine falls in line (stops the attempt on its worker).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::EngineError;
+use crate::event::{DomainEvent, EventBody};
+use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
+use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, JobStatus, TransitionContext};
+use crate::ports::{Claim, RequestContext};
+use crate::retry::RetryPolicy;
+use crate::scheduler::{self, NoProvider, ProviderSnapshot, WorkerSelection};
+use crate::spec::{JobSpec, Resources};
+use crate::time::{Timestamp, add};
+use crate::worker::{Worker, WorkerState};
+
+/// Source of ids and randomness, injected so that the engine stays
+/// deterministic.
+pub trait Entropy: Send {
+    /// A fresh UUID.
+    fn uuid(&mut self) -> Uuid;
+    /// A uniform number in `[0, 1)`.
+    fn unit(&mut self) -> f64;
+}
+
+/// A deterministic [`Entropy`] from a seed (splitmix64), for simulations,
+/// tests and benchmarks.
+#[derive(Debug, Clone)]
+pub struct SeededEntropy(u64);
+
+impl SeededEntropy {
+    /// Starts from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+impl Entropy for SeededEntropy {
+    fn uuid(&mut self) -> Uuid {
+        let hi = self.next_u64();
+        let lo = self.next_u64();
+        uuid::Builder::from_random_bytes(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes())
+            .into_uuid()
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// Name of this replica (queue claims, `system:` actors).
+    pub replica_id: String,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Worker selection strategy.
+    pub selection: WorkerSelection,
+    /// Providers tried first, in order, when a spec names none.
+    pub provider_preference: Vec<ProviderId>,
+    /// Deadline of `SCHEDULED`: a worker must register within it.
+    pub provision_timeout: Duration,
+    /// Deadline of `ASSIGNED`: the worker must acknowledge within it.
+    pub dispatch_timeout: Duration,
+    /// A connected worker silent for this long is considered disconnected.
+    pub heartbeat_timeout: Duration,
+    /// A disconnected worker not back within this is lost.
+    pub reconnect_grace: Duration,
+    /// How often the queue is polled even without a hint (other replicas'
+    /// submissions, retries whose backoff ended).
+    pub claim_interval: Duration,
+    /// Lease of a claim on a pending job.
+    pub claim_lease: Duration,
+    /// Most jobs claimed at once.
+    pub max_claim: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            replica_id: "hodei".into(),
+            retry: RetryPolicy::default(),
+            selection: WorkerSelection::default(),
+            provider_preference: Vec::new(),
+            provision_timeout: Duration::from_secs(60),
+            dispatch_timeout: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(15),
+            reconnect_grace: Duration::from_secs(10),
+            claim_interval: Duration::from_secs(1),
+            claim_lease: Duration::from_secs(30),
+            max_claim: 64,
+        }
+    }
+}
+
+/// A provider as the engine manages it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderConfig {
+    /// Name.
+    pub id: ProviderId,
+    /// Kind (`local`, `docker`, ...).
+    pub kind: String,
+    /// Whether jobs may name an image.
+    pub runs_images: bool,
+    /// Most workers at once.
+    pub max_workers: u32,
+    /// Idle reusable workers kept ready (warm pool).
+    pub warm_pool: u32,
+    /// Workers are created per job and destroyed after it.
+    pub ephemeral: bool,
+    /// Image of warm-pool workers, for providers that run images.
+    pub default_image: Option<String>,
+}
+
+impl ProviderConfig {
+    /// A provider of one-job workers with at most `max_workers`.
+    pub fn ephemeral(id: &str, kind: &str, runs_images: bool, max_workers: u32) -> Self {
+        Self {
+            id: ProviderId::new(id),
+            kind: kind.into(),
+            runs_images,
+            max_workers,
+            warm_pool: 0,
+            ephemeral: true,
+            default_image: None,
+        }
+    }
+}
+
+/// What a worker says when it registers (or re-registers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// Its id.
+    pub worker: WorkerId,
+    /// Provider that created it (for workers unknown to this engine).
+    pub provider: ProviderId,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Image it runs in.
+    pub image: Option<String>,
+    /// Concurrent jobs.
+    pub capacity: u32,
+    /// Attempts it is running right now (after a reconnect).
+    pub running: Vec<(JobId, u32)>,
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AttemptReport {
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Terminating signal.
+    pub signal: Option<i32>,
+    /// Killed for exceeding its memory limit.
+    pub oom_killed: bool,
+    /// Killed by the worker at the job's timeout.
+    pub timed_out: bool,
+    /// The process could not be started (reason).
+    pub start_error: Option<String>,
+}
+
+/// A worker the engine wants created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchRequest {
+    /// Id it must register under.
+    pub worker: WorkerId,
+    /// Image, for providers that run images.
+    pub image: Option<String>,
+    /// Limits.
+    pub resources: Resources,
+    /// Labels to advertise.
+    pub labels: BTreeMap<String, String>,
+    /// The job it is for, when ephemeral.
+    pub job: Option<JobId>,
+}
+
+/// A decision to carry out. The shell executes effects in the order they
+/// are polled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Store a new job and its events atomically (it enters the queue).
+    CreateJob {
+        /// The job.
+        job: Job,
+        /// `JobCreated`, `JobQueued`.
+        events: Vec<DomainEvent>,
+    },
+    /// Store a job change and its events atomically, if the stored version
+    /// is `expected_version`; on a conflict call
+    /// [`Engine::handle_job_changed`].
+    UpdateJob {
+        /// The job after the change.
+        job: Job,
+        /// Version before the change.
+        expected_version: u64,
+        /// Events of the change.
+        events: Vec<DomainEvent>,
+    },
+    /// Store events that go with no job change (workers, providers).
+    Record(Vec<DomainEvent>),
+    /// Store a worker's record.
+    SaveWorker(Worker),
+    /// Claim up to `limit` jobs from the queue, then call
+    /// [`Engine::handle_claimed`] (also with an empty claim or on error).
+    Claim {
+        /// Most jobs to claim.
+        limit: usize,
+        /// Lease of the claim.
+        lease: Duration,
+    },
+    /// Give a claimed job back to the queue.
+    Release(JobId),
+    /// Ask a provider for a worker; report with
+    /// [`Engine::handle_provisioned`] or [`Engine::handle_provision_failed`].
+    Provision {
+        /// Provider.
+        provider: ProviderId,
+        /// What to create.
+        launch: LaunchRequest,
+    },
+    /// Send the job's current attempt to the worker (with its secrets).
+    Dispatch {
+        /// Worker.
+        worker: WorkerId,
+        /// The job, in `ASSIGNED`.
+        job: Box<Job>,
+    },
+    /// Tell a worker to stop an attempt.
+    CancelOnWorker {
+        /// Worker.
+        worker: WorkerId,
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Tell a worker to drain.
+    DrainWorker(WorkerId),
+    /// Tell a worker to exit and have its provider remove it.
+    DestroyWorker {
+        /// Provider.
+        provider: ProviderId,
+        /// Worker.
+        worker: WorkerId,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct WorkerEntry {
+    worker: Worker,
+    /// Correlation of the flow that created it.
+    correlation_id: CorrelationId,
+    /// When a disconnected worker is declared lost.
+    lost_at: Option<Timestamp>,
+    /// When a worker still creating/connecting is given up.
+    register_by: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone)]
+struct ProviderEntry {
+    config: ProviderConfig,
+    healthy: bool,
+}
+
+/// The engine. See the module documentation.
+pub struct Engine {
+    config: EngineConfig,
+    entropy: Box<dyn Entropy>,
+    jobs: BTreeMap<JobId, Job>,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    providers: BTreeMap<ProviderId, ProviderEntry>,
+    effects: VecDeque<Effect>,
+    rr_cursor: u64,
+    /// Jobs may be waiting in the queue.
+    queue_hint: bool,
+    claim_in_flight: bool,
+    next_claim_at: Option<Timestamp>,
+    actor: Actor,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("replica", &self.config.replica_id)
+            .field("jobs", &self.jobs.len())
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// A new engine with no jobs and no workers.
+    pub fn new(config: EngineConfig, providers: Vec<ProviderConfig>, entropy: Box<dyn Entropy>) -> Self {
+        let actor = Actor::system("scheduler");
+        Self {
+            config,
+            entropy,
+            jobs: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            providers: providers
+                .into_iter()
+                .map(|c| {
+                    (
+                        c.id.clone(),
+                        ProviderEntry {
+                            config: c,
+                            healthy: true,
+                        },
+                    )
+                })
+                .collect(),
+            effects: VecDeque::new(),
+            rr_cursor: 0,
+            queue_hint: true,
+            claim_in_flight: false,
+            next_claim_at: None,
+            actor,
+        }
+    }
+
+    // ----- getters --------------------------------------------------------
+
+    /// Settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// A job this engine owns.
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    /// Jobs this engine owns (claimed, not yet terminal).
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// A worker.
+    pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.workers.get(&id).map(|e| &e.worker)
+    }
+
+    /// Workers known to this engine (terminated ones are forgotten).
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values().map(|e| &e.worker)
+    }
+
+    /// Configured providers with their health.
+    pub fn providers(&self) -> impl Iterator<Item = (&ProviderConfig, bool)> {
+        self.providers.values().map(|p| (&p.config, p.healthy))
+    }
+
+    /// Whether `worker` still holds `job` in `attempt` (for the shell to
+    /// check before sending a dispatch whose commit may have conflicted).
+    pub fn holds(&self, worker: WorkerId, job: JobId, attempt: u32) -> bool {
+        self.jobs
+            .get(&job)
+            .is_some_and(|j| j.attempt == attempt && j.status.worker() == Some(worker))
+    }
+
+    /// Validates a spec against the configured providers without
+    /// submitting it.
+    pub fn check_spec(&self, spec: &JobSpec) -> Result<(), EngineError> {
+        let known = || {
+            self.providers
+                .keys()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(p) = spec.provider() {
+            let Some(entry) = self.providers.get(p) else {
+                return Err(EngineError::UnknownProvider {
+                    provider: p.to_string(),
+                    known: known(),
+                });
+            };
+            if spec.image().is_some() && !entry.config.runs_images {
+                return Err(EngineError::UnknownProvider {
+                    provider: format!("{p} (cannot run images)"),
+                    known: known(),
+                });
+            }
+        } else if spec.image().is_some() && !self.providers.values().any(|p| p.config.runs_images) {
+            return Err(EngineError::UnknownProvider {
+                provider: "(any that runs images)".into(),
+                known: known(),
+            });
+        }
+        Ok(())
+    }
+
+    // ----- outputs --------------------------------------------------------
+
+    /// The next effect to carry out.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When [`Engine::handle_tick`] must be called next, if ever.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        let jobs = self.jobs.values().filter_map(|j| j.status.deadline());
+        let workers = self.workers.values().flat_map(|e| {
+            let hb = (e.worker.connected
+                && matches!(
+                    e.worker.state,
+                    WorkerState::Ready | WorkerState::Busy | WorkerState::Draining
+                ))
+            .then(|| add(e.worker.last_seen, self.config.heartbeat_timeout));
+            [e.lost_at, e.register_by, hb]
+        });
+        jobs.chain(workers.flatten())
+            .chain(self.next_claim_at)
+            .min()
+    }
+
+    // ----- inputs: jobs -----------------------------------------------------
+
+    /// A new submission. Returns the new job's id; the job is stored by
+    /// [`Effect::CreateJob`] and enters the queue.
+    pub fn handle_submit(
+        &mut self,
+        now: Timestamp,
+        spec: JobSpec,
+        ctx: &RequestContext,
+    ) -> Result<JobId, EngineError> {
+        self.check_spec(&spec)?;
+        let id = JobId::from_uuid(self.entropy.uuid());
+        let (job, bodies) = Job::submit(
+            id,
+            spec,
+            ctx.correlation_id.clone(),
+            ctx.actor.clone(),
+            now,
+        );
+        let events = self.wrap(now, &ctx.correlation_id, &ctx.actor, bodies);
+        self.effects.push_back(Effect::CreateJob { job, events });
+        self.queue_hint = true;
+        self.maybe_claim();
+        Ok(id)
+    }
+
+    /// The queue may hold claimable jobs (another replica's submission,
+    /// an event from the bus).
+    pub fn handle_queue_hint(&mut self) {
+        self.queue_hint = true;
+        self.maybe_claim();
+    }
+
+    /// The result of an [`Effect::Claim`]. Pass `None` if the claim failed.
+    pub fn handle_claimed(&mut self, now: Timestamp, claim: Option<Claim>, limit: usize) {
+        self.claim_in_flight = false;
+        let Some(claim) = claim else {
+            self.next_claim_at = Some(add(now, self.config.claim_interval));
+            return;
+        };
+        if claim.jobs.len() >= limit && limit > 0 {
+            self.queue_hint = true;
+        }
+        if let Some(ready) = claim.next_ready_at {
+            let at = ready.max(now);
+            self.next_claim_at = Some(self.next_claim_at.map_or(at, |t| t.min(at)));
+        }
+        for job in claim.jobs {
+            if job.state() != JobState::Pending || self.jobs.contains_key(&job.id) {
+                continue;
+            }
+            self.place(now, job);
+        }
+        self.maybe_claim();
+    }
+
+    /// Cancels a job this engine owns. For a job it does not own, returns
+    /// [`EngineError::UnknownJob`]: the shell cancels it in the store.
+    pub fn handle_cancel(
+        &mut self,
+        now: Timestamp,
+        job: JobId,
+        ctx: &RequestContext,
+    ) -> Result<Job, EngineError> {
+        if !self.jobs.contains_key(&job) {
+            return Err(EngineError::UnknownJob(job));
+        }
+        let reason = format!("cancelled by {}", ctx.actor);
+        self.apply(
+            now,
+            job,
+            JobCommand::Cancel { reason },
+            Some((ctx.correlation_id.clone(), ctx.actor.clone())),
+        )?;
+        Ok(self.finished_or_current(job))
+    }
+
+    /// A job this engine owns was changed by someone else (conflict on
+    /// update, or seen on the event bus). The stored version wins.
+    pub fn handle_job_changed(&mut self, now: Timestamp, current: Job) {
+        let Some(mine) = self.jobs.get(&current.id) else {
+            return;
+        };
+        if current.version <= mine.version && !current.is_terminal() {
+            return;
+        }
+        let mine = self.jobs.remove(&current.id).expect("present: checked above");
+        if let Some(worker) = mine.status.worker() {
+            if current.status.worker() != Some(worker) || current.attempt != mine.attempt {
+                self.effects.push_back(Effect::CancelOnWorker {
+                    worker,
+                    job: mine.id,
+                    attempt: mine.attempt,
+                    reason: format!("job is now {} (decided elsewhere)", current.state()),
+                });
+                self.release_slot(now, worker, mine.id);
+            }
+        }
+        if !current.is_terminal()
+            && current.state() != JobState::Pending
+            && current.status.worker().is_some_and(|w| self.workers.contains_key(&w))
+        {
+            self.jobs.insert(current.id, current);
+        }
+    }
+
+    // ----- inputs: workers ----------------------------------------------------
+
+    /// The provider created the worker; it will now connect.
+    pub fn handle_provisioned(&mut self, now: Timestamp, worker: WorkerId) {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if entry.worker.state != WorkerState::Creating {
+            return;
+        }
+        let _ = entry.worker.transition(WorkerState::Connecting);
+        let provider = entry.worker.provider.clone();
+        let corr = entry.correlation_id.clone();
+        let snapshot = entry.worker.clone();
+        self.record(
+            now,
+            &corr,
+            EventBody::WorkerProvisioned {
+                worker_id: worker,
+                provider,
+            },
+        );
+        self.effects.push_back(Effect::SaveWorker(snapshot));
+    }
+
+    /// The provider could not create the worker.
+    pub fn handle_provision_failed(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        let Some(entry) = self.workers.get(&worker) else {
+            return;
+        };
+        let corr = entry.correlation_id.clone();
+        let provider = entry.worker.provider.clone();
+        self.record(
+            now,
+            &corr,
+            EventBody::WorkerProvisioningFailed {
+                worker_id: worker,
+                provider,
+                reason: reason.into(),
+            },
+        );
+        let failure = Failure::new(
+            FailureKind::ProvisioningFailed,
+            format!("provisioning failed: {reason}"),
+        );
+        self.lose_worker(now, worker, reason, failure);
+    }
+
+    /// A worker registered (first time, or back after a disconnect).
+    /// `adoptable` are stored jobs it reports running that this engine
+    /// does not own yet (after a restart or a replica's death): those
+    /// still assigned to it in that attempt are taken over.
+    pub fn handle_registered(
+        &mut self,
+        now: Timestamp,
+        reg: Registration,
+        adoptable: Vec<Job>,
+    ) -> Result<(), EngineError> {
+        let id = reg.worker;
+        for job in adoptable {
+            let held_here = job.status.worker() == Some(id)
+                && reg.running.contains(&(job.id, job.attempt))
+                && matches!(job.state(), JobState::Assigned | JobState::Running);
+            if held_here && !self.jobs.contains_key(&job.id) {
+                self.jobs.insert(job.id, job);
+            }
+        }
+        let reconnect = match self.workers.get(&id) {
+            Some(e) if e.worker.state.is_terminal() => {
+                return Err(EngineError::UnknownWorker(id));
+            }
+            Some(e) => !matches!(e.worker.state, WorkerState::Creating | WorkerState::Connecting),
+            None => false,
+        };
+        let entry = self.workers.entry(id).or_insert_with(|| WorkerEntry {
+            worker: Worker {
+                id,
+                provider: reg.provider.clone(),
+                state: WorkerState::Connecting,
+                labels: BTreeMap::new(),
+                image: None,
+                capacity: 1,
+                jobs: Vec::new(),
+                ephemeral: false,
+                reserved_for: None,
+                connected: false,
+                last_seen: now,
+                created_at: now,
+            },
+            correlation_id: CorrelationId::new(format!("worker-{id}")),
+            lost_at: None,
+            register_by: None,
+        });
+        entry.worker.connected = true;
+        entry.worker.last_seen = now;
+        entry.lost_at = None;
+        entry.register_by = None;
+        entry.worker.labels = reg.labels.clone();
+        if reg.image.is_some() {
+            entry.worker.image = reg.image.clone();
+        }
+        entry.worker.capacity = reg.capacity.max(1);
+        let corr = entry.correlation_id.clone();
+        let actor = Actor::worker(id);
+
+        // Reconcile what the worker runs with what we believe it holds.
+        let held: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.status.worker() == Some(id))
+            .map(|j| j.id)
+            .collect();
+        for (job, attempt) in &reg.running {
+            if !self.holds(id, *job, *attempt) {
+                self.effects.push_back(Effect::CancelOnWorker {
+                    worker: id,
+                    job: *job,
+                    attempt: *attempt,
+                    reason: "attempt was decided while the worker was away".into(),
+                });
+            }
+        }
+        let entry = self.workers.get_mut(&id).expect("inserted above");
+        entry.worker.jobs = held
+            .iter()
+            .copied()
+            .filter(|j| reg.running.iter().any(|(r, _)| r == j))
+            .collect();
+        let lost: Vec<JobId> = held
+            .into_iter()
+            .filter(|j| !reg.running.iter().any(|(r, _)| r == j))
+            .collect();
+
+        if reconnect {
+            let running = entry.worker.jobs.clone();
+            self.wrap_record(
+                now,
+                &corr,
+                &actor,
+                EventBody::WorkerReconnected {
+                    worker_id: id,
+                    running,
+                },
+            );
+        } else {
+            if entry.worker.state == WorkerState::Creating {
+                let _ = entry.worker.transition(WorkerState::Connecting);
+            }
+            entry.worker.transition(WorkerState::Ready)?;
+            let body = EventBody::WorkerRegistered {
+                worker_id: id,
+                provider: entry.worker.provider.clone(),
+                labels: entry.worker.labels.clone(),
+                capacity: entry.worker.capacity,
+            };
+            self.wrap_record(now, &corr, &actor, body);
+            self.wrap_record(now, &corr, &actor, EventBody::WorkerReady { worker_id: id });
+        }
+        for job in lost {
+            // The worker came back without the attempt we gave it: the
+            // dispatch or the process was lost with the connection.
+            let kind = match self.jobs.get(&job).map(Job::state) {
+                Some(JobState::Assigned) => FailureKind::DispatchFailed,
+                _ => FailureKind::WorkerLost,
+            };
+            let failure = Failure::new(kind, "the worker reconnected without this attempt");
+            let _ = self.apply(now, job, JobCommand::Fail(failure), Some((corr.clone(), actor.clone())));
+        }
+        self.refresh_worker_state(now, id);
+        self.save_worker(id);
+        self.offer_work(now, id);
+        self.queue_hint = true;
+        self.maybe_claim();
+        Ok(())
+    }
+
+    /// A sign of life.
+    pub fn handle_heartbeat(&mut self, now: Timestamp, worker: WorkerId) {
+        if let Some(e) = self.workers.get_mut(&worker) {
+            e.worker.last_seen = now;
+        }
+    }
+
+    /// A batch of log lines arrived; counts as a sign of life. Returns
+    /// whether the worker holds that attempt.
+    pub fn handle_log_batch(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+    ) -> bool {
+        self.handle_heartbeat(now, worker);
+        self.holds(worker, job, attempt)
+    }
+
+    /// A worker's stream dropped. It has `reconnect_grace` to come back.
+    pub fn handle_disconnected(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        let grace = self.config.reconnect_grace;
+        let Some(e) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if !e.worker.connected {
+            return;
+        }
+        e.worker.connected = false;
+        let corr = e.correlation_id.clone();
+        let done = matches!(e.worker.state, WorkerState::Terminating | WorkerState::Draining)
+            && e.worker.jobs.is_empty();
+        self.record(
+            now,
+            &corr,
+            EventBody::WorkerDisconnected {
+                worker_id: worker,
+                reason: reason.into(),
+            },
+        );
+        if done {
+            self.terminate(now, worker, "worker left after draining");
+        } else if let Some(e) = self.workers.get_mut(&worker) {
+            e.lost_at = Some(add(now, grace));
+            let snapshot = e.worker.clone();
+            self.effects.push_back(Effect::SaveWorker(snapshot));
+        }
+    }
+
+    /// The provider saw the worker end (process exit, container gone).
+    pub fn handle_worker_exited(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        if !self.workers.contains_key(&worker) {
+            return;
+        }
+        let failure = Failure::new(FailureKind::WorkerLost, format!("worker lost: {reason}"));
+        self.lose_worker(now, worker, reason, failure);
+    }
+
+    /// The worker drains (asked by a user, or its own SIGTERM).
+    pub fn handle_draining(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        ctx: Option<&RequestContext>,
+    ) -> Result<(), EngineError> {
+        let e = self
+            .workers
+            .get_mut(&worker)
+            .ok_or(EngineError::UnknownWorker(worker))?;
+        if e.worker.state == WorkerState::Draining {
+            return Ok(());
+        }
+        e.worker.transition(WorkerState::Draining)?;
+        let (corr, actor) = match ctx {
+            Some(c) => (c.correlation_id.clone(), c.actor.clone()),
+            None => (e.correlation_id.clone(), Actor::worker(worker)),
+        };
+        let idle = e.worker.jobs.is_empty();
+        self.wrap_record(now, &corr, &actor, EventBody::WorkerDraining { worker_id: worker });
+        if ctx.is_some() {
+            self.effects.push_back(Effect::DrainWorker(worker));
+        }
+        if idle && ctx.is_none() {
+            // The agent drains itself and leaves; nothing to wait for.
+        }
+        self.save_worker(worker);
+        Ok(())
+    }
+
+    /// The worker acknowledged the attempt and started it.
+    pub fn handle_ack(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+    ) -> Result<(), EngineError> {
+        self.check_holder(now, worker, job, attempt)?;
+        let corr = self.jobs[&job].correlation_id.clone();
+        self.apply(now, job, JobCommand::Start, Some((corr, Actor::worker(worker))))
+    }
+
+    /// The worker refused the attempt.
+    pub fn handle_refused(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        self.check_holder(now, worker, job, attempt)?;
+        let corr = self.jobs[&job].correlation_id.clone();
+        let failure = Failure::new(FailureKind::DispatchFailed, format!("worker refused: {reason}"));
+        self.apply(now, job, JobCommand::Fail(failure), Some((corr, Actor::worker(worker))))
+    }
+
+    /// The attempt ended on the worker.
+    pub fn handle_result(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+        report: AttemptReport,
+    ) -> Result<(), EngineError> {
+        self.check_holder(now, worker, job, attempt)?;
+        let j = &self.jobs[&job];
+        let corr = j.correlation_id.clone();
+        let actor = Actor::worker(worker);
+        if j.state() == JobState::Assigned {
+            // The result overtook the acknowledgement; the attempt did run.
+            self.apply(now, job, JobCommand::Start, Some((corr.clone(), actor.clone())))?;
+        }
+        let command = match report.start_error {
+            Some(reason) => JobCommand::Fail(Failure::new(
+                FailureKind::StartFailed,
+                format!("could not start: {reason}"),
+            )),
+            None => JobCommand::Exit {
+                exit_code: report.exit_code,
+                signal: report.signal,
+                oom_killed: report.oom_killed,
+                timed_out: report.timed_out,
+            },
+        };
+        self.apply(now, job, command, Some((corr, actor)))
+    }
+
+    /// A provider's health changed.
+    pub fn handle_provider_health(
+        &mut self,
+        now: Timestamp,
+        provider: &ProviderId,
+        healthy: bool,
+        message: &str,
+    ) {
+        let Some(p) = self.providers.get_mut(provider) else {
+            return;
+        };
+        if p.healthy == healthy {
+            return;
+        }
+        p.healthy = healthy;
+        let corr = CorrelationId::new(format!("provider-{provider}"));
+        self.wrap_record(
+            now,
+            &corr,
+            &Actor::system("health"),
+            EventBody::ProviderHealthChanged {
+                provider: provider.clone(),
+                healthy,
+                message: message.into(),
+            },
+        );
+        if healthy {
+            self.queue_hint = true;
+            self.maybe_claim();
+        }
+    }
+
+    /// Time passed: decide every deadline at or before `now`.
+    pub fn handle_tick(&mut self, now: Timestamp) {
+        // Job deadlines.
+        let overdue: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.status.deadline().is_some_and(|d| d <= now))
+            .map(|j| j.id)
+            .collect();
+        for job in overdue {
+            let corr = self.jobs[&job].correlation_id.clone();
+            let _ = self.apply(now, job, JobCommand::Expire, Some((corr, Actor::system("deadline"))));
+        }
+        // Workers: registration, heartbeat and reconnect deadlines.
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            let Some(e) = self.workers.get(&id) else { continue };
+            if e.register_by.is_some_and(|t| t <= now) {
+                let f = Failure::new(
+                    FailureKind::ProvisioningFailed,
+                    "the worker never registered",
+                );
+                self.lose_worker(now, id, "never registered", f);
+            } else if e.lost_at.is_some_and(|t| t <= now) {
+                let f = Failure::new(
+                    FailureKind::WorkerLost,
+                    "worker disconnected and did not come back",
+                );
+                self.lose_worker(now, id, "did not reconnect in time", f);
+            } else if e.worker.connected
+                && matches!(
+                    e.worker.state,
+                    WorkerState::Ready | WorkerState::Busy | WorkerState::Draining
+                )
+                && add(e.worker.last_seen, self.config.heartbeat_timeout) <= now
+            {
+                self.handle_disconnected(now, id, "heartbeat timeout");
+            }
+        }
+        if self.next_claim_at.is_some_and(|t| t <= now) {
+            self.next_claim_at = None;
+            self.queue_hint = true;
+        }
+        self.fill_warm_pools(now);
+        if self.next_claim_at.is_none() {
+            // Poll the shared queue now and then: other replicas'
+            // submissions and ended backoffs surface this way.
+            self.next_claim_at = Some(add(now, self.config.claim_interval));
+        }
+        self.maybe_claim();
+    }
+
+    // ----- internals ---------------------------------------------------------
+
+    fn place(&mut self, now: Timestamp, job: Job) {
+        let id = job.id;
+        let corr = job.correlation_id.clone();
+        let actor = self.actor.clone();
+        let worker = scheduler::select_worker(
+            self.config.selection,
+            id,
+            &job.spec,
+            self.workers.values().map(|e| &e.worker),
+            &mut self.rr_cursor,
+        );
+        self.jobs.insert(id, job);
+        if let Some(worker) = worker {
+            self.assign(now, id, worker);
+            return;
+        }
+        let snapshots: Vec<ProviderSnapshot> = self.provider_snapshots();
+        let spec = &self.jobs[&id].spec;
+        match scheduler::select_provider(spec, &snapshots, &self.config.provider_preference) {
+            Ok(provider) => {
+                let worker = WorkerId::from_uuid(self.entropy.uuid());
+                let deadline = add(now, self.config.provision_timeout);
+                let launch = LaunchRequest {
+                    worker,
+                    image: spec.image().map(str::to_owned),
+                    resources: spec.resources(),
+                    labels: spec.labels().clone(),
+                    job: Some(id),
+                };
+                let image = launch.image.clone();
+                let ephemeral = self.providers[&provider].config.ephemeral;
+                if self
+                    .apply(
+                        now,
+                        id,
+                        JobCommand::Schedule {
+                            provider: provider.clone(),
+                            worker,
+                            deadline,
+                        },
+                        Some((corr.clone(), actor)),
+                    )
+                    .is_ok()
+                {
+                    self.start_worker(now, &provider, worker, image, Some(id), ephemeral, corr);
+                    self.effects.push_back(Effect::Provision { provider, launch });
+                }
+            }
+            Err(NoProvider::Busy) => {
+                self.jobs.remove(&id);
+                self.effects.push_back(Effect::Release(id));
+                self.next_claim_at = Some(add(now, self.config.claim_interval));
+            }
+            Err(NoProvider::Unknown(name)) => {
+                let f = Failure::new(
+                    FailureKind::Validation,
+                    format!("provider {name:?} is not configured"),
+                );
+                let _ = self.apply(now, id, JobCommand::Fail(f), Some((corr, actor)));
+            }
+            Err(NoProvider::CannotRunImages(p)) => {
+                let f = Failure::new(
+                    FailureKind::Validation,
+                    format!("the job names an image but provider {p} cannot run images"),
+                );
+                let _ = self.apply(now, id, JobCommand::Fail(f), Some((corr, actor)));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_worker(
+        &mut self,
+        now: Timestamp,
+        provider: &ProviderId,
+        worker: WorkerId,
+        image: Option<String>,
+        job: Option<JobId>,
+        ephemeral: bool,
+        corr: CorrelationId,
+    ) {
+        let w = Worker {
+            id: worker,
+            provider: provider.clone(),
+            state: WorkerState::Creating,
+            labels: BTreeMap::new(),
+            image,
+            capacity: 1,
+            jobs: Vec::new(),
+            ephemeral,
+            reserved_for: if ephemeral { job } else { None },
+            connected: false,
+            last_seen: now,
+            created_at: now,
+        };
+        self.workers.insert(
+            worker,
+            WorkerEntry {
+                worker: w.clone(),
+                correlation_id: corr.clone(),
+                lost_at: None,
+                register_by: Some(add(now, self.config.provision_timeout)),
+            },
+        );
+        self.record(
+            now,
+            &corr,
+            EventBody::WorkerProvisioningRequested {
+                worker_id: worker,
+                provider: provider.clone(),
+                job_id: job,
+            },
+        );
+        self.effects.push_back(Effect::SaveWorker(w));
+    }
+
+    fn assign(&mut self, now: Timestamp, job: JobId, worker: WorkerId) {
+        let corr = self.jobs[&job].correlation_id.clone();
+        let deadline = add(now, self.config.dispatch_timeout);
+        if self
+            .apply(
+                now,
+                job,
+                JobCommand::Assign { worker, deadline },
+                Some((corr, self.actor.clone())),
+            )
+            .is_err()
+        {
+            return;
+        }
+        if let Some(e) = self.workers.get_mut(&worker) {
+            e.worker.jobs.push(job);
+        }
+        self.refresh_worker_state(now, worker);
+        self.save_worker(worker);
+        let snapshot = self.jobs[&job].clone();
+        self.effects.push_back(Effect::Dispatch {
+            worker,
+            job: Box::new(snapshot),
+        });
+    }
+
+    /// Applies a command to an owned job and emits its effects: the
+    /// update, and what follows from the new state for its worker.
+    fn apply(
+        &mut self,
+        now: Timestamp,
+        id: JobId,
+        command: JobCommand,
+        who: Option<(CorrelationId, Actor)>,
+    ) -> Result<(), EngineError> {
+        let unit = self.entropy.unit();
+        let job = self.jobs.get_mut(&id).ok_or(EngineError::UnknownJob(id))?;
+        let before_worker = job.status.worker();
+        let before_attempt = job.attempt;
+        let before_state = job.state();
+        let expected_version = job.version;
+        let ctx = TransitionContext {
+            now,
+            retry: &self.config.retry,
+            unit_random: unit,
+        };
+        let bodies = job.apply(command, ctx)?;
+        let (corr, actor) = who.unwrap_or_else(|| (job.correlation_id.clone(), self.actor.clone()));
+        let after_state = job.state();
+        let after_worker = job.status.worker();
+        let snapshot = job.clone();
+        let events = self.wrap(now, &corr, &actor, bodies);
+        self.effects.push_back(Effect::UpdateJob {
+            job: snapshot.clone(),
+            expected_version,
+            events,
+        });
+        // The attempt left its worker: stop it there and free the slot.
+        if let Some(worker) = before_worker {
+            if after_worker != Some(worker) {
+                let stop = matches!(before_state, JobState::Assigned | JobState::Running)
+                    && matches!(
+                        after_state,
+                        JobState::Cancelled | JobState::TimedOut | JobState::Pending | JobState::Failed
+                    );
+                let reported = matches!(after_state, JobState::Succeeded)
+                    || (after_state == JobState::Failed && before_state == JobState::Running);
+                if stop && !reported {
+                    self.effects.push_back(Effect::CancelOnWorker {
+                        worker,
+                        job: id,
+                        attempt: before_attempt,
+                        reason: format!("job is now {after_state}"),
+                    });
+                }
+                self.release_slot(now, worker, id);
+            }
+        }
+        if after_state.is_terminal() || after_state == JobState::Pending {
+            self.jobs.remove(&id);
+            if after_state == JobState::Pending {
+                // Back in the queue for its next attempt.
+                self.queue_hint = true;
+                let nb = match snapshot.status {
+                    JobStatus::Pending { not_before } => not_before,
+                    _ => None,
+                };
+                if let Some(nb) = nb {
+                    self.next_claim_at = Some(self.next_claim_at.map_or(nb, |t| t.min(nb)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finished_or_current(&self, job: JobId) -> Job {
+        if let Some(j) = self.jobs.get(&job) {
+            return j.clone();
+        }
+        self.effects
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::UpdateJob { job: j, .. } if j.id == job => Some(j.clone()),
+                _ => None,
+            })
+            .expect("apply() pushed an UpdateJob for this job")
+    }
+
+    /// The worker no longer holds `job`: free its slot; an ephemeral
+    /// worker is destroyed, a reusable one offered new work.
+    fn release_slot(&mut self, now: Timestamp, worker: WorkerId, job: JobId) {
+        let Some(e) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        e.worker.jobs.retain(|j| *j != job);
+        if e.worker.reserved_for == Some(job) {
+            e.worker.reserved_for = None;
+            if e.worker.ephemeral && !e.worker.state.is_terminal() {
+                self.retire(now, worker, "its job is done");
+                return;
+            }
+        }
+        if e.worker.state == WorkerState::Draining && e.worker.jobs.is_empty() {
+            // It leaves on its own once idle; the disconnect ends it.
+        }
+        self.refresh_worker_state(now, worker);
+        self.save_worker(worker);
+        self.offer_work(now, worker);
+        self.queue_hint = true;
+        self.maybe_claim();
+    }
+
+    /// Ready ↔ Busy follows the jobs held.
+    fn refresh_worker_state(&mut self, now: Timestamp, worker: WorkerId) {
+        let Some(e) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let target = match (e.worker.state, e.worker.jobs.is_empty()) {
+            (WorkerState::Ready, false) => WorkerState::Busy,
+            (WorkerState::Busy, true) => WorkerState::Ready,
+            _ => return,
+        };
+        let _ = e.worker.transition(target);
+        if target == WorkerState::Ready {
+            let corr = e.correlation_id.clone();
+            self.record(now, &corr, EventBody::WorkerReady { worker_id: worker });
+        }
+    }
+
+    /// Hands a newly free worker a job already waiting for it here
+    /// (a `SCHEDULED` job whose worker just registered).
+    fn offer_work(&mut self, now: Timestamp, worker: WorkerId) {
+        let Some(e) = self.workers.get(&worker) else {
+            return;
+        };
+        if !e.worker.connected {
+            return;
+        }
+        let waiting: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.status, JobStatus::Scheduled { worker: w, .. } if w == worker))
+            .map(|j| j.id)
+            .collect();
+        for job in waiting {
+            if self.workers[&worker].worker.accepts(job) {
+                self.assign(now, job, worker);
+            }
+        }
+    }
+
+    /// An ephemeral worker is done: terminate it.
+    fn retire(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        let Some(e) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let _ = e.worker.transition(WorkerState::Terminating);
+        let provider = e.worker.provider.clone();
+        self.effects.push_back(Effect::DestroyWorker { provider, worker });
+        self.terminate(now, worker, reason);
+    }
+
+    /// The worker is gone: fail what it held (transient, retried by
+    /// policy) and forget it.
+    fn lose_worker(&mut self, now: Timestamp, worker: WorkerId, reason: &str, failure: Failure) {
+        let held: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.status.worker() == Some(worker))
+            .map(|j| j.id)
+            .collect();
+        let Some(e) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let provider = e.worker.provider.clone();
+        // Detach first so that release_slot does not retire it twice.
+        e.worker.reserved_for = None;
+        e.worker.ephemeral = false;
+        let _ = e.worker.transition(WorkerState::Terminating);
+        for job in held {
+            let corr = self.jobs[&job].correlation_id.clone();
+            let _ = self.apply(
+                now,
+                job,
+                JobCommand::Fail(failure.clone()),
+                Some((corr, Actor::system("monitor"))),
+            );
+        }
+        self.effects.push_back(Effect::DestroyWorker { provider, worker });
+        self.terminate(now, worker, reason);
+    }
+
+    fn terminate(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        let Some(mut e) = self.workers.remove(&worker) else {
+            return;
+        };
+        if e.worker.state.is_terminal() {
+            return;
+        }
+        let _ = e.worker.transition(WorkerState::Terminated);
+        e.worker.connected = false;
+        e.worker.jobs.clear();
+        self.record(
+            now,
+            &e.correlation_id,
+            EventBody::WorkerTerminated {
+                worker_id: worker,
+                reason: reason.into(),
+            },
+        );
+        self.effects.push_back(Effect::SaveWorker(e.worker));
+        self.queue_hint = true;
+    }
+
+    fn check_holder(
+        &mut self,
+        _now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+    ) -> Result<(), EngineError> {
+        if self.holds(worker, job, attempt) {
+            return Ok(());
+        }
+        if self.workers.contains_key(&worker) {
+            // A stale report: make sure the worker stops that attempt.
+            self.effects.push_back(Effect::CancelOnWorker {
+                worker,
+                job,
+                attempt,
+                reason: "this attempt is not assigned to this worker".into(),
+            });
+        }
+        Err(EngineError::NotAssigned {
+            worker,
+            job,
+            attempt,
+        })
+    }
+
+    fn maybe_claim(&mut self) {
+        if self.claim_in_flight || !self.queue_hint {
+            return;
+        }
+        let capacity = self.capacity();
+        if capacity == 0 {
+            return;
+        }
+        let limit = capacity.min(self.config.max_claim);
+        self.queue_hint = false;
+        self.claim_in_flight = true;
+        self.effects.push_back(Effect::Claim {
+            limit,
+            lease: self.config.claim_lease,
+        });
+    }
+
+    /// Jobs this engine could start now: free worker slots plus room at
+    /// healthy providers.
+    fn capacity(&self) -> usize {
+        let slots: usize = self
+            .workers
+            .values()
+            .filter(|e| {
+                e.worker.connected
+                    && e.worker.reserved_for.is_none()
+                    && matches!(e.worker.state, WorkerState::Ready | WorkerState::Busy)
+            })
+            .map(|e| e.worker.free_slots() as usize)
+            .sum();
+        let room: usize = self
+            .provider_snapshots()
+            .iter()
+            .filter(|p| p.healthy)
+            .map(|p| p.max_workers.saturating_sub(p.workers) as usize)
+            .sum();
+        slots + room
+    }
+
+    fn provider_snapshots(&self) -> Vec<ProviderSnapshot> {
+        self.providers
+            .values()
+            .map(|p| ProviderSnapshot {
+                id: p.config.id.clone(),
+                healthy: p.healthy,
+                workers: self
+                    .workers
+                    .values()
+                    .filter(|e| e.worker.provider == p.config.id && !e.worker.state.is_terminal())
+                    .count() as u32,
+                max_workers: p.config.max_workers,
+                runs_images: p.config.runs_images,
+            })
+            .collect()
+    }
+
+    fn fill_warm_pools(&mut self, now: Timestamp) {
+        let providers: Vec<ProviderConfig> = self
+            .providers
+            .values()
+            .filter(|p| p.healthy && p.config.warm_pool > 0)
+            .map(|p| p.config.clone())
+            .collect();
+        for p in providers {
+            let of_provider = || {
+                self.workers
+                    .values()
+                    .filter(|e| e.worker.provider == p.id && !e.worker.state.is_terminal())
+            };
+            let total = of_provider().count() as u32;
+            let idle = of_provider()
+                .filter(|e| {
+                    !e.worker.ephemeral
+                        && e.worker.jobs.is_empty()
+                        && matches!(
+                            e.worker.state,
+                            WorkerState::Creating | WorkerState::Connecting | WorkerState::Ready
+                        )
+                })
+                .count() as u32;
+            if idle >= p.warm_pool || total >= p.max_workers {
+                continue;
+            }
+            let add_n = (p.warm_pool - idle).min(p.max_workers - total);
+            let corr = CorrelationId::new(format!("autoscale-{}", p.id));
+            self.wrap_record(
+                now,
+                &corr,
+                &Actor::system("autoscaler"),
+                EventBody::AutoScalingTriggered {
+                    provider: p.id.clone(),
+                    queue_depth: 0,
+                    current: total,
+                    target: total + add_n,
+                },
+            );
+            for _ in 0..add_n {
+                let worker = WorkerId::from_uuid(self.entropy.uuid());
+                self.start_worker(now, &p.id, worker, p.default_image.clone(), None, false, corr.clone());
+                self.effects.push_back(Effect::Provision {
+                    provider: p.id.clone(),
+                    launch: LaunchRequest {
+                        worker,
+                        image: p.default_image.clone(),
+                        resources: Resources::default(),
+                        labels: BTreeMap::new(),
+                        job: None,
+                    },
+                });
+            }
+        }
+    }
+
+    fn save_worker(&mut self, worker: WorkerId) {
+        if let Some(e) = self.workers.get(&worker) {
+            self.effects.push_back(Effect::SaveWorker(e.worker.clone()));
+        }
+    }
+
+    fn record(&mut self, now: Timestamp, corr: &CorrelationId, body: EventBody) {
+        let actor = self.actor.clone();
+        self.wrap_record(now, corr, &actor, body);
+    }
+
+    fn wrap_record(&mut self, now: Timestamp, corr: &CorrelationId, actor: &Actor, body: EventBody) {
+        let events = self.wrap(now, corr, actor, vec![body]);
+        self.effects.push_back(Effect::Record(events));
+    }
+
+    fn wrap(
+        &mut self,
+        now: Timestamp,
+        corr: &CorrelationId,
+        actor: &Actor,
+        bodies: Vec<EventBody>,
+    ) -> Vec<DomainEvent> {
+        bodies
+            .into_iter()
+            .map(|body| {
+                DomainEvent::new(
+                    EventId::from_uuid(self.entropy.uuid()),
+                    now,
+                    corr.clone(),
+                    actor.clone(),
+                    body,
+                )
+            })
+            .collect()
+    }
+}
