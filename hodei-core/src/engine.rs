@@ -40,7 +40,7 @@ use crate::worker::{Worker, WorkerState};
 
 /// Source of ids and randomness, injected so that the engine stays
 /// deterministic.
-pub trait Entropy: Send {
+pub trait Entropy: Send + Sync {
     /// A fresh UUID.
     fn uuid(&mut self) -> Uuid;
     /// A uniform number in `[0, 1)`.
@@ -663,10 +663,15 @@ impl Engine {
         let actor = Actor::worker(id);
 
         // Reconcile what the worker runs with what we believe it holds.
+        // Only ASSIGNED and RUNNING attempts were handed to the worker: a
+        // SCHEDULED job merely waits for it to register, and gets it below.
         let held: Vec<JobId> = self
             .jobs
             .values()
-            .filter(|j| j.status.worker() == Some(id))
+            .filter(|j| {
+                j.status.worker() == Some(id)
+                    && matches!(j.state(), JobState::Assigned | JobState::Running)
+            })
             .map(|j| j.id)
             .collect();
         for (job, attempt) in &reg.running {

@@ -1,0 +1,1574 @@
+//! The async shell around the pure [`Engine`]: it reads the clock, feeds
+//! inputs, carries out effects against the ports, and arms one timer.
+//!
+//! One tokio task (the *driver*) owns the engine; everything that changes
+//! a decision goes through its command channel, so the engine is never
+//! shared. Reads (job lookups, logs, audit) go straight to the stores, and
+//! so do log appends, which are the hot path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::stream::{BoxStream, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::engine::{
+    AttemptReport, Effect, Engine, EngineConfig, Entropy, LaunchRequest, ProviderConfig,
+    Registration,
+};
+use crate::error::{EngineError, SpecError};
+use crate::event::{DomainEvent, EventBody};
+use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
+use crate::job::{Job, JobCommand, JobState, TransitionContext};
+use crate::memory::MemoryStore;
+use crate::ports::{
+    AuditFilter, AuditPage, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobPage,
+    JobQueue, JobStore, LogLine, LogStore, NewLogLine, ProviderRecord, ProviderStore,
+    RequestContext, RunJob, SecretMeta, SecretStore, StoreError, ToWorker, WorkerLaunch,
+    WorkerLink, WorkerProvider, WorkerRegistry,
+};
+use crate::spec::{JobSpec, RawJobSpec, SpecLimits};
+use crate::time::{Timestamp, add};
+use crate::worker::Worker;
+
+/// Errors of the control plane API, mapped by transports to gRPC codes
+/// and HTTP statuses. The message says what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Bad input (400 / INVALID_ARGUMENT).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Unknown id (404 / NOT_FOUND).
+    #[error("{0}")]
+    NotFound(String),
+    /// Valid input the current state refuses (409 / FAILED_PRECONDITION).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Missing or bad credentials (401 / UNAUTHENTICATED).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A dependency is down; retry (503 / UNAVAILABLE).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure (500 / INTERNAL).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ApiError::NotFound(format!("{m} not found")),
+            StoreError::Invalid(m) => ApiError::InvalidArgument(m),
+            StoreError::Unavailable(m) => ApiError::Unavailable(format!("store unavailable: {m}")),
+            StoreError::Conflict { .. } | StoreError::AlreadyExists(_) => {
+                ApiError::FailedPrecondition(e.to_string())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(e: SpecError) -> Self {
+        ApiError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::UnknownJob(id) => ApiError::NotFound(format!("job {id} not found")),
+            EngineError::UnknownWorker(id) => ApiError::NotFound(format!("worker {id} not found")),
+            EngineError::UnknownProvider { .. } => ApiError::InvalidArgument(e.to_string()),
+            other => ApiError::FailedPrecondition(other.to_string()),
+        }
+    }
+}
+
+/// The store ports the control plane uses, each as a trait object.
+#[derive(Clone)]
+pub struct Stores {
+    /// Jobs.
+    pub jobs: Arc<dyn JobStore>,
+    /// Queue.
+    pub queue: Arc<dyn JobQueue>,
+    /// Event log.
+    pub events: Arc<dyn EventLog>,
+    /// Event bus.
+    pub bus: Arc<dyn EventSubscription>,
+    /// Audit.
+    pub audit: Arc<dyn AuditQuery>,
+    /// Logs.
+    pub logs: Arc<dyn LogStore>,
+    /// Secrets.
+    pub secrets: Arc<dyn SecretStore>,
+    /// Workers and tokens.
+    pub workers: Arc<dyn WorkerRegistry>,
+    /// Provider records.
+    pub providers: Arc<dyn ProviderStore>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stores")
+    }
+}
+
+impl Stores {
+    /// Every port from one in-memory store.
+    pub fn memory() -> Stores {
+        Stores::from_store(Arc::new(MemoryStore::new()))
+    }
+
+    /// Every port from one adapter that implements them all.
+    pub fn from_store<S>(s: Arc<S>) -> Stores
+    where
+        S: JobStore
+            + JobQueue
+            + EventLog
+            + EventSubscription
+            + AuditQuery
+            + LogStore
+            + SecretStore
+            + WorkerRegistry
+            + ProviderStore
+            + 'static,
+    {
+        Stores {
+            jobs: s.clone(),
+            queue: s.clone(),
+            events: s.clone(),
+            bus: s.clone(),
+            audit: s.clone(),
+            logs: s.clone(),
+            secrets: s.clone(),
+            workers: s.clone(),
+            providers: s,
+        }
+    }
+}
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Engine settings (timeouts, retry, selection).
+    pub engine: EngineConfig,
+    /// Spec limits.
+    pub limits: SpecLimits,
+    /// gRPC URL workers connect to.
+    pub server_url: String,
+    /// Identity of this server (labels on workers it creates).
+    pub server_id: String,
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// How often providers are health-checked.
+    pub health_interval: Duration,
+    /// How often orphaned workers are looked for.
+    pub reconcile_interval: Duration,
+    /// Delete events older than this (off when `None`).
+    pub retention: Option<Duration>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            limits: SpecLimits::default(),
+            server_url: "http://127.0.0.1:50051".into(),
+            server_id: "hodei".into(),
+            heartbeat_interval: Duration::from_secs(5),
+            health_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(60),
+            retention: None,
+        }
+    }
+}
+
+/// A provider and how the engine manages it.
+#[derive(Clone)]
+pub struct ProviderSetup {
+    /// Limits, pool, ephemeral.
+    pub config: ProviderConfig,
+    /// The adapter.
+    pub provider: Arc<dyn WorkerProvider>,
+}
+
+impl std::fmt::Debug for ProviderSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderSetup")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a worker says first on every session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerHello {
+    /// Its id.
+    pub worker: WorkerId,
+    /// One-time token (provisioning or resume).
+    pub token: String,
+    /// Its provider.
+    pub provider: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Image it runs in.
+    pub image: Option<String>,
+    /// Concurrent jobs.
+    pub capacity: u32,
+    /// Attempts it runs now.
+    pub running: Vec<(JobId, u32)>,
+}
+
+/// The answer to a successful hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// One-time token for the next reconnect.
+    pub resume_token: String,
+    /// How often to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Identifies this session; pass it to [`ControlPlane::worker_gone`].
+    pub session: u64,
+}
+
+/// Messages from a worker after its hello.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromWorker {
+    /// Alive.
+    Heartbeat,
+    /// Started the attempt.
+    Ack {
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// Will not run it.
+    Refused {
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Output.
+    Logs {
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// Lines, secrets masked.
+        lines: Vec<NewLogLine>,
+    },
+    /// The attempt ended.
+    Result {
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// How.
+        report: AttemptReport,
+    },
+    /// It drains.
+    Draining,
+}
+
+/// Counters the control plane keeps (for metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Jobs accepted.
+    pub jobs_submitted: AtomicU64,
+    /// Jobs finished, by terminal state (index of [`JobState::ALL`]).
+    pub jobs_finished: [AtomicU64; 8],
+    /// Log lines stored.
+    pub log_lines: AtomicU64,
+    /// Log bytes stored.
+    pub log_bytes: AtomicU64,
+    /// Log lines dropped (always 0: backpressure instead of drops).
+    pub log_lines_dropped: AtomicU64,
+    /// Sum of submit→RUNNING latencies in microseconds, and their count.
+    pub start_latency_us_sum: AtomicU64,
+    /// Number of observed starts.
+    pub start_latency_count: AtomicU64,
+}
+
+/// The control plane: a cloneable handle on the driver task.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("server_id", &self.inner.config.server_id)
+            .finish()
+    }
+}
+
+struct Inner {
+    config: RuntimeConfig,
+    stores: Stores,
+    tx: mpsc::UnboundedSender<Cmd>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    providers: Vec<ProviderSetup>,
+}
+
+enum Cmd {
+    Submit {
+        spec: Box<JobSpec>,
+        ctx: RequestContext,
+        reply: oneshot::Sender<Result<Job, ApiError>>,
+    },
+    Cancel {
+        job: JobId,
+        ctx: RequestContext,
+        reply: oneshot::Sender<Result<Job, ApiError>>,
+    },
+    Hello {
+        hello: WorkerHello,
+        adoptable: Vec<Job>,
+        link: Arc<dyn WorkerLink>,
+        reply: oneshot::Sender<Result<Welcome, ApiError>>,
+    },
+    Worker {
+        worker: WorkerId,
+        msg: FromWorker,
+    },
+    Gone {
+        worker: WorkerId,
+        session: u64,
+        reason: String,
+    },
+    Drain {
+        worker: WorkerId,
+        ctx: RequestContext,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Provisioned {
+        worker: WorkerId,
+        result: Result<(), String>,
+    },
+    Exited {
+        worker: WorkerId,
+        reason: String,
+    },
+    Health {
+        provider: ProviderId,
+        healthy: bool,
+        message: String,
+    },
+    Bus(DomainEvent),
+    Sweep,
+    Reconcile {
+        provider: ProviderId,
+        found: Vec<WorkerId>,
+    },
+    Workers {
+        reply: oneshot::Sender<Vec<Worker>>,
+    },
+}
+
+impl ControlPlane {
+    /// Starts the control plane: registers providers, starts the driver
+    /// and the background duties (health checks, exits, sweeps, orphan
+    /// reconciliation, retention).
+    pub async fn start(
+        config: RuntimeConfig,
+        stores: Stores,
+        providers: Vec<ProviderSetup>,
+    ) -> Result<ControlPlane, ApiError> {
+        register_providers(&stores, &providers).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let counters = Arc::new(Counters::default());
+        let start_seq = stores
+            .events
+            .read_after(0, usize::MAX)
+            .await
+            .map(|e| e.last().map_or(0, |e| e.sequence))
+            .unwrap_or(0);
+        let engine = Engine::new(
+            config.engine.clone(),
+            providers.iter().map(|p| p.config.clone()).collect(),
+            Box::new(OsEntropy),
+        );
+        let driver = Driver {
+            engine,
+            stores: stores.clone(),
+            config: config.clone(),
+            providers: providers
+                .iter()
+                .map(|p| (p.config.id.clone(), p.provider.clone()))
+                .collect(),
+            links: HashMap::new(),
+            next_session: 1,
+            tx: tx.clone(),
+            last_now: now_utc(),
+            counters: counters.clone(),
+            submitted_at: HashMap::new(),
+        };
+        let inner = Arc::new(Inner {
+            config,
+            stores,
+            tx,
+            stop,
+            tasks: Mutex::new(Vec::new()),
+            counters,
+            providers,
+        });
+        let cp = ControlPlane { inner };
+        let mut tasks = vec![tokio::spawn(driver.run(rx, stop_rx.clone()))];
+        tasks.extend(cp.spawn_duties(stop_rx, start_seq));
+        *cp.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        Ok(cp)
+    }
+
+    /// Stops the driver and every background duty. Workers are told to
+    /// shut down only if they are ephemeral and idle; running attempts are
+    /// left to the next start (they reconnect).
+    pub async fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+
+    /// Spec limits in force.
+    pub fn limits(&self) -> &SpecLimits {
+        &self.inner.config.limits
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Counters for metrics.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The stores (for transports that read directly).
+    pub fn stores(&self) -> &Stores {
+        &self.inner.stores
+    }
+
+    /// Submits a job. Honours `idempotency_key`: a second submission with
+    /// the same key returns the first job.
+    pub async fn submit(&self, raw: RawJobSpec, ctx: &RequestContext) -> Result<Job, ApiError> {
+        let spec = JobSpec::parse(raw, &self.inner.config.limits)?;
+        if let Some(key) = spec.idempotency_key() {
+            // Fast path; the store enforces it again atomically.
+            let _ = key;
+        }
+        self.call(|reply| Cmd::Submit {
+            spec: Box::new(spec),
+            ctx: ctx.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// One job.
+    pub async fn job(&self, id: JobId) -> Result<Job, ApiError> {
+        self.inner
+            .stores
+            .jobs
+            .get(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))
+    }
+
+    /// Jobs, newest first.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage, ApiError> {
+        Ok(self.inner.stores.jobs.list(filter).await?)
+    }
+
+    /// Cancels a job in any non-terminal state.
+    pub async fn cancel(&self, id: JobId, ctx: &RequestContext) -> Result<Job, ApiError> {
+        self.job(id).await?;
+        self.call(|reply| Cmd::Cancel {
+            job: id,
+            ctx: ctx.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Every event of a job, in order.
+    pub async fn job_events(&self, id: JobId) -> Result<Vec<DomainEvent>, ApiError> {
+        self.job(id).await?;
+        Ok(self.inner.stores.events.job_events(id).await?)
+    }
+
+    /// Log lines with `seq > after`.
+    pub async fn read_logs(&self, id: JobId, after: u64, limit: usize) -> Result<Vec<LogLine>, ApiError> {
+        self.job(id).await?;
+        let limit = if limit == 0 { 1000 } else { limit.min(10_000) };
+        Ok(self.inner.stores.logs.read(id, after, limit).await?)
+    }
+
+    /// History then live lines; ends when the job is terminal and its
+    /// last line was delivered.
+    pub fn follow_logs(&self, id: JobId, after: u64) -> BoxStream<'static, Result<LogLine, ApiError>> {
+        self.inner
+            .stores
+            .logs
+            .follow(id, after)
+            .map(|r| r.map_err(ApiError::from))
+            .boxed()
+    }
+
+    /// Every event with `sequence > after`, then live.
+    pub fn watch_events(&self, after: u64) -> BoxStream<'static, Result<DomainEvent, ApiError>> {
+        self.inner
+            .stores
+            .bus
+            .subscribe(after)
+            .map(|r| r.map_err(ApiError::from))
+            .boxed()
+    }
+
+    /// Waits until the job is terminal and returns it.
+    pub async fn wait_terminal(&self, id: JobId) -> Result<Job, ApiError> {
+        let mut events = self.inner.stores.bus.subscribe(self.last_sequence().await?);
+        loop {
+            let job = self.job(id).await?;
+            if job.is_terminal() {
+                return Ok(job);
+            }
+            // Wait for the next event about this job (or any event, then
+            // re-check: cheap and never misses a change).
+            loop {
+                match events.next().await {
+                    Some(Ok(e)) if e.job_id() == Some(id) => break,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(ApiError::Unavailable("event bus closed".into())),
+                }
+            }
+        }
+    }
+
+    async fn last_sequence(&self) -> Result<u64, ApiError> {
+        // Start from a little before the end: re-checking the job covers
+        // anything older.
+        let mut after = 0;
+        loop {
+            let batch = self.inner.stores.events.read_after(after, 10_000).await?;
+            match batch.last() {
+                Some(e) if batch.len() == 10_000 => after = e.sequence,
+                Some(e) => return Ok(e.sequence),
+                None => return Ok(after),
+            }
+        }
+    }
+
+    /// Audit query.
+    pub async fn audit(&self, filter: &AuditFilter) -> Result<AuditPage, ApiError> {
+        if let (Some(s), Some(u)) = (filter.since, filter.until) {
+            if s > u {
+                return Err(ApiError::InvalidArgument(
+                    "`since` is after `until`; accepted: since <= until".into(),
+                ));
+            }
+        }
+        Ok(self.inner.stores.audit.query(filter).await?)
+    }
+
+    /// Workers known to this server, live state first, then records.
+    pub async fn workers(&self) -> Result<Vec<Worker>, ApiError> {
+        let live = self.call(|reply| Cmd::Workers { reply }).await?;
+        let mut all: BTreeMap<WorkerId, Worker> = self
+            .inner
+            .stores
+            .workers
+            .list()
+            .await?
+            .into_iter()
+            .map(|w| (w.id, w))
+            .collect();
+        for w in live {
+            all.insert(w.id, w);
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Asks a worker to drain.
+    pub async fn drain_worker(&self, id: WorkerId, ctx: &RequestContext) -> Result<(), ApiError> {
+        self.call(|reply| Cmd::Drain {
+            worker: id,
+            ctx: ctx.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Configured providers with their health.
+    pub async fn providers(&self) -> Result<Vec<ProviderRecord>, ApiError> {
+        Ok(self.inner.stores.providers.list().await?)
+    }
+
+    /// Creates or replaces a secret.
+    pub async fn set_secret(&self, name: &str, value: &str, ctx: &RequestContext) -> Result<(), ApiError> {
+        check_secret_name(name)?;
+        if value.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "secret value is empty; accepted: 1 byte to 64 KiB".into(),
+            ));
+        }
+        if value.len() > 64 * 1024 {
+            return Err(ApiError::InvalidArgument(format!(
+                "secret value is {} bytes; accepted: 1 byte to 64 KiB",
+                value.len()
+            )));
+        }
+        self.inner.stores.secrets.put(name, value, now_utc()).await?;
+        self.record_secret(name, None, "set", ctx).await
+    }
+
+    /// Secret names.
+    pub async fn list_secrets(&self) -> Result<Vec<SecretMeta>, ApiError> {
+        Ok(self.inner.stores.secrets.list().await?)
+    }
+
+    /// Deletes a secret.
+    pub async fn delete_secret(&self, name: &str, ctx: &RequestContext) -> Result<(), ApiError> {
+        check_secret_name(name)?;
+        if !self.inner.stores.secrets.delete(name).await? {
+            return Err(ApiError::NotFound(format!("secret {name:?} not found")));
+        }
+        self.record_secret(name, None, "delete", ctx).await
+    }
+
+    async fn record_secret(
+        &self,
+        name: &str,
+        job: Option<JobId>,
+        purpose: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), ApiError> {
+        let e = DomainEvent::new(
+            EventId::from_uuid(Uuid::new_v4()),
+            now_utc(),
+            ctx.correlation_id.clone(),
+            ctx.actor.clone(),
+            EventBody::SecretAccessed {
+                name: name.into(),
+                job_id: job,
+                purpose: purpose.into(),
+            },
+        );
+        self.inner.stores.events.append(vec![e]).await?;
+        Ok(())
+    }
+
+    /// Issues a one-time registration token for a worker started by hand.
+    pub async fn issue_worker_token(&self, worker: WorkerId, ttl: Duration) -> Result<String, ApiError> {
+        let token = new_token();
+        self.inner
+            .stores
+            .workers
+            .issue_token(worker, &token, add(now_utc(), ttl))
+            .await?;
+        Ok(token)
+    }
+
+    /// The stores answer.
+    pub async fn ready(&self) -> Result<(), ApiError> {
+        self.inner.stores.queue.depth().await?;
+        Ok(())
+    }
+
+    /// Jobs waiting in the queue.
+    pub async fn queue_depth(&self) -> Result<u64, ApiError> {
+        Ok(self.inner.stores.queue.depth().await?)
+    }
+
+    /// A worker's first message on a session. Consumes its one-time token;
+    /// a bad token is recorded as `WorkerRegistrationRejected`.
+    pub async fn worker_hello(
+        &self,
+        hello: WorkerHello,
+        link: Arc<dyn WorkerLink>,
+    ) -> Result<Welcome, ApiError> {
+        let stores = &self.inner.stores;
+        let verdict = stores.workers.consume_token(&hello.token, now_utc()).await?;
+        let reason = match verdict {
+            Ok(w) if w == hello.worker => None,
+            Ok(_) => Some("registration token was issued for another worker".to_owned()),
+            Err(r) => Some(r.to_string()),
+        };
+        if let Some(reason) = reason {
+            let e = DomainEvent::new(
+                EventId::from_uuid(Uuid::new_v4()),
+                now_utc(),
+                CorrelationId::new(format!("worker-{}", hello.worker)),
+                Actor::worker(hello.worker),
+                EventBody::WorkerRegistrationRejected {
+                    worker_id: Some(hello.worker),
+                    reason: reason.clone(),
+                },
+            );
+            stores.events.append(vec![e]).await?;
+            return Err(ApiError::Unauthenticated(format!("registration rejected: {reason}")));
+        }
+        let mut adoptable = Vec::new();
+        for (job, _) in &hello.running {
+            if let Some(j) = stores.jobs.get(*job).await? {
+                adoptable.push(j);
+            }
+        }
+        self.call(|reply| Cmd::Hello {
+            hello,
+            adoptable,
+            link,
+            reply,
+        })
+        .await?
+    }
+
+    /// A message from a registered worker. Logs are stored right here
+    /// (the hot path); everything else goes to the engine.
+    pub async fn worker_message(&self, worker: WorkerId, msg: FromWorker) -> Result<(), ApiError> {
+        if let FromWorker::Logs { job, attempt, lines } = msg {
+            let n = lines.len() as u64;
+            let bytes: u64 = lines.iter().map(|l| l.text.len() as u64).sum();
+            self.inner.stores.logs.append(job, attempt, lines).await?;
+            let c = &self.inner.counters;
+            c.log_lines.fetch_add(n, Ordering::Relaxed);
+            c.log_bytes.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.send(Cmd::Worker { worker, msg })
+    }
+
+    /// The worker's session ended.
+    pub async fn worker_gone(&self, worker: WorkerId, session: u64, reason: &str) {
+        let _ = self.send(Cmd::Gone {
+            worker,
+            session,
+            reason: reason.into(),
+        });
+    }
+
+    /// The configured providers.
+    pub fn provider_setups(&self) -> &[ProviderSetup] {
+        &self.inner.providers
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), ApiError> {
+        self.inner
+            .tx
+            .send(cmd)
+            .map_err(|_| ApiError::Unavailable("control plane is shutting down".into()))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await
+            .map_err(|_| ApiError::Unavailable("control plane is shutting down".into()))
+    }
+
+    fn spawn_duties(&self, stop: watch::Receiver<bool>, start_seq: u64) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let cfg = &self.inner.config;
+        for setup in &self.inner.providers {
+            // Exits observed by the provider.
+            let tx = self.inner.tx.clone();
+            let mut exits = setup.provider.exits();
+            let mut stop_rx = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop_rx.changed() => return,
+                        exit = exits.next() => match exit {
+                            Some(x) => {
+                                let reason = if x.oom_killed {
+                                    format!("{} (OOM-killed)", x.reason)
+                                } else {
+                                    x.reason
+                                };
+                                let _ = tx.send(Cmd::Exited { worker: x.worker, reason });
+                            }
+                            None => return,
+                        },
+                    }
+                }
+            }));
+            // Health checks.
+            let tx = self.inner.tx.clone();
+            let provider = setup.provider.clone();
+            let every = cfg.health_interval;
+            tasks.push(periodic(stop.clone(), every, Duration::ZERO, move || {
+                let tx = tx.clone();
+                let provider = provider.clone();
+                async move {
+                    let h = match tokio::time::timeout(Duration::from_secs(10), provider.health()).await {
+                        Ok(h) => h,
+                        Err(_) => crate::ports::ProviderHealth {
+                            healthy: false,
+                            message: "health check timed out after 10s".into(),
+                        },
+                    };
+                    let _ = tx.send(Cmd::Health {
+                        provider: provider.id().clone(),
+                        healthy: h.healthy,
+                        message: h.message,
+                    });
+                }
+            }));
+            // Orphans: first pass after the reconnect grace, so that workers
+            // of a previous run can come back first.
+            let tx = self.inner.tx.clone();
+            let provider = setup.provider.clone();
+            let first = cfg.engine.reconnect_grace + Duration::from_secs(1);
+            tasks.push(periodic(stop.clone(), cfg.reconcile_interval, first, move || {
+                let tx = tx.clone();
+                let provider = provider.clone();
+                async move {
+                    if let Ok(Ok(list)) =
+                        tokio::time::timeout(Duration::from_secs(30), provider.list()).await
+                    {
+                        let _ = tx.send(Cmd::Reconcile {
+                            provider: provider.id().clone(),
+                            found: list.into_iter().map(|w| w.worker).collect(),
+                        });
+                    }
+                }
+            }));
+        }
+        // The event bus: other replicas' submissions and decisions.
+        let tx = self.inner.tx.clone();
+        let bus = self.inner.stores.bus.clone();
+        let mut stop_rx = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut after = start_seq;
+            loop {
+                let mut events = bus.subscribe(after);
+                loop {
+                    tokio::select! {
+                        _ = stop_rx.changed() => return,
+                        e = events.next() => match e {
+                            Some(Ok(e)) => {
+                                after = e.sequence;
+                                if matches!(e.body, EventBody::JobQueued { .. } | EventBody::JobCancelled { .. }) {
+                                    let _ = tx.send(Cmd::Bus(e));
+                                }
+                            }
+                            Some(Err(_)) | None => break,
+                        },
+                    }
+                }
+                tokio::select! {
+                    _ = stop_rx.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }));
+        // Deadline sweep of jobs whose replica is gone.
+        let tx = self.inner.tx.clone();
+        tasks.push(periodic(stop.clone(), Duration::from_secs(5), Duration::from_secs(5), move || {
+            let _ = tx.send(Cmd::Sweep);
+            async {}
+        }));
+        // Retention.
+        if let Some(keep) = cfg.retention {
+            let audit = self.inner.stores.audit.clone();
+            tasks.push(periodic(stop, Duration::from_secs(3600), Duration::from_secs(60), move || {
+                let audit = audit.clone();
+                async move {
+                    let before = crate::time::add(now_utc(), Duration::ZERO)
+                        - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+                    while let Ok(n) = audit.purge_before(before, 10_000).await {
+                        if n < 10_000 {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+        tasks
+    }
+}
+
+fn periodic<F, Fut>(
+    mut stop: watch::Receiver<bool>,
+    every: Duration,
+    first: Duration,
+    mut f: F,
+) -> JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut wait = first;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            f().await;
+            wait = every.max(Duration::from_millis(10));
+        }
+    })
+}
+
+async fn register_providers(stores: &Stores, providers: &[ProviderSetup]) -> Result<(), ApiError> {
+    let known: HashMap<ProviderId, ProviderRecord> = stores
+        .providers
+        .list()
+        .await?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    for setup in providers {
+        let config = serde_json::to_value(&setup.config).unwrap_or_default();
+        let id = setup.config.id.clone();
+        let body = match known.get(&id) {
+            None => Some(EventBody::ProviderRegistered {
+                provider: id.clone(),
+                kind: setup.config.kind.clone(),
+                config: config.clone(),
+            }),
+            Some(r) if r.config != config => Some(EventBody::ProviderUpdated {
+                provider: id.clone(),
+                config: config.clone(),
+            }),
+            Some(_) => None,
+        };
+        let record = ProviderRecord {
+            id: id.clone(),
+            kind: setup.config.kind.clone(),
+            config,
+            healthy: known.get(&id).is_none_or(|r| r.healthy),
+            health_message: known
+                .get(&id)
+                .map(|r| r.health_message.clone())
+                .unwrap_or_else(|| "not checked yet".into()),
+            updated_at: now_utc(),
+        };
+        stores.providers.upsert(&record).await?;
+        if let Some(body) = body {
+            let e = DomainEvent::new(
+                EventId::from_uuid(Uuid::new_v4()),
+                now_utc(),
+                CorrelationId::new(format!("provider-{id}")),
+                Actor::system("config"),
+                body,
+            );
+            stores.events.append(vec![e]).await?;
+        }
+    }
+    Ok(())
+}
+
+struct Driver {
+    engine: Engine,
+    stores: Stores,
+    config: RuntimeConfig,
+    providers: HashMap<ProviderId, Arc<dyn WorkerProvider>>,
+    links: HashMap<WorkerId, (u64, Arc<dyn WorkerLink>)>,
+    next_session: u64,
+    tx: mpsc::UnboundedSender<Cmd>,
+    last_now: Timestamp,
+    counters: Arc<Counters>,
+    submitted_at: HashMap<JobId, Timestamp>,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut stop: watch::Receiver<bool>) {
+        let now = self.now();
+        self.engine.handle_tick(now);
+        self.drain().await;
+        loop {
+            let sleep = match self.engine.next_deadline() {
+                Some(d) => {
+                    let now = self.now();
+                    (d - now).to_std().unwrap_or(Duration::ZERO)
+                }
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = stop.changed() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+                _ = tokio::time::sleep(sleep) => {
+                    let now = self.now();
+                    self.engine.handle_tick(now);
+                }
+            }
+            self.drain().await;
+        }
+        // Tell ephemeral idle workers to go; running ones reconnect later.
+        for (_, link) in self.links.values() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), link.send(ToWorker::Drain)).await;
+        }
+    }
+
+    fn now(&mut self) -> Timestamp {
+        let now = now_utc();
+        if now > self.last_now {
+            self.last_now = now;
+        }
+        self.last_now
+    }
+
+    async fn handle(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::Submit { spec, ctx, reply } => {
+                let result = match self.engine.handle_submit(now, *spec, &ctx) {
+                    Ok(id) => {
+                        self.submitted_at.insert(id, now);
+                        self.counters.jobs_submitted.fetch_add(1, Ordering::Relaxed);
+                        self.drain_until_created(id).await
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                let _ = reply.send(result);
+            }
+            Cmd::Cancel { job, ctx, reply } => {
+                let result = match self.engine.handle_cancel(now, job, &ctx) {
+                    Ok(j) => Ok(j),
+                    Err(EngineError::UnknownJob(_)) => self.cancel_in_store(now, job, &ctx).await,
+                    Err(e) => Err(e.into()),
+                };
+                let _ = reply.send(result);
+            }
+            Cmd::Hello {
+                hello,
+                adoptable,
+                link,
+                reply,
+            } => {
+                let reg = Registration {
+                    worker: hello.worker,
+                    provider: ProviderId::new(hello.provider.clone()),
+                    labels: hello.labels.clone(),
+                    image: hello.image.clone(),
+                    capacity: hello.capacity,
+                    running: hello.running.clone(),
+                };
+                let result = match self.engine.handle_registered(now, reg, adoptable) {
+                    Ok(()) => {
+                        let session = self.next_session;
+                        self.next_session += 1;
+                        self.links.insert(hello.worker, (session, link));
+                        let token = new_token();
+                        match self
+                            .stores
+                            .workers
+                            .issue_token(hello.worker, &token, add(now, Duration::from_secs(30 * 86400)))
+                            .await
+                        {
+                            Ok(()) => Ok(Welcome {
+                                resume_token: token,
+                                heartbeat_interval: self.config.heartbeat_interval,
+                                session,
+                            }),
+                            Err(e) => Err(e.into()),
+                        }
+                    }
+                    Err(e) => Err(ApiError::Unauthenticated(format!("registration rejected: {e}"))),
+                };
+                let _ = reply.send(result);
+            }
+            Cmd::Worker { worker, msg } => {
+                let r = match msg {
+                    FromWorker::Heartbeat => {
+                        self.engine.handle_heartbeat(now, worker);
+                        Ok(())
+                    }
+                    FromWorker::Ack { job, attempt } => {
+                        let r = self.engine.handle_ack(now, worker, job, attempt);
+                        if r.is_ok() {
+                            if let Some(t) = self.submitted_at.remove(&job) {
+                                let us = (now - t).num_microseconds().unwrap_or(0).max(0) as u64;
+                                self.counters.start_latency_us_sum.fetch_add(us, Ordering::Relaxed);
+                                self.counters.start_latency_count.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        r
+                    }
+                    FromWorker::Refused { job, attempt, reason } => {
+                        self.engine.handle_refused(now, worker, job, attempt, &reason)
+                    }
+                    FromWorker::Result { job, attempt, report } => {
+                        self.engine.handle_result(now, worker, job, attempt, report)
+                    }
+                    FromWorker::Draining => self.engine.handle_draining(now, worker, None),
+                    FromWorker::Logs { .. } => Ok(()),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(%worker, error = %e, "worker report ignored");
+                }
+            }
+            Cmd::Gone {
+                worker,
+                session,
+                reason,
+            } => {
+                if self.links.get(&worker).is_some_and(|(s, _)| *s == session) {
+                    self.links.remove(&worker);
+                    self.engine.handle_disconnected(now, worker, &reason);
+                }
+            }
+            Cmd::Drain { worker, ctx, reply } => {
+                let _ = reply.send(
+                    self.engine
+                        .handle_draining(now, worker, Some(&ctx))
+                        .map_err(ApiError::from),
+                );
+            }
+            Cmd::Provisioned { worker, result } => match result {
+                Ok(()) => self.engine.handle_provisioned(now, worker),
+                Err(reason) => self.engine.handle_provision_failed(now, worker, &reason),
+            },
+            Cmd::Exited { worker, reason } => {
+                self.links.remove(&worker);
+                self.engine.handle_worker_exited(now, worker, &reason);
+            }
+            Cmd::Health {
+                provider,
+                healthy,
+                message,
+            } => {
+                self.engine
+                    .handle_provider_health(now, &provider, healthy, &message);
+                let records = self.stores.providers.list().await.unwrap_or_default();
+                if let Some(mut r) = records.into_iter().find(|r| r.id == provider) {
+                    if r.healthy != healthy || r.health_message != message {
+                        r.healthy = healthy;
+                        r.health_message = message;
+                        r.updated_at = now;
+                        let _ = self.stores.providers.upsert(&r).await;
+                    }
+                }
+            }
+            Cmd::Bus(e) => match e.body {
+                EventBody::JobQueued { .. } => self.engine.handle_queue_hint(),
+                EventBody::JobCancelled { job_id, .. } => {
+                    if self.engine.job(job_id).is_some() {
+                        if let Ok(Some(current)) = self.stores.jobs.get(job_id).await {
+                            self.engine.handle_job_changed(now, current);
+                        }
+                    }
+                }
+                _ => {}
+            },
+            Cmd::Sweep => self.sweep(now).await,
+            Cmd::Reconcile { provider, found } => {
+                for worker in found {
+                    if self.engine.worker(worker).is_none() && !self.links.contains_key(&worker) {
+                        if let Some(p) = self.providers.get(&provider).cloned() {
+                            tracing::info!(%worker, %provider, "removing orphaned worker");
+                            tokio::spawn(async move {
+                                let _ = p.destroy(worker).await;
+                            });
+                        }
+                    }
+                }
+            }
+            Cmd::Workers { reply } => {
+                let _ = reply.send(self.engine.workers().cloned().collect());
+            }
+        }
+    }
+
+    /// Runs effects until the job's creation is stored; returns it.
+    async fn drain_until_created(&mut self, id: JobId) -> Result<Job, ApiError> {
+        let mut created = None;
+        while let Some(effect) = self.engine.poll_effect() {
+            if let Effect::CreateJob { job, events } = &effect {
+                if job.id == id {
+                    let r = self.retry_store(|s| {
+                        let (job, events) = (job.clone(), events.clone());
+                        async move { s.jobs.create(&job, events).await }
+                    })
+                    .await;
+                    created = Some(match r {
+                        Ok(Created::New(_)) => Ok(job.clone()),
+                        Ok(Created::Existing(existing)) => Ok(*existing),
+                        Err(e) => Err(ApiError::from(e)),
+                    });
+                    continue;
+                }
+            }
+            self.execute(effect).await;
+        }
+        created.unwrap_or_else(|| Err(ApiError::Internal("job was not created".into())))
+    }
+
+    async fn drain(&mut self) {
+        while let Some(effect) = self.engine.poll_effect() {
+            self.execute(effect).await;
+        }
+    }
+
+    async fn execute(&mut self, effect: Effect) {
+        let now = self.now();
+        match effect {
+            Effect::CreateJob { job, events } => {
+                let _ = self
+                    .retry_store(|s| {
+                        let (job, events) = (job.clone(), events.clone());
+                        async move { s.jobs.create(&job, events).await }
+                    })
+                    .await;
+            }
+            Effect::UpdateJob {
+                job,
+                expected_version,
+                events,
+            } => {
+                let r = self
+                    .retry_store(|s| {
+                        let (job, events) = (job.clone(), events.clone());
+                        async move { s.jobs.update(&job, expected_version, events).await }
+                    })
+                    .await;
+                match r {
+                    Ok(_) => {
+                        if job.is_terminal() {
+                            let ix = JobState::ALL
+                                .iter()
+                                .position(|s| *s == job.state())
+                                .unwrap_or(0);
+                            self.counters.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
+                            self.submitted_at.remove(&job.id);
+                            let _ = self.stores.logs.finish(job.id).await;
+                        }
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        if let Ok(Some(current)) = self.stores.jobs.get(job.id).await {
+                            self.engine.handle_job_changed(now, current);
+                        }
+                    }
+                    Err(e) => tracing::error!(job = %job.id, error = %e, "job update lost"),
+                }
+            }
+            Effect::Record(events) => {
+                let _ = self
+                    .retry_store(|s| {
+                        let events = events.clone();
+                        async move { s.events.append(events).await }
+                    })
+                    .await;
+            }
+            Effect::SaveWorker(worker) => {
+                let _ = self.stores.workers.upsert(&worker).await;
+            }
+            Effect::Claim { limit, lease } => {
+                let claim = self
+                    .stores
+                    .queue
+                    .claim(&self.config.engine.replica_id, now, limit, lease)
+                    .await;
+                if let Err(e) = &claim {
+                    tracing::warn!(error = %e, "claim failed");
+                }
+                self.engine.handle_claimed(now, claim.ok(), limit);
+            }
+            Effect::Release(job) => {
+                let _ = self
+                    .stores
+                    .queue
+                    .release(job, &self.config.engine.replica_id)
+                    .await;
+            }
+            Effect::Provision { provider, launch } => self.provision(now, provider, launch).await,
+            Effect::Dispatch { worker, job } => self.dispatch(now, worker, *job).await,
+            Effect::CancelOnWorker {
+                worker,
+                job,
+                attempt,
+                reason,
+            } => {
+                if let Some((_, link)) = self.links.get(&worker) {
+                    let _ = link
+                        .send(ToWorker::Cancel {
+                            job,
+                            attempt,
+                            reason,
+                        })
+                        .await;
+                }
+            }
+            Effect::DrainWorker(worker) => {
+                if let Some((_, link)) = self.links.get(&worker) {
+                    let _ = link.send(ToWorker::Drain).await;
+                }
+            }
+            Effect::DestroyWorker { provider, worker } => {
+                if let Some((_, link)) = self.links.remove(&worker) {
+                    let _ = link.send(ToWorker::Shutdown).await;
+                }
+                if let Some(p) = self.providers.get(&provider).cloned() {
+                    tokio::spawn(async move {
+                        if let Err(e) = p.destroy(worker).await {
+                            tracing::warn!(%worker, error = %e, "destroying worker failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    async fn provision(&mut self, now: Timestamp, provider: ProviderId, launch: LaunchRequest) {
+        let worker = launch.worker;
+        let Some(p) = self.providers.get(&provider).cloned() else {
+            self.engine
+                .handle_provision_failed(now, worker, &format!("provider {provider} is not configured"));
+            return;
+        };
+        let token = new_token();
+        let expires = add(now, self.config.engine.provision_timeout);
+        if let Err(e) = self.stores.workers.issue_token(worker, &token, expires).await {
+            self.engine
+                .handle_provision_failed(now, worker, &format!("could not issue a token: {e}"));
+            return;
+        }
+        let launch = WorkerLaunch {
+            worker,
+            token,
+            server_url: self.config.server_url.clone(),
+            image: launch.image,
+            resources: launch.resources,
+            labels: launch.labels,
+            job: launch.job,
+            server_id: self.config.server_id.clone(),
+        };
+        let tx = self.tx.clone();
+        let timeout = self.config.engine.provision_timeout;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, p.create(launch)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("provider did not create the worker within {timeout:?}")),
+            };
+            let _ = tx.send(Cmd::Provisioned { worker, result });
+        });
+    }
+
+    async fn dispatch(&mut self, now: Timestamp, worker: WorkerId, job: Job) {
+        if !self.engine.holds(worker, job.id, job.attempt) {
+            return;
+        }
+        let mut secrets = BTreeMap::new();
+        let mut missing = None;
+        for name in job.spec.secrets() {
+            match self.stores.secrets.get(name).await {
+                Ok(Some(v)) => {
+                    secrets.insert(name.clone(), v);
+                    let e = DomainEvent::new(
+                        EventId::from_uuid(Uuid::new_v4()),
+                        now,
+                        job.correlation_id.clone(),
+                        Actor::system("dispatcher"),
+                        EventBody::SecretAccessed {
+                            name: name.clone(),
+                            job_id: Some(job.id),
+                            purpose: format!("delivered to attempt {} on worker {worker}", job.attempt),
+                        },
+                    );
+                    let _ = self.stores.events.append(vec![e]).await;
+                }
+                Ok(None) => {
+                    missing = Some(format!("secret {name:?} does not exist"));
+                    break;
+                }
+                Err(e) => {
+                    missing = Some(format!("secret {name:?} could not be read: {e}"));
+                    break;
+                }
+            }
+        }
+        let (id, attempt) = (job.id, job.attempt);
+        if let Some(reason) = missing {
+            // The attempt cannot start; this is not the worker's fault.
+            let _ = self.engine.handle_ack(now, worker, id, attempt);
+            let _ = self.engine.handle_result(
+                now,
+                worker,
+                id,
+                attempt,
+                AttemptReport {
+                    start_error: Some(reason),
+                    ..AttemptReport::default()
+                },
+            );
+            return;
+        }
+        let sent = match self.links.get(&worker) {
+            Some((_, link)) => link
+                .send(ToWorker::Run(Box::new(RunJob { job, secrets })))
+                .await
+                .map_err(|e| format!("link closed: {e}")),
+            None => Err("worker is not connected".to_owned()),
+        };
+        if let Err(reason) = sent {
+            let _ = self.engine.handle_refused(now, worker, id, attempt, &reason);
+        }
+    }
+
+    /// Cancels a job no engine here owns: pure transition, conditional
+    /// store update (the store arbitrates with other replicas).
+    async fn cancel_in_store(
+        &mut self,
+        now: Timestamp,
+        id: JobId,
+        ctx: &RequestContext,
+    ) -> Result<Job, ApiError> {
+        for _ in 0..5 {
+            let mut job = self
+                .stores
+                .jobs
+                .get(id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
+            if job.is_terminal() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "job {id} is already {}; only PENDING, SCHEDULED, ASSIGNED or RUNNING jobs can be cancelled",
+                    job.state()
+                )));
+            }
+            let expected = job.version;
+            let ctxt = TransitionContext {
+                now,
+                retry: &self.config.engine.retry,
+                unit_random: fastrand::f64(),
+            };
+            let bodies = job
+                .apply(
+                    JobCommand::Cancel {
+                        reason: format!("cancelled by {}", ctx.actor),
+                    },
+                    ctxt,
+                )
+                .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+            let events = wrap(now, &ctx.correlation_id, &ctx.actor, bodies);
+            match self.stores.jobs.update(&job, expected, events).await {
+                Ok(_) => {
+                    let _ = self.stores.logs.finish(id).await;
+                    return Ok(job);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "job {id} kept changing while cancelling; retry"
+        )))
+    }
+
+    /// Decides overdue jobs that no engine here owns (their replica died).
+    async fn sweep(&mut self, now: Timestamp) {
+        let grace = chrono::Duration::seconds(2);
+        let Ok(overdue) = self.stores.queue.overdue(now - grace, 100).await else {
+            return;
+        };
+        for mut job in overdue {
+            if self.engine.job(job.id).is_some() {
+                continue;
+            }
+            let expected = job.version;
+            let ctxt = TransitionContext {
+                now,
+                retry: &self.config.engine.retry,
+                unit_random: fastrand::f64(),
+            };
+            if let Ok(bodies) = job.apply(JobCommand::Expire, ctxt) {
+                let corr = job.correlation_id.clone();
+                let events = wrap(now, &corr, &Actor::system("sweeper"), bodies);
+                if self.stores.jobs.update(&job, expected, events).await.is_ok() && job.is_terminal() {
+                    let _ = self.stores.logs.finish(job.id).await;
+                }
+            }
+        }
+    }
+
+    /// Retries a store call while the store is unavailable (e.g. the
+    /// database restarts): a decision is never silently dropped.
+    async fn retry_store<T, F, Fut>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Stores) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match f(self.stores.clone()).await {
+                Err(StoreError::Unavailable(m)) => {
+                    tracing::warn!(error = %m, "store unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn wrap(now: Timestamp, corr: &CorrelationId, actor: &Actor, bodies: Vec<EventBody>) -> Vec<DomainEvent> {
+    bodies
+        .into_iter()
+        .map(|b| DomainEvent::new(EventId::from_uuid(Uuid::new_v4()), now, corr.clone(), actor.clone(), b))
+        .collect()
+}
+
+fn check_secret_name(name: &str) -> Result<(), ApiError> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 256;
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "secret name {name:?} is invalid; accepted: [A-Za-z_][A-Za-z0-9_]*, at most 256 chars"
+        )))
+    }
+}
+
+/// The current time. The only clock read of the control plane.
+pub fn now_utc() -> Timestamp {
+    Timestamp::from(SystemTime::now())
+}
+
+/// A new random token (two v4 UUIDs, hex).
+pub fn new_token() -> String {
+    format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+}
+
+/// A new correlation id, for requests that carry none.
+pub fn new_correlation_id() -> CorrelationId {
+    CorrelationId::new(Uuid::new_v4().to_string())
+}
+
+/// Ids from v4 UUIDs and randomness from fastrand.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn uuid(&mut self) -> Uuid {
+        Uuid::new_v4()
+    }
+
+    fn unit(&mut self) -> f64 {
+        fastrand::f64()
+    }
+}
