@@ -2,6 +2,9 @@
 # Helpers shared by scripts/test, scripts/pg and scripts/worker-image.
 # Source it; it defines functions only (plus HODEI_ROOT).
 
+# Errors inside $(...) must fail the caller too (bash does not do this by default).
+shopt -s inherit_errexit
+
 HODEI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export HODEI_ROOT
 
