@@ -117,7 +117,12 @@ impl State {
 
     fn events_after(&self, after: u64, limit: usize) -> Vec<DomainEvent> {
         let start = after.saturating_sub(self.purged) as usize;
-        self.events.iter().skip(start).take(limit).cloned().collect()
+        self.events
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 }
 
@@ -211,9 +216,9 @@ impl JobStore for MemoryStore {
     async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
         let st = self.state();
         let start = match &filter.cursor {
-            Some(c) => c
-                .parse::<usize>()
-                .map_err(|_| StoreError::Invalid(format!("cursor {c:?} is not one this server issued")))?,
+            Some(c) => c.parse::<usize>().map_err(|_| {
+                StoreError::Invalid(format!("cursor {c:?} is not one this server issued"))
+            })?,
             None => 0,
         };
         let limit = page_limit(filter.limit);
@@ -363,7 +368,10 @@ impl AuditQuery for MemoryStore {
                 .correlation_id
                 .as_ref()
                 .is_none_or(|c| e.correlation_id.as_str() == c)
-                && filter.event_type.as_ref().is_none_or(|t| e.event_type() == t)
+                && filter
+                    .event_type
+                    .as_ref()
+                    .is_none_or(|t| e.event_type() == t)
                 && filter.actor.as_ref().is_none_or(|a| e.actor.as_str() == a)
                 && filter.since.is_none_or(|s| e.occurred_at >= s)
                 && filter.until.is_none_or(|u| e.occurred_at < u)
@@ -474,7 +482,11 @@ impl LogStore for MemoryStore {
                             Some(l) => {
                                 let start = (after as usize).min(l.lines.len());
                                 (
-                                    l.lines[start..].iter().take(4096).cloned().collect::<Vec<_>>(),
+                                    l.lines[start..]
+                                        .iter()
+                                        .take(4096)
+                                        .cloned()
+                                        .collect::<Vec<_>>(),
                                     l.finished,
                                 )
                             }
@@ -500,7 +512,8 @@ impl SecretStore for MemoryStore {
     async fn put(&self, name: &str, value: &str, now: Timestamp) -> Result<(), StoreError> {
         let mut st = self.state();
         let created = st.secrets.get(name).map_or(now, |s| s.1);
-        st.secrets.insert(name.to_owned(), (value.to_owned(), created, now));
+        st.secrets
+            .insert(name.to_owned(), (value.to_owned(), created, now));
         Ok(())
     }
 

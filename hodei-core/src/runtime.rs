@@ -437,7 +437,8 @@ impl ControlPlane {
     /// left to the next start (they reconnect).
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
@@ -512,7 +513,12 @@ impl ControlPlane {
     }
 
     /// Log lines with `seq > after`.
-    pub async fn read_logs(&self, id: JobId, after: u64, limit: usize) -> Result<Vec<LogLine>, ApiError> {
+    pub async fn read_logs(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogLine>, ApiError> {
         self.job(id).await?;
         let limit = if limit == 0 { 1000 } else { limit.min(10_000) };
         Ok(self.inner.stores.logs.read(id, after, limit).await?)
@@ -520,7 +526,11 @@ impl ControlPlane {
 
     /// History then live lines; ends when the job is terminal and its
     /// last line was delivered.
-    pub fn follow_logs(&self, id: JobId, after: u64) -> BoxStream<'static, Result<LogLine, ApiError>> {
+    pub fn follow_logs(
+        &self,
+        id: JobId,
+        after: u64,
+    ) -> BoxStream<'static, Result<LogLine, ApiError>> {
         self.inner
             .stores
             .logs
@@ -620,7 +630,12 @@ impl ControlPlane {
     }
 
     /// Creates or replaces a secret.
-    pub async fn set_secret(&self, name: &str, value: &str, ctx: &RequestContext) -> Result<(), ApiError> {
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        value: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), ApiError> {
         check_secret_name(name)?;
         if value.is_empty() {
             return Err(ApiError::InvalidArgument(
@@ -633,7 +648,11 @@ impl ControlPlane {
                 value.len()
             )));
         }
-        self.inner.stores.secrets.put(name, value, now_utc()).await?;
+        self.inner
+            .stores
+            .secrets
+            .put(name, value, now_utc())
+            .await?;
         self.record_secret(name, None, "set", ctx).await
     }
 
@@ -674,7 +693,11 @@ impl ControlPlane {
     }
 
     /// Issues a one-time registration token for a worker started by hand.
-    pub async fn issue_worker_token(&self, worker: WorkerId, ttl: Duration) -> Result<String, ApiError> {
+    pub async fn issue_worker_token(
+        &self,
+        worker: WorkerId,
+        ttl: Duration,
+    ) -> Result<String, ApiError> {
         let token = new_token();
         self.inner
             .stores
@@ -703,7 +726,10 @@ impl ControlPlane {
         link: Arc<dyn WorkerLink>,
     ) -> Result<Welcome, ApiError> {
         let stores = &self.inner.stores;
-        let verdict = stores.workers.consume_token(&hello.token, now_utc()).await?;
+        let verdict = stores
+            .workers
+            .consume_token(&hello.token, now_utc())
+            .await?;
         let reason = match verdict {
             Ok(w) if w == hello.worker => None,
             Ok(_) => Some("registration token was issued for another worker".to_owned()),
@@ -721,7 +747,9 @@ impl ControlPlane {
                 },
             );
             stores.events.append(vec![e]).await?;
-            return Err(ApiError::Unauthenticated(format!("registration rejected: {reason}")));
+            return Err(ApiError::Unauthenticated(format!(
+                "registration rejected: {reason}"
+            )));
         }
         let mut adoptable = Vec::new();
         for (job, _) in &hello.running {
@@ -741,7 +769,12 @@ impl ControlPlane {
     /// A message from a registered worker. Logs are stored right here
     /// (the hot path); everything else goes to the engine.
     pub async fn worker_message(&self, worker: WorkerId, msg: FromWorker) -> Result<(), ApiError> {
-        if let FromWorker::Logs { job, attempt, lines } = msg {
+        if let FromWorker::Logs {
+            job,
+            attempt,
+            lines,
+        } = msg
+        {
             let n = lines.len() as u64;
             let bytes: u64 = lines.iter().map(|l| l.text.len() as u64).sum();
             self.inner.stores.logs.append(job, attempt, lines).await?;
@@ -815,7 +848,9 @@ impl ControlPlane {
                 let tx = tx.clone();
                 let provider = provider.clone();
                 async move {
-                    let h = match tokio::time::timeout(Duration::from_secs(10), provider.health()).await {
+                    let h = match tokio::time::timeout(Duration::from_secs(10), provider.health())
+                        .await
+                    {
                         Ok(h) => h,
                         Err(_) => crate::ports::ProviderHealth {
                             healthy: false,
@@ -834,20 +869,25 @@ impl ControlPlane {
             let tx = self.inner.tx.clone();
             let provider = setup.provider.clone();
             let first = cfg.engine.reconnect_grace + Duration::from_secs(1);
-            tasks.push(periodic(stop.clone(), cfg.reconcile_interval, first, move || {
-                let tx = tx.clone();
-                let provider = provider.clone();
-                async move {
-                    if let Ok(Ok(list)) =
-                        tokio::time::timeout(Duration::from_secs(30), provider.list()).await
-                    {
-                        let _ = tx.send(Cmd::Reconcile {
-                            provider: provider.id().clone(),
-                            found: list.into_iter().map(|w| w.worker).collect(),
-                        });
+            tasks.push(periodic(
+                stop.clone(),
+                cfg.reconcile_interval,
+                first,
+                move || {
+                    let tx = tx.clone();
+                    let provider = provider.clone();
+                    async move {
+                        if let Ok(Ok(list)) =
+                            tokio::time::timeout(Duration::from_secs(30), provider.list()).await
+                        {
+                            let _ = tx.send(Cmd::Reconcile {
+                                provider: provider.id().clone(),
+                                found: list.into_iter().map(|w| w.worker).collect(),
+                            });
+                        }
                     }
-                }
-            }));
+                },
+            ));
         }
         // The event bus: other replicas' submissions and decisions.
         let tx = self.inner.tx.clone();
@@ -879,25 +919,35 @@ impl ControlPlane {
         }));
         // Deadline sweep of jobs whose replica is gone.
         let tx = self.inner.tx.clone();
-        tasks.push(periodic(stop.clone(), Duration::from_secs(5), Duration::from_secs(5), move || {
-            let _ = tx.send(Cmd::Sweep);
-            async {}
-        }));
+        tasks.push(periodic(
+            stop.clone(),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            move || {
+                let _ = tx.send(Cmd::Sweep);
+                async {}
+            },
+        ));
         // Retention.
         if let Some(keep) = cfg.retention {
             let audit = self.inner.stores.audit.clone();
-            tasks.push(periodic(stop, Duration::from_secs(3600), Duration::from_secs(60), move || {
-                let audit = audit.clone();
-                async move {
-                    let before = crate::time::add(now_utc(), Duration::ZERO)
-                        - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
-                    while let Ok(n) = audit.purge_before(before, 10_000).await {
-                        if n < 10_000 {
-                            break;
+            tasks.push(periodic(
+                stop,
+                Duration::from_secs(3600),
+                Duration::from_secs(60),
+                move || {
+                    let audit = audit.clone();
+                    async move {
+                        let before = crate::time::add(now_utc(), Duration::ZERO)
+                            - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+                        while let Ok(n) = audit.purge_before(before, 10_000).await {
+                            if n < 10_000 {
+                                break;
+                            }
                         }
                     }
-                }
-            }));
+                },
+            ));
         }
         tasks
     }
@@ -1016,7 +1066,8 @@ impl Driver {
         }
         // Tell ephemeral idle workers to go; running ones reconnect later.
         for (_, link) in self.links.values() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), link.send(ToWorker::Drain)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), link.send(ToWorker::Drain)).await;
         }
     }
 
@@ -1073,7 +1124,11 @@ impl Driver {
                         match self
                             .stores
                             .workers
-                            .issue_token(hello.worker, &token, add(now, Duration::from_secs(30 * 86400)))
+                            .issue_token(
+                                hello.worker,
+                                &token,
+                                add(now, Duration::from_secs(30 * 86400)),
+                            )
                             .await
                         {
                             Ok(()) => Ok(Welcome {
@@ -1084,7 +1139,9 @@ impl Driver {
                             Err(e) => Err(e.into()),
                         }
                     }
-                    Err(e) => Err(ApiError::Unauthenticated(format!("registration rejected: {e}"))),
+                    Err(e) => Err(ApiError::Unauthenticated(format!(
+                        "registration rejected: {e}"
+                    ))),
                 };
                 let _ = reply.send(result);
             }
@@ -1099,18 +1156,28 @@ impl Driver {
                         if r.is_ok() {
                             if let Some(t) = self.submitted_at.remove(&job) {
                                 let us = (now - t).num_microseconds().unwrap_or(0).max(0) as u64;
-                                self.counters.start_latency_us_sum.fetch_add(us, Ordering::Relaxed);
-                                self.counters.start_latency_count.fetch_add(1, Ordering::Relaxed);
+                                self.counters
+                                    .start_latency_us_sum
+                                    .fetch_add(us, Ordering::Relaxed);
+                                self.counters
+                                    .start_latency_count
+                                    .fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         r
                     }
-                    FromWorker::Refused { job, attempt, reason } => {
-                        self.engine.handle_refused(now, worker, job, attempt, &reason)
-                    }
-                    FromWorker::Result { job, attempt, report } => {
-                        self.engine.handle_result(now, worker, job, attempt, report)
-                    }
+                    FromWorker::Refused {
+                        job,
+                        attempt,
+                        reason,
+                    } => self
+                        .engine
+                        .handle_refused(now, worker, job, attempt, &reason),
+                    FromWorker::Result {
+                        job,
+                        attempt,
+                        report,
+                    } => self.engine.handle_result(now, worker, job, attempt, report),
                     FromWorker::Draining => self.engine.handle_draining(now, worker, None),
                     FromWorker::Logs { .. } => Ok(()),
                 };
@@ -1196,11 +1263,12 @@ impl Driver {
         while let Some(effect) = self.engine.poll_effect() {
             if let Effect::CreateJob { job, events } = &effect {
                 if job.id == id {
-                    let r = self.retry_store(|s| {
-                        let (job, events) = (job.clone(), events.clone());
-                        async move { s.jobs.create(&job, events).await }
-                    })
-                    .await;
+                    let r = self
+                        .retry_store(|s| {
+                            let (job, events) = (job.clone(), events.clone());
+                            async move { s.jobs.create(&job, events).await }
+                        })
+                        .await;
                     created = Some(match r {
                         Ok(Created::New(_)) => Ok(job.clone()),
                         Ok(Created::Existing(existing)) => Ok(*existing),
@@ -1332,15 +1400,26 @@ impl Driver {
     async fn provision(&mut self, now: Timestamp, provider: ProviderId, launch: LaunchRequest) {
         let worker = launch.worker;
         let Some(p) = self.providers.get(&provider).cloned() else {
-            self.engine
-                .handle_provision_failed(now, worker, &format!("provider {provider} is not configured"));
+            self.engine.handle_provision_failed(
+                now,
+                worker,
+                &format!("provider {provider} is not configured"),
+            );
             return;
         };
         let token = new_token();
         let expires = add(now, self.config.engine.provision_timeout);
-        if let Err(e) = self.stores.workers.issue_token(worker, &token, expires).await {
-            self.engine
-                .handle_provision_failed(now, worker, &format!("could not issue a token: {e}"));
+        if let Err(e) = self
+            .stores
+            .workers
+            .issue_token(worker, &token, expires)
+            .await
+        {
+            self.engine.handle_provision_failed(
+                now,
+                worker,
+                &format!("could not issue a token: {e}"),
+            );
             return;
         }
         let launch = WorkerLaunch {
@@ -1359,7 +1438,9 @@ impl Driver {
             let result = match tokio::time::timeout(timeout, p.create(launch)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("provider did not create the worker within {timeout:?}")),
+                Err(_) => Err(format!(
+                    "provider did not create the worker within {timeout:?}"
+                )),
             };
             let _ = tx.send(Cmd::Provisioned { worker, result });
         });
@@ -1383,7 +1464,10 @@ impl Driver {
                         EventBody::SecretAccessed {
                             name: name.clone(),
                             job_id: Some(job.id),
-                            purpose: format!("delivered to attempt {} on worker {worker}", job.attempt),
+                            purpose: format!(
+                                "delivered to attempt {} on worker {worker}",
+                                job.attempt
+                            ),
                         },
                     );
                     let _ = self.stores.events.append(vec![e]).await;
@@ -1422,7 +1506,9 @@ impl Driver {
             None => Err("worker is not connected".to_owned()),
         };
         if let Err(reason) = sent {
-            let _ = self.engine.handle_refused(now, worker, id, attempt, &reason);
+            let _ = self
+                .engine
+                .handle_refused(now, worker, id, attempt, &reason);
         }
     }
 
@@ -1495,7 +1581,14 @@ impl Driver {
             if let Ok(bodies) = job.apply(JobCommand::Expire, ctxt) {
                 let corr = job.correlation_id.clone();
                 let events = wrap(now, &corr, &Actor::system("sweeper"), bodies);
-                if self.stores.jobs.update(&job, expected, events).await.is_ok() && job.is_terminal() {
+                if self
+                    .stores
+                    .jobs
+                    .update(&job, expected, events)
+                    .await
+                    .is_ok()
+                    && job.is_terminal()
+                {
                     let _ = self.stores.logs.finish(job.id).await;
                 }
             }
@@ -1523,10 +1616,23 @@ impl Driver {
     }
 }
 
-fn wrap(now: Timestamp, corr: &CorrelationId, actor: &Actor, bodies: Vec<EventBody>) -> Vec<DomainEvent> {
+fn wrap(
+    now: Timestamp,
+    corr: &CorrelationId,
+    actor: &Actor,
+    bodies: Vec<EventBody>,
+) -> Vec<DomainEvent> {
     bodies
         .into_iter()
-        .map(|b| DomainEvent::new(EventId::from_uuid(Uuid::new_v4()), now, corr.clone(), actor.clone(), b))
+        .map(|b| {
+            DomainEvent::new(
+                EventId::from_uuid(Uuid::new_v4()),
+                now,
+                corr.clone(),
+                actor.clone(),
+                b,
+            )
+        })
         .collect()
 }
 
