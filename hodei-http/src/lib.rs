@@ -1,1 +1,139 @@
-//! placeholder
+//! # hodei-http
+//!
+//! Hodei's HTTP edge: the REST API under `/api/v1` (with live logs as
+//! Server-Sent Events), the web dashboard at `/`, Prometheus metrics at
+//! `/metrics` and the health probes `/healthz` and `/readyz`. It holds no
+//! state of its own: every handler is a thin translation between HTTP and
+//! the [`ControlPlane`] of `hodei-core`.
+//!
+//! ## How the parts fit
+//! - [`router`] builds an [`axum::Router`] from one route table
+//!   (`routes.rs`): every route the server answers is a row there, so the
+//!   OpenAPI document ([`openapi::ApiDoc`]) can be checked against it.
+//! - Middleware, outermost first: the correlation id (read from
+//!   `x-correlation-id` or generated, echoed on every response), request
+//!   metrics, then bearer-token authentication of `/api/v1`. Handlers get a
+//!   [`RequestContext`](hodei_core::ports::RequestContext) carrying both.
+//! - `api.rs` holds the `/api/v1` handlers, `dto.rs` the JSON shapes (each
+//!   with a `ToSchema`), [`HttpError`] the one error type, rendered as
+//!   `{"error": {"code", "message"}}`.
+//! - [`metrics::Metrics`] is the Prometheus registry; the gRPC server records
+//!   into the same one ([`metrics::Metrics::record_grpc`]).
+//! - `ui.rs` serves the dashboard: static HTML/JS/CSS compiled into the
+//!   binary, talking to the same `/api/v1`.
+//! - [`serve`] runs a router on a listener until a shutdown future resolves.
+//!
+//! ```no_run
+//! # async fn run(cp: hodei_core::runtime::ControlPlane) -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let router = hodei_http::router(cp, hodei_http::HttpConfig::default());
+//! hodei_http::serve(listener, router, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hodei_core::runtime::ControlPlane;
+use tokio::net::TcpListener;
+
+mod api;
+pub mod dto;
+mod error;
+pub mod metrics;
+mod middleware;
+pub mod openapi;
+mod routes;
+mod ui;
+
+pub use error::HttpError;
+pub use routes::{RouteInfo, route_table};
+
+/// Settings of the HTTP edge.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Bearer tokens accepted on `/api/v1`, each mapped to the name used as
+    /// the actor of what its holder does. Empty: no authentication, and
+    /// every caller is the actor `anonymous`.
+    pub api_tokens: BTreeMap<String, String>,
+    /// Largest request body accepted, in bytes (413 above). Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// The metrics registry served at `/metrics`. Share a clone with the
+    /// gRPC server so that its requests are counted in the same registry.
+    pub metrics: metrics::Metrics,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            api_tokens: BTreeMap::new(),
+            max_body_bytes: 1024 * 1024,
+            metrics: metrics::Metrics::new(),
+        }
+    }
+}
+
+/// How long [`serve`] lets open connections (live log streams above all)
+/// finish after the shutdown future resolved, before it drops them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Builds the router: `/api/v1`, `/openapi.json`, `/metrics`, `/healthz`,
+/// `/readyz` and the dashboard at `/`.
+///
+/// Call it inside a tokio runtime: it starts the task that follows the
+/// event bus for the job histograms of [`metrics::Metrics`] (otherwise that
+/// task starts on the first request).
+pub fn router(cp: ControlPlane, config: HttpConfig) -> Router {
+    config.metrics.attach(&cp);
+    let state = AppState {
+        cp,
+        config: Arc::new(config),
+        openapi: Arc::new(openapi::document_json()),
+    };
+    routes::build(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops
+/// accepting connections and waits up to [`SHUTDOWN_GRACE`] for open ones
+/// (live log streams can be long) before returning.
+pub async fn serve<F>(listener: TcpListener, router: Router, shutdown: F) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    });
+    let grace = async move {
+        match stopping_rx.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            // The server ended on its own; let its branch report how.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = server => r,
+        () = grace => {
+            tracing::info!("http: connections still open after the shutdown grace; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) cp: ControlPlane,
+    pub(crate) config: Arc<HttpConfig>,
+    /// The OpenAPI document, rendered once.
+    pub(crate) openapi: Arc<String>,
+}
