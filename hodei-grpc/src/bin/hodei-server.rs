@@ -1,1 +1,55 @@
-fn main() {}
+//! `hodei-server`: parses flags, binds the listeners and calls
+//! [`hodei_grpc::server::run`]. SIGTERM or SIGINT stops it gracefully. See
+//! `docs/SERVER.md`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hodei_grpc::config::ServerArgs;
+use hodei_grpc::server::{self, Listeners};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(ServerArgs::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hodei-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let tokens = std::env::var("HODEI_API_TOKENS").ok();
+    let (addrs, config) = args.resolve(tokens.as_deref())?;
+    let grpc = TcpListener::bind(addrs.grpc)
+        .await
+        .map_err(|e| format!("cannot listen on --grpc-addr {}: {e}", addrs.grpc))?;
+    let http = match addrs.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on --http-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    server::run(Listeners { grpc, http }, config, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,632 @@
+//! The gRPC server: composes a [`ControlPlane`] from a [`ServerConfig`]
+//! (stores, providers, runtime settings) and serves, on one listener,
+//! the client API (`hodei.v1` Job, Log, Audit, WorkerAdmin, Provider and
+//! Secret services, behind bearer-token auth), the worker sessions
+//! (`WorkerService`), `grpc.health.v1` and gRPC reflection.
+//!
+//! [`run`] is what the `hodei-server` binary calls; [`start`] returns a
+//! [`RunningServer`] for tests and embedders.
+//!
+//! # Shutdown
+//! [`RunningServer::stop`] stops accepting connections, ends long-lived
+//! API streams (log follow, job watch) with UNAVAILABLE, lets in-flight
+//! unary calls finish (up to 10 s), shuts the control plane down (workers
+//! are told to drain), then closes worker sessions and waits for the
+//! transport to finish.
+
+mod api;
+mod auth;
+mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hodei_core::engine::ProviderConfig;
+use hodei_core::ports::WorkerProvider;
+use hodei_core::runtime::{ApiError, ControlPlane, ProviderSetup, Stores};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use api::Api;
+pub use auth::{ANONYMOUS, Auth, CORRELATION_HEADER, ERROR_FIELD_HEADER, is_valid_correlation_id};
+pub use session::{GrpcWorkerLink, Sessions};
+
+use crate::config::{ConfigError, ProviderKind, ProviderSettings, ServerConfig, StoreBackend};
+use crate::inprocess::InProcessProvider;
+use crate::proto;
+
+/// The sockets the server serves on, bound by the caller (port 0 is fine).
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: API, worker sessions, health, reflection.
+    pub grpc: TcpListener,
+    /// HTTP API, served by the [`HttpServe`] hook when one is installed.
+    pub http: Option<TcpListener>,
+}
+
+/// Serves the HTTP API on a listener until the token is cancelled. The
+/// hodei-http crate provides one; [`ServerOptions::http`] installs it.
+pub type HttpServe = Arc<
+    dyn Fn(TcpListener, ControlPlane, CancellationToken) -> BoxFuture<'static, std::io::Result<()>>
+        + Send
+        + Sync,
+>;
+
+/// Hooks an embedder or a transport crate adds to a [`ServerConfig`].
+#[derive(Clone, Default)]
+pub struct ServerOptions {
+    /// Serves `Listeners::http`. Without it the HTTP listener is closed
+    /// and a warning says so.
+    pub http: Option<HttpServe>,
+    /// Opens the stores of [`StoreBackend::Postgres`]. Without it a
+    /// database URL is refused with [`ServerError::StoreNotConfigured`].
+    pub postgres: Option<StoreOpener>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("http", &self.http.is_some())
+            .field("postgres", &self.postgres.is_some())
+            .finish()
+    }
+}
+
+/// Opens stores from a database URL.
+pub type StoreOpener =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Result<Stores, String>> + Send + Sync>;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is not acceptable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A database URL was given but no store backend for it is installed.
+    #[error(
+        "--database-url was given, but no PostgreSQL store backend is configured in this server; \
+         run without --database-url (HODEI_DATABASE_URL) to use the embedded in-memory store"
+    )]
+    StoreNotConfigured,
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(String),
+    /// Refused to expose an unauthenticated API.
+    #[error(
+        "refusing to listen on {addr} (not a loopback address) without API tokens; \
+         configure tokens (HODEI_API_TOKENS or [[api_tokens]] in --config) or pass --insecure"
+    )]
+    Insecure {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// A provider could not be set up.
+    #[error("provider {name}: {reason}")]
+    Provider {
+        /// Provider name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The control plane did not start.
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] ApiError),
+    /// Socket errors.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC transport failed.
+    #[error("grpc transport: {0}")]
+    Transport(String),
+}
+
+/// Starts the server, prints `hodei-server listening on grpc=ADDR` (and
+/// `http=ADDR`) on stdout once it accepts calls, serves until `shutdown`
+/// completes, then stops gracefully (see the module docs).
+pub async fn run(
+    listeners: Listeners,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with(listeners, config, ServerOptions::default(), shutdown).await
+}
+
+/// [`run`] with hooks.
+pub async fn run_with(
+    listeners: Listeners,
+    config: ServerConfig,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    if matches!(config.store, StoreBackend::Memory) {
+        eprintln!(
+            "hodei-server: WARNING: no --database-url given: using the embedded in-memory store. \
+             Jobs, logs, events, secrets and workers do NOT survive a restart."
+        );
+    }
+    let mut server = start_with(listeners, config, options).await?;
+    match server.http_addr() {
+        Some(http) => println!(
+            "hodei-server listening on grpc={} http={http}",
+            server.grpc_addr()
+        ),
+        None => println!("hodei-server listening on grpc={}", server.grpc_addr()),
+    }
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutdown requested");
+            server.stop().await
+        }
+        r = server.wait_transport() => r,
+    }
+}
+
+/// A server that accepts calls.
+pub struct RunningServer {
+    cp: ControlPlane,
+    api: Api,
+    grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    health: tonic_health::server::HealthReporter,
+    stop_accepting: Option<tokio::sync::oneshot::Sender<()>>,
+    streams_stop: CancellationToken,
+    sessions_stop: CancellationToken,
+    http_stop: CancellationToken,
+    transport: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Composes the control plane and starts serving; returns once calls are
+/// accepted.
+pub async fn start(
+    listeners: Listeners,
+    config: ServerConfig,
+) -> Result<RunningServer, ServerError> {
+    start_with(listeners, config, ServerOptions::default()).await
+}
+
+/// [`start`] with hooks.
+pub async fn start_with(
+    listeners: Listeners,
+    mut config: ServerConfig,
+    options: ServerOptions,
+) -> Result<RunningServer, ServerError> {
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = match &listeners.http {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    if config.api_tokens.is_empty() && !config.insecure {
+        for addr in std::iter::once(grpc_addr).chain(http_addr) {
+            if !addr.ip().is_loopback() {
+                return Err(ServerError::Insecure { addr });
+            }
+        }
+    }
+    if config.api_tokens.is_empty() {
+        tracing::warn!("no API tokens configured: every caller is `{ANONYMOUS}`");
+    }
+    if config.runtime.server_url.trim().is_empty() {
+        config.runtime.server_url = worker_url(grpc_addr);
+    }
+
+    let stores = open_stores(&config.store, &options).await?;
+    let providers = build_providers(&config)?;
+    let cp = ControlPlane::start(config.runtime.clone(), stores, providers).await?;
+
+    let streams_stop = CancellationToken::new();
+    let sessions_stop = CancellationToken::new();
+    let api = Api::new(cp.clone(), streams_stop.clone());
+    let sessions = Sessions::new(cp.clone(), sessions_stop.clone(), config.drain_grace);
+    let auth = Auth::new(config.api_tokens.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+
+    // Specs may be up to 2 MiB of strings; leave room for the encoding.
+    const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+    use proto::audit_service_server::AuditServiceServer;
+    use proto::job_service_server::JobServiceServer;
+    use proto::log_service_server::LogServiceServer;
+    use proto::provider_service_server::ProviderServiceServer;
+    use proto::secret_service_server::SecretServiceServer;
+    use proto::worker_admin_service_server::WorkerAdminServiceServer;
+    use proto::worker_service_server::WorkerServiceServer;
+    use tonic::service::interceptor::InterceptedService;
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(InterceptedService::new(
+            JobServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            LogServiceServer::new(api.clone()).max_encoding_message_size(MAX_MESSAGE),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            AuditServiceServer::new(api.clone()).max_encoding_message_size(MAX_MESSAGE),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            WorkerAdminServiceServer::new(api.clone()),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            ProviderServiceServer::new(api.clone()),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            SecretServiceServer::new(api.clone()),
+            auth,
+        ))
+        .add_service(WorkerServiceServer::new(sessions).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = TcpListenerStream::new(listeners.grpc);
+    let transport = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let http_stop = CancellationToken::new();
+    let http = match (listeners.http, options.http) {
+        (Some(listener), Some(serve)) => {
+            Some(tokio::spawn(serve(listener, cp.clone(), http_stop.clone())))
+        }
+        (Some(listener), None) => {
+            tracing::warn!(
+                addr = ?listener.local_addr().ok(),
+                "the HTTP API is not part of this server build; the HTTP listener is closed"
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let http_addr = if http.is_some() { http_addr } else { None };
+
+    Ok(RunningServer {
+        cp,
+        api,
+        grpc_addr,
+        http_addr,
+        health,
+        stop_accepting: Some(stop_tx),
+        streams_stop,
+        sessions_stop,
+        http_stop,
+        transport: Some(transport),
+        http,
+    })
+}
+
+/// The names of the services reported by `grpc.health.v1`.
+pub const SERVICE_NAMES: &[&str] = &[
+    "hodei.v1.JobService",
+    "hodei.v1.LogService",
+    "hodei.v1.AuditService",
+    "hodei.v1.WorkerAdminService",
+    "hodei.v1.ProviderService",
+    "hodei.v1.SecretService",
+    "hodei.v1.WorkerService",
+];
+
+impl RunningServer {
+    /// The gRPC address actually bound.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The HTTP address, when the HTTP API is served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The control plane.
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.cp
+    }
+
+    /// Stops gracefully (see the module docs).
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        for name in std::iter::once(&"").chain(SERVICE_NAMES) {
+            self.health
+                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        if let Some(tx) = self.stop_accepting.take() {
+            let _ = tx.send(());
+        }
+        self.http_stop.cancel();
+        self.streams_stop.cancel();
+        self.api.wait_idle(Duration::from_secs(10)).await;
+        self.cp.shutdown().await;
+        self.sessions_stop.cancel();
+        if let Some(http) = self.http.take() {
+            match tokio::time::timeout(Duration::from_secs(10), http).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server failed"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("http server did not stop within 10s"),
+            }
+        }
+        if let Some(t) = self.transport.take() {
+            let abort = t.abort_handle();
+            match tokio::time::timeout(Duration::from_secs(10), t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(ServerError::Transport(e.to_string())),
+                Ok(Err(e)) => return Err(ServerError::Transport(e.to_string())),
+                Err(_) => {
+                    tracing::warn!("connections still open after 10s; closing them");
+                    abort.abort();
+                }
+            }
+        }
+        tracing::info!("hodei-server stopped");
+        Ok(())
+    }
+
+    /// Resolves if the transport fails on its own (it normally runs until
+    /// [`RunningServer::stop`]).
+    async fn wait_transport(&mut self) -> Result<(), ServerError> {
+        let Some(t) = self.transport.as_mut() else {
+            return futures::future::pending().await;
+        };
+        let r = t.await;
+        self.transport = None;
+        self.cp.shutdown().await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServerError::Transport(e.to_string())),
+            Err(e) => Err(ServerError::Transport(e.to_string())),
+        }
+    }
+}
+
+/// The URL workers on this host use to reach a gRPC listener on `addr`.
+pub fn worker_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Opens the stores of a backend.
+pub async fn open_stores(
+    backend: &StoreBackend,
+    options: &ServerOptions,
+) -> Result<Stores, ServerError> {
+    match backend {
+        StoreBackend::Memory => Ok(Stores::memory()),
+        StoreBackend::Custom(stores) => Ok(stores.clone()),
+        StoreBackend::Postgres { url } => match &options.postgres {
+            Some(open) => open(url.clone()).await.map_err(ServerError::Store),
+            None => Err(ServerError::StoreNotConfigured),
+        },
+    }
+}
+
+/// The providers of a configuration, ready for [`ControlPlane::start`].
+/// Without any configured, `local` is used (in-process agents if the
+/// `hodei-worker` binary cannot be found).
+pub fn build_providers(config: &ServerConfig) -> Result<Vec<ProviderSetup>, ServerError> {
+    let mut settings = config.providers.clone();
+    if settings.is_empty() {
+        let mut local = ProviderSettings::new(ProviderKind::Local);
+        if agent_binary(config).is_none() {
+            tracing::warn!(
+                "hodei-worker binary not found (HODEI_WORKER_BIN, next to hodei-server, PATH): \
+                 the default `local` provider runs agents inside the server process"
+            );
+            local.kind = ProviderKind::Inprocess;
+        }
+        settings.push(local);
+    }
+    settings.iter().map(|s| build_provider(config, s)).collect()
+}
+
+fn agent_binary(config: &ServerConfig) -> Option<std::path::PathBuf> {
+    config
+        .worker_bin
+        .clone()
+        .or_else(hodei_providers::local::find_agent_binary)
+}
+
+fn build_provider(
+    config: &ServerConfig,
+    s: &ProviderSettings,
+) -> Result<ProviderSetup, ServerError> {
+    let fail = |reason: String| ServerError::Provider {
+        name: s.name.clone(),
+        reason,
+    };
+    let extra_str = |key: &str| -> Result<Option<String>, ServerError> {
+        match s.extra.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(v)) => Ok(Some(v.clone())),
+            Some(other) => Err(fail(format!("`{key}` must be a string, not {other}"))),
+        }
+    };
+    let extra_duration = |key: &str| -> Result<Option<Duration>, ServerError> {
+        match s.extra.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(n)) if *n >= 0 => Ok(Some(Duration::from_secs(*n as u64))),
+            Some(toml::Value::String(t)) => humantime::parse_duration(t)
+                .map(Some)
+                .map_err(|e| fail(format!("`{key}` {t:?} is not a duration ({e})"))),
+            Some(other) => Err(fail(format!(
+                "`{key}` must be a duration such as \"5s\", not {other}"
+            ))),
+        }
+    };
+    let (provider, runs_images): (Arc<dyn WorkerProvider>, bool) = match s.kind {
+        ProviderKind::Local => {
+            use hodei_providers::local::{LocalConfig, LocalOutput, LocalProvider};
+            let bin = agent_binary(config).ok_or_else(|| {
+                fail(
+                    "the hodei-worker binary was not found; set HODEI_WORKER_BIN (or --worker-bin), \
+                     put it next to hodei-server or on PATH, or use --provider inprocess"
+                        .into(),
+                )
+            })?;
+            let mut lc = LocalConfig::new(s.name.as_str(), bin);
+            if let Some(dir) = extra_str("state_dir")? {
+                lc.state_dir = dir.into();
+            } else {
+                // One state dir per server: two servers on one host must
+                // not adopt (and kill) each other's agents.
+                lc.state_dir = hodei_providers::local::default_state_dir(&s.name.as_str().into())
+                    .join(&config.runtime.server_id);
+            }
+            if let Some(out) = extra_str("output")? {
+                lc.output = match out.as_str() {
+                    "logfile" | "log_file" | "file" => LocalOutput::LogFile,
+                    "inherit" => LocalOutput::Inherit,
+                    "discard" | "null" => LocalOutput::Discard,
+                    other => {
+                        return Err(fail(format!(
+                            "unknown output {other:?}; accepted: logfile, inherit, discard"
+                        )));
+                    }
+                };
+            }
+            if let Some(g) = extra_duration("stop_grace")? {
+                lc.stop_grace = g;
+            }
+            let p = LocalProvider::new(lc).map_err(|e| fail(e.to_string()))?;
+            (Arc::new(p), false)
+        }
+        ProviderKind::Docker => {
+            use hodei_providers::docker::{DockerConfig, DockerProvider};
+            let mut dc = DockerConfig::new(s.name.as_str(), config.runtime.server_id.clone());
+            if let Some(image) = s.default_image.clone().or(extra_str("image")?) {
+                dc.image = image;
+            }
+            if let Some(bin) = extra_str("agent_binary")? {
+                dc.agent_binary = Some(bin.into());
+            }
+            if let Some(net) = extra_str("network")? {
+                dc.network = net.parse().map_err(fail)?;
+            }
+            if let Some(host) = extra_str("docker_host")? {
+                dc.docker_host = Some(host);
+            }
+            if let Some(g) = extra_duration("stop_grace")? {
+                dc.stop_grace = g;
+            }
+            (Arc::new(DockerProvider::new(dc)), true)
+        }
+        ProviderKind::Kubernetes => {
+            return Err(fail(
+                "the kubernetes provider is not supported in this build; accepted: local, docker, inprocess"
+                    .into(),
+            ));
+        }
+        ProviderKind::Inprocess => (Arc::new(InProcessProvider::new(s.name.as_str())), false),
+    };
+    Ok(ProviderSetup {
+        config: ProviderConfig {
+            id: s.name.as_str().into(),
+            kind: provider.kind().to_owned(),
+            runs_images,
+            max_workers: s.max_workers,
+            warm_pool: s.warm_pool,
+            ephemeral: s.ephemeral,
+            default_image: s.default_image.clone(),
+        },
+        provider,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_url_replaces_unspecified_hosts() {
+        assert_eq!(
+            worker_url("0.0.0.0:5000".parse().unwrap()),
+            "http://127.0.0.1:5000"
+        );
+        assert_eq!(
+            worker_url("[::]:5000".parse().unwrap()),
+            "http://[::1]:5000"
+        );
+        assert_eq!(
+            worker_url("10.1.2.3:5000".parse().unwrap()),
+            "http://10.1.2.3:5000"
+        );
+    }
+
+    #[test]
+    fn kubernetes_is_refused_clearly() {
+        let config = ServerConfig {
+            providers: vec![ProviderSettings::new(ProviderKind::Kubernetes)],
+            ..Default::default()
+        };
+        let err = build_providers(&config).err().unwrap().to_string();
+        assert!(err.contains("not supported in this build"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_database_url_without_a_backend_is_refused() {
+        let err = open_stores(
+            &StoreBackend::Postgres {
+                url: "postgres://x".into(),
+            },
+            &ServerOptions::default(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(err, ServerError::StoreNotConfigured));
+    }
+
+    #[tokio::test]
+    async fn non_loopback_without_tokens_is_refused() {
+        let grpc = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let err = start(
+            Listeners { grpc, http: None },
+            ServerConfig {
+                providers: vec![ProviderSettings::new(ProviderKind::Inprocess)],
+                ..Default::default()
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(err, ServerError::Insecure { .. }), "{err}");
+    }
+}
