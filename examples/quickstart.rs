@@ -31,7 +31,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = start(listeners, config).await?;
     let cp = server.control_plane().clone();
-    println!("== hodei control plane up on grpc://{} (in-memory store)\n", server.grpc_addr());
+    println!(
+        "== hodei control plane up on grpc://{} (in-memory store)\n",
+        server.grpc_addr()
+    );
 
     // 2. Three jobs.
     let marker = std::env::temp_dir().join(format!("hodei-quickstart-{}", std::process::id()));
@@ -50,7 +53,13 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let long = submit(&cp, "long", script("echo 'working for a long time...'\nsleep 300\necho never\n"), |_| {}).await?;
+    let long = submit(
+        &cp,
+        "long",
+        script("echo 'working for a long time...'\nsleep 300\necho never\n"),
+        |_| {},
+    )
+    .await?;
 
     // 3. Live logs of all three, as they arrive.
     let mut followers = Vec::new();
@@ -73,10 +82,22 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
 
-    // 4. Final states and event trails.
-    let mut all_ok = true;
-    for (id, want) in [(ok, JobState::Succeeded), (flaky, JobState::Succeeded), (long, JobState::Cancelled)] {
+    // 4. Wait for the three to end (their log streams end with them), then
+    //    print final states and event trails.
+    let mut finished = Vec::new();
+    for (id, want) in [
+        (ok, JobState::Succeeded),
+        (flaky, JobState::Succeeded),
+        (long, JobState::Cancelled),
+    ] {
         let job = tokio::time::timeout(Duration::from_secs(60), cp.wait_terminal(id)).await??;
+        finished.push((job, want));
+    }
+    for f in followers {
+        let _ = f.await;
+    }
+    let mut all_ok = true;
+    for (job, want) in finished {
         println!(
             "\n== job {} ({}) -> {} after {} attempt(s)",
             job.id,
@@ -84,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
             job.state(),
             job.attempts.len().max(1)
         );
-        for e in cp.job_events(id).await? {
+        for e in cp.job_events(job.id).await? {
             println!(
                 "   #{:<4} {:<28} actor={:<48} correlation={}",
                 e.sequence,
@@ -94,9 +115,6 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         all_ok &= job.state() == want;
-    }
-    for f in followers {
-        let _ = f.await;
     }
     let _ = std::fs::remove_file(&marker);
     server.stop().await?;
