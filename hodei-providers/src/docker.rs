@@ -416,6 +416,15 @@ impl WorkerProvider for DockerProvider {
                 agent.display()
             )));
         }
+        if launch.server_id != config.server_id {
+            // The label comes from the launch; exits are filtered by the
+            // configured id: a mismatch would hide this worker's exit.
+            tracing::warn!(
+                launch = %launch.server_id,
+                configured = %config.server_id,
+                "launch server id differs from the docker provider's; its exit will not be reported"
+            );
+        }
         let docker = engine.client().await?;
 
         match engine

@@ -31,7 +31,7 @@ impl Fixture {
         fs::write(
             &agent,
             format!(
-                "#!/bin/sh\nenv > \"{}/$HODEI_WORKER_ID.env.tmp\"\nmv \"{0}/$HODEI_WORKER_ID.env.tmp\" \"{0}/$HODEI_WORKER_ID.env\"\n{body}\n",
+                "#!/bin/sh\necho \"fake agent $HODEI_WORKER_ID\"\necho on-stderr >&2\nenv > \"{}/$HODEI_WORKER_ID.env.tmp\"\nmv \"{0}/$HODEI_WORKER_ID.env.tmp\" \"{0}/$HODEI_WORKER_ID.env\"\n{body}\n",
                 out.display()
             ),
         )
@@ -148,7 +148,9 @@ async fn delivers_the_environment_contract() {
     let record = fs::read_to_string(provider.pid_path(worker)).unwrap();
     assert!(record.contains(&format!("pid={pid}\n")), "{record}");
     assert!(record.contains("server_id=server-a\n"), "{record}");
-    assert!(provider.log_path(worker).exists());
+    let log = fs::read_to_string(provider.log_path(worker)).unwrap();
+    assert!(log.contains(&format!("fake agent {worker}\n")), "{log}");
+    assert!(log.contains("on-stderr\n"), "{log}");
 
     // A second create of the same worker is refused.
     assert!(matches!(
@@ -331,4 +333,20 @@ async fn health_checks_the_agent_binary() {
         "{}",
         health.message
     );
+}
+
+#[test]
+fn finds_the_agent_next_to_the_test_binary() {
+    // cargo puts this test in target/<profile>/deps and the agent, when the
+    // workspace was built, in target/<profile>.
+    let exe = std::env::current_exe().unwrap();
+    let built = exe.parent().unwrap().parent().unwrap().join("hodei-worker");
+    let found = hodei_providers::local::find_agent_binary();
+    if let Some(found) = &found {
+        assert!(found.is_absolute(), "{}", found.display());
+        assert!(found.is_file(), "{}", found.display());
+    }
+    if built.is_file() && std::env::var_os("HODEI_WORKER_BIN").is_none() {
+        assert_eq!(found, Some(built));
+    }
 }
