@@ -77,6 +77,8 @@ pub mod time;
 pub mod worker;
 
 #[cfg(feature = "runtime")]
+pub mod conformance;
+#[cfg(feature = "runtime")]
 pub mod memory;
 #[cfg(feature = "runtime")]
 pub mod runtime;

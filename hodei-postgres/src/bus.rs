@@ -1,0 +1,399 @@
+//! The event bus ([`EventSubscription`]) on LISTEN/NOTIFY, and the wake-ups
+//! of log followers.
+//!
+//! ## Why a safe horizon
+//! Event sequences come from a `bigserial`, drawn *before* commit: two
+//! transactions can draw 10 and 11 and commit 11 first. A subscriber that
+//! delivered 11 as soon as it saw it, then moved its cursor past 10, would
+//! skip 10 forever. So subscribers never read past a *safe horizon* `H`: a
+//! sequence such that every event `<= H` that will ever commit is already
+//! visible.
+//!
+//! One task per store computes it, by polling:
+//! 1. `S = pg_sequence_last_value(events seq)`: every sequence drawn so far
+//!    is `<= S` (the sequence has CACHE 1, so no backend holds drawn-ahead
+//!    values).
+//! 2. Then (a later statement) a snapshot's `xmax`: every transaction that
+//!    drew a sequence `<= S` had a transaction id below it, because writers
+//!    take their transaction id before drawing (they write the job row, or
+//!    call `pg_current_xact_id()`, first).
+//! 3. When a snapshot's `xmin` (oldest transaction still running) reaches
+//!    that `xmax`, all of those transactions have ended, so `S` is safe.
+//!    When the database is idle, `xmin == xmax` in the very same snapshot
+//!    and `S` is safe at once.
+//!
+//! `NOTIFY hodei_events` (payload: the committed sequence, never the event)
+//! wakes the task early; while a candidate waits for open transactions the
+//! task polls every `bus_busy_poll`, otherwise every `bus_idle_poll` as a
+//! safety net for lost notifications. The `LISTEN` connection has its own
+//! one-connection pool; when it drops (network, `pg_terminate_backend`) it
+//! is re-established with exponential backoff, and since subscribers read
+//! the table, nothing committed meanwhile is lost. A long-open transaction
+//! anywhere in the cluster delays delivery (never reorders or skips it).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use hodei_core::event::DomainEvent;
+use hodei_core::ports::{EventSubscription, StoreError};
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgNotification, PgPoolOptions};
+use tokio::sync::{Notify, broadcast, oneshot, watch};
+
+use crate::error::{store_err, to_u64};
+use crate::events::{EVENTS_CHANNEL, read_range};
+use crate::logs::LOGS_CHANNEL;
+use crate::{BusStats, PgStore, PgStoreOptions};
+
+/// Events read per page by a subscriber.
+const PAGE: usize = 500;
+/// Candidates kept while waiting for open transactions; beyond it the
+/// newest is replaced (that only delays it).
+const MAX_CANDIDATES: usize = 64;
+
+/// A wake-up for log followers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogWake {
+    /// New lines (or the end) for this job.
+    Job(uuid::Uuid),
+    /// Anything may have changed (the listener reconnected).
+    All,
+}
+
+/// Handle on the store's bus task. Dropping it (with the store) stops the
+/// task.
+pub(crate) struct Bus {
+    horizon: watch::Receiver<u64>,
+    logs: broadcast::Sender<LogWake>,
+    wake: Arc<Notify>,
+    stats: Arc<Counters>,
+    _shutdown: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct Counters {
+    connects: AtomicU64,
+    horizon: AtomicU64,
+}
+
+impl Bus {
+    fn start(pool: PgPool, options: &PgStoreOptions) -> Self {
+        let (horizon_tx, horizon) = watch::channel(0);
+        let (logs, _) = broadcast::channel(1024);
+        let wake = Arc::new(Notify::new());
+        let stats = Arc::new(Counters::default());
+        let (shutdown_tx, shutdown) = oneshot::channel();
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let task = Task {
+            pool,
+            listen_pool,
+            busy_poll: options.bus_busy_poll.max(Duration::from_millis(1)),
+            idle_poll: options.bus_idle_poll.max(Duration::from_millis(1)),
+            horizon_tx,
+            logs: logs.clone(),
+            wake: wake.clone(),
+            stats: stats.clone(),
+            candidates: VecDeque::new(),
+            horizon: 0,
+        };
+        tokio::spawn(task.run(shutdown));
+        Self {
+            horizon,
+            logs,
+            wake,
+            stats,
+            _shutdown: shutdown_tx,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> BusStats {
+        BusStats {
+            listener_connects: self.stats.connects.load(Ordering::Relaxed),
+            horizon: self.stats.horizon.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Wake-ups for log followers; subscribe before reading, so that
+    /// nothing between the read and the wait is missed.
+    pub(crate) fn log_wakes(&self) -> broadcast::Receiver<LogWake> {
+        self.logs.subscribe()
+    }
+}
+
+impl PgStore {
+    /// The bus, started on first use (needs a tokio runtime).
+    pub(crate) fn bus(&self) -> Result<&Bus, StoreError> {
+        if let Some(bus) = self.inner.bus.get() {
+            return Ok(bus);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::Other(
+                "subscriptions need a tokio runtime; call from within one".into(),
+            ));
+        }
+        Ok(self
+            .inner
+            .bus
+            .get_or_init(|| Bus::start(self.inner.pool.clone(), &self.inner.options)))
+    }
+}
+
+impl EventSubscription for PgStore {
+    fn subscribe(&self, after: u64) -> BoxStream<'static, Result<DomainEvent, StoreError>> {
+        let bus = match self.bus() {
+            Ok(bus) => bus,
+            Err(e) => return stream::once(async move { Err(e) }).boxed(),
+        };
+        // A fresh horizon for the catch-up: events committed just before
+        // this call become deliverable without waiting for a poll.
+        bus.wake.notify_one();
+        let state = Subscriber {
+            store: self.clone(),
+            cursor: after,
+            buffer: VecDeque::new(),
+            horizon: bus.horizon.clone(),
+            retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+        };
+        stream::unfold(state, |mut sub| async move {
+            let item = sub.next().await?;
+            Some((item, sub))
+        })
+        .boxed()
+    }
+}
+
+struct Subscriber {
+    store: PgStore,
+    cursor: u64,
+    buffer: VecDeque<(u64, Result<DomainEvent, StoreError>)>,
+    horizon: watch::Receiver<u64>,
+    retry: Backoff,
+}
+
+impl Subscriber {
+    /// The next event; `None` when the store is gone.
+    async fn next(&mut self) -> Option<Result<DomainEvent, StoreError>> {
+        loop {
+            if let Some((sequence, event)) = self.buffer.pop_front() {
+                self.cursor = sequence;
+                return Some(event);
+            }
+            let horizon = *self.horizon.borrow_and_update();
+            if horizon > self.cursor {
+                match read_range(&self.store, self.cursor, Some(horizon), PAGE).await {
+                    // Nothing committed in (cursor, horizon]: rolled-back
+                    // sequences or purged events. The range is final.
+                    Ok(events) if events.is_empty() => self.cursor = horizon,
+                    // An undecodable event (written by a newer version?)
+                    // is reported in its place and passed, not retried.
+                    Ok(events) => {
+                        self.retry.reset();
+                        self.buffer.extend(events);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event subscription: read failed; retrying");
+                        tokio::time::sleep(self.retry.next()).await;
+                    }
+                }
+                continue;
+            }
+            if self.horizon.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+struct Task {
+    pool: PgPool,
+    listen_pool: PgPool,
+    busy_poll: Duration,
+    idle_poll: Duration,
+    horizon_tx: watch::Sender<u64>,
+    logs: broadcast::Sender<LogWake>,
+    wake: Arc<Notify>,
+    stats: Arc<Counters>,
+    /// `(S, xmax)` pairs waiting for `xmin >= xmax`, oldest first; both
+    /// components increase along the queue.
+    candidates: VecDeque<(u64, u64)>,
+    horizon: u64,
+}
+
+impl Task {
+    async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
+        let mut listener: Option<PgListener> = None;
+        let mut reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut reconnect_at = tokio::time::Instant::now();
+        let mut poll_errors = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            if listener.is_none() && tokio::time::Instant::now() >= reconnect_at {
+                match self.listen().await {
+                    Ok(l) => {
+                        listener = Some(l);
+                        reconnect.reset();
+                        self.connected();
+                    }
+                    Err(e) => {
+                        let wait = reconnect.next();
+                        tracing::warn!(error = %e, retry_in = ?wait, "event bus: LISTEN failed");
+                        reconnect_at = tokio::time::Instant::now() + wait;
+                    }
+                }
+            } else {
+                // Without a listener, poll briskly: delivery stays live.
+                let period = if self.candidates.is_empty() && listener.is_some() {
+                    self.idle_poll
+                } else {
+                    self.busy_poll
+                };
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(period) => {}
+                    got = recv(&mut listener) => match got {
+                        Ok(Some(note)) => {
+                            if !self.on_notification(&note) {
+                                continue;
+                            }
+                        }
+                        // Lost and already re-established by sqlx.
+                        Ok(None) => self.connected(),
+                        Err(e) => {
+                            let wait = reconnect.next();
+                            tracing::warn!(error = %e, retry_in = ?wait, "event bus: listener connection lost");
+                            listener = None;
+                            reconnect_at = tokio::time::Instant::now() + wait;
+                        }
+                    },
+                }
+            }
+            match self.poll().await {
+                Ok(()) => poll_errors.reset(),
+                Err(e) => {
+                    let wait = poll_errors.next();
+                    tracing::warn!(error = %e, retry_in = ?wait, "event bus: horizon poll failed");
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.listen_pool).await?;
+        listener.ignore_pool_close_event(true);
+        listener.listen_all([EVENTS_CHANNEL, LOGS_CHANNEL]).await?;
+        Ok(listener)
+    }
+
+    /// After every (re)connection: notifications may have been missed.
+    fn connected(&self) {
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        let _ = self.logs.send(LogWake::All);
+    }
+
+    /// Handles a notification; whether the horizon should be polled.
+    fn on_notification(&self, note: &PgNotification) -> bool {
+        if note.channel() == LOGS_CHANNEL {
+            let job = note.payload().split(':').next().unwrap_or_default();
+            let wake = uuid::Uuid::parse_str(job).map_or(LogWake::All, LogWake::Job);
+            let _ = self.logs.send(wake);
+            return false;
+        }
+        // Already safe: nothing to learn.
+        note.payload()
+            .parse::<u64>()
+            .map_or(true, |seq| seq > self.horizon)
+    }
+
+    /// One step of the horizon (see the module documentation).
+    async fn poll(&mut self) -> Result<(), StoreError> {
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_sequence_last_value(pg_get_serial_sequence('events', 'sequence')::regclass)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_err)?;
+        let last = last.map_or(0, to_u64);
+        // A separate, later statement: its snapshot is taken after `last`
+        // was read.
+        let (xmin, xmax): (String, String) = sqlx::query_as(
+            "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text \
+             FROM pg_current_snapshot() AS s",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_err)?;
+        let parse = |x: &str| {
+            x.parse::<u64>()
+                .map_err(|_| StoreError::Other(format!("unexpected transaction id {x:?}")))
+        };
+        let (xmin, xmax) = (parse(&xmin)?, parse(&xmax)?);
+
+        let newest = self.candidates.back().map_or(self.horizon, |c| c.0);
+        if last > newest {
+            if self.candidates.len() >= MAX_CANDIDATES {
+                self.candidates.pop_back();
+            }
+            self.candidates.push_back((last, xmax));
+        }
+        let mut horizon = self.horizon;
+        while let Some(&(seq, bound)) = self.candidates.front() {
+            if xmin < bound {
+                break;
+            }
+            horizon = horizon.max(seq);
+            self.candidates.pop_front();
+        }
+        if horizon > self.horizon {
+            self.horizon = horizon;
+            self.stats.horizon.store(horizon, Ordering::Relaxed);
+            let _ = self.horizon_tx.send(horizon);
+        }
+        Ok(())
+    }
+}
+
+/// The next notification, or never without a listener.
+async fn recv(listener: &mut Option<PgListener>) -> Result<Option<PgNotification>, sqlx::Error> {
+    match listener {
+        Some(l) => l.try_recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff: `initial`, doubling, capped at `max`.
+pub(crate) struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let wait = self.current;
+        self.current = (self.current * 2).min(self.max);
+        wait
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}

@@ -1,0 +1,264 @@
+//! The event log ([`EventLog`]) and the audit trail ([`AuditQuery`]): one
+//! table, `events`, written in the transactions that change state.
+
+use async_trait::async_trait;
+use hodei_core::event::{AggregateKind, DomainEvent, EventBody};
+use hodei_core::ids::{Actor, CorrelationId, EventId, JobId};
+use hodei_core::ports::{AuditFilter, AuditPage, AuditQuery, EventLog, StoreError};
+use hodei_core::time::Timestamp;
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+
+use crate::PgStore;
+use crate::error::{corrupt, store_err, to_i64, to_u64};
+
+/// Channel of event notifications; the payload is the highest sequence of
+/// the committing transaction, never the event itself.
+pub(crate) const EVENTS_CHANNEL: &str = "hodei_events";
+
+/// Columns read back into a [`DomainEvent`], in [`decode_event`]'s order.
+pub(crate) const EVENT_COLUMNS: &str = "sequence, event_id, event_type, aggregate_type, \
+     aggregate_id, correlation_id, actor, occurred_at, payload";
+
+/// Page size of reads when the caller says 0.
+const DEFAULT_LIMIT: usize = 100;
+/// Largest page.
+const MAX_LIMIT: usize = 1000;
+
+/// Inserts `events` in the caller's transaction, assigns their sequences
+/// and queues the notification (sent at commit).
+///
+/// The transaction must already hold a transaction id (it wrote a row, or
+/// called `pg_current_xact_id()`) *before* the sequences are drawn: the
+/// bus's safe horizon relies on it (see the `bus` module).
+pub(crate) async fn insert_events(
+    conn: &mut PgConnection,
+    mut events: Vec<DomainEvent>,
+) -> Result<Vec<DomainEvent>, StoreError> {
+    let mut last = 0i64;
+    for event in &mut events {
+        let (event_type, payload) = split_body(&event.body)?;
+        let sequence: i64 = sqlx::query_scalar(
+            "INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
+             correlation_id, actor, occurred_at, job_id, payload) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING sequence",
+        )
+        .bind(event.event_id.as_uuid())
+        .bind(event_type)
+        .bind(event.aggregate_type.as_str())
+        .bind(&event.aggregate_id)
+        .bind(event.correlation_id.as_str())
+        .bind(event.actor.as_str())
+        .bind(event.occurred_at)
+        .bind(event.job_id().map(|j| j.0))
+        .bind(payload)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(store_err)?;
+        event.sequence = to_u64(sequence);
+        last = last.max(sequence);
+    }
+    if !events.is_empty() {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(EVENTS_CHANNEL)
+            .bind(last.to_string())
+            .execute(&mut *conn)
+            .await
+            .map_err(store_err)?;
+    }
+    Ok(events)
+}
+
+/// Decodes a row selected with [`EVENT_COLUMNS`].
+pub(crate) fn decode_event(row: &PgRow) -> Result<DomainEvent, StoreError> {
+    let get_err = |e: sqlx::Error| corrupt("event", e);
+    let sequence: i64 = row.try_get("sequence").map_err(get_err)?;
+    let event_id: uuid::Uuid = row.try_get("event_id").map_err(get_err)?;
+    let event_type: String = row.try_get("event_type").map_err(get_err)?;
+    let aggregate_type: String = row.try_get("aggregate_type").map_err(get_err)?;
+    let aggregate_id: String = row.try_get("aggregate_id").map_err(get_err)?;
+    let correlation_id: String = row.try_get("correlation_id").map_err(get_err)?;
+    let actor: String = row.try_get("actor").map_err(get_err)?;
+    let occurred_at: Timestamp = row.try_get("occurred_at").map_err(get_err)?;
+    let payload: Value = row.try_get("payload").map_err(get_err)?;
+
+    let mut tagged = serde_json::Map::new();
+    tagged.insert("event_type".into(), Value::String(event_type.clone()));
+    if !payload.is_null() {
+        tagged.insert("payload".into(), payload);
+    }
+    let body: EventBody = serde_json::from_value(Value::Object(tagged))
+        .map_err(|e| corrupt(&format!("event {sequence} ({event_type})"), e))?;
+    let aggregate_type: AggregateKind =
+        serde_json::from_value(Value::String(aggregate_type)).map_err(|e| corrupt("event", e))?;
+    Ok(DomainEvent {
+        event_id: EventId::from_uuid(event_id),
+        sequence: to_u64(sequence),
+        occurred_at,
+        aggregate_type,
+        aggregate_id,
+        correlation_id: CorrelationId::new(correlation_id),
+        actor: Actor::new(actor),
+        body,
+    })
+}
+
+/// Events with `after < sequence <= up_to`, in order, at most `limit`,
+/// each decoded on its own: one undecodable row does not hide the others.
+pub(crate) async fn read_range(
+    store: &PgStore,
+    after: u64,
+    up_to: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, Result<DomainEvent, StoreError>)>, StoreError> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE sequence > $1 \
+         AND ($2::bigint IS NULL OR sequence <= $2) ORDER BY sequence LIMIT $3"
+    )))
+    .bind(to_i64(after))
+    .bind(up_to.map(to_i64))
+    .bind(to_i64(limit as u64))
+    .fetch_all(&store.inner.pool)
+    .await
+    .map_err(store_err)?;
+    rows.iter()
+        .map(|row| {
+            let sequence: i64 = row.try_get("sequence").map_err(|e| corrupt("event", e))?;
+            Ok((to_u64(sequence), decode_event(row)))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl EventLog for PgStore {
+    async fn append(&self, events: Vec<DomainEvent>) -> Result<Vec<DomainEvent>, StoreError> {
+        if events.is_empty() {
+            return Ok(events);
+        }
+        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
+        // Take a transaction id before drawing sequences (see insert_events).
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_err)?;
+        let events = insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(store_err)?;
+        Ok(events)
+    }
+
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError> {
+        read_range(self, after, None, page_limit(limit))
+            .await?
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect()
+    }
+
+    async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE job_id = $1 ORDER BY sequence"
+        )))
+        .bind(job.0)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(store_err)?;
+        rows.iter().map(decode_event).collect()
+    }
+}
+
+#[async_trait]
+impl AuditQuery for PgStore {
+    async fn query(&self, filter: &AuditFilter) -> Result<AuditPage, StoreError> {
+        let limit = page_limit(filter.limit);
+        let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
+        push_filter(&mut count, filter);
+        let total: i64 = count
+            .build_query_scalar()
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+
+        let mut page = QueryBuilder::<Postgres>::new(format!("SELECT {EVENT_COLUMNS} FROM events"));
+        push_filter(&mut page, filter);
+        page.push(" ORDER BY sequence LIMIT ")
+            .push_bind(to_i64(limit as u64))
+            .push(" OFFSET ")
+            .push_bind(to_i64(filter.offset as u64));
+        let rows = page
+            .build()
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let events = rows.iter().map(decode_event).collect::<Result<_, _>>()?;
+        Ok(AuditPage {
+            events,
+            total: to_u64(total),
+        })
+    }
+
+    async fn purge_before(&self, before: Timestamp, batch: usize) -> Result<u64, StoreError> {
+        if batch == 0 {
+            return Ok(0);
+        }
+        // One bounded batch per call: short transactions, no long lock on
+        // the table; the caller loops until it returns less than `batch`.
+        let done = sqlx::query(
+            "DELETE FROM events WHERE sequence IN \
+             (SELECT sequence FROM events WHERE occurred_at < $1 ORDER BY sequence LIMIT $2)",
+        )
+        .bind(before)
+        .bind(to_i64(batch as u64))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Page size: 0 means the default, anything above the cap is capped.
+pub(crate) fn page_limit(limit: usize) -> usize {
+    match limit {
+        0 => DEFAULT_LIMIT,
+        n => n.min(MAX_LIMIT),
+    }
+}
+
+fn push_filter(q: &mut QueryBuilder<Postgres>, f: &AuditFilter) {
+    let mut sep = " WHERE ";
+    let mut and = |q: &mut QueryBuilder<Postgres>| {
+        q.push(sep);
+        sep = " AND ";
+    };
+    if let Some(c) = &f.correlation_id {
+        and(q);
+        q.push("correlation_id = ").push_bind(c.clone());
+    }
+    if let Some(t) = &f.event_type {
+        and(q);
+        q.push("event_type = ").push_bind(t.clone());
+    }
+    if let Some(a) = &f.actor {
+        and(q);
+        q.push("actor = ").push_bind(a.clone());
+    }
+    if let Some(since) = f.since {
+        and(q);
+        q.push("occurred_at >= ").push_bind(since);
+    }
+    if let Some(until) = f.until {
+        and(q);
+        q.push("occurred_at < ").push_bind(until);
+    }
+}
+
+/// The stable type name and the payload object of an event body.
+fn split_body(body: &EventBody) -> Result<(&'static str, Value), StoreError> {
+    let value = serde_json::to_value(body)
+        .map_err(|e| StoreError::Invalid(format!("event does not serialize: {e}")))?;
+    let payload = match value {
+        Value::Object(mut map) => map.remove("payload").unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    Ok((body.event_type(), payload))
+}

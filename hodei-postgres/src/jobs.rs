@@ -1,0 +1,390 @@
+//! Jobs ([`JobStore`]) and the queue ([`JobQueue`]), both on the `jobs`
+//! table: a job is queued while its `state` column is `PENDING`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hodei_core::event::DomainEvent;
+use hodei_core::ids::{Actor, CorrelationId, JobId};
+use hodei_core::job::{Attempt, Job, JobStatus};
+use hodei_core::ports::{Claim, Created, JobFilter, JobPage, JobQueue, JobStore, StoreError};
+use hodei_core::spec::JobSpec;
+use hodei_core::time::{Timestamp, add};
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
+
+use crate::PgStore;
+use crate::error::{corrupt, store_err, to_i64, to_u64};
+use crate::events::{insert_events, page_limit};
+
+/// Columns read back into a [`Job`], for [`decode_job`].
+const JOB_COLUMNS: &str = "id, spec, status, attempts, attempt, version, correlation_id, \
+     submitted_by, created_at, updated_at";
+
+/// Most jobs one claim or one overdue sweep returns.
+const MAX_BATCH: usize = 1000;
+
+#[async_trait]
+impl JobStore for PgStore {
+    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
+        let row = JobRow::of(job)?;
+        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
+        // ON CONFLICT covers both the id and the idempotency key; a
+        // concurrent insert of the same key is waited for.
+        let inserted: Option<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO jobs (id, spec, status, attempts, state, priority, not_before, deadline, \
+             attempt, version, correlation_id, submitted_by, idempotency_key, created_at, \
+             updated_at, queue_order) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             CASE WHEN $5 = 'PENDING' THEN nextval('job_queue_order') END) \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(job.id.0)
+        .bind(&row.spec)
+        .bind(&row.status)
+        .bind(&row.attempts)
+        .bind(row.state)
+        .bind(row.priority)
+        .bind(row.not_before)
+        .bind(row.deadline)
+        .bind(row.attempt)
+        .bind(row.version)
+        .bind(job.correlation_id.as_str())
+        .bind(job.submitted_by.as_str())
+        .bind(job.spec.idempotency_key())
+        .bind(job.created_at)
+        .bind(job.updated_at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_err)?;
+
+        if inserted.is_none() {
+            tx.rollback().await.map_err(store_err)?;
+            if let Some(key) = job.spec.idempotency_key() {
+                let existing = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"
+                )))
+                .bind(key)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(store_err)?;
+                if let Some(existing) = existing {
+                    return Ok(Created::Existing(Box::new(decode_job(&existing)?)));
+                }
+            }
+            return Err(StoreError::AlreadyExists(format!("job {}", job.id)));
+        }
+        let events = insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(store_err)?;
+        Ok(Created::New(events))
+    }
+
+    async fn update(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        let row = JobRow::of(job)?;
+        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
+        // In SET, bare column names are the values before the update: a job
+        // that enters PENDING gets a place at the end of its priority, one
+        // that stays keeps its place, one that leaves PENDING leaves the
+        // queue. Any change ends the claim on it.
+        let updated = sqlx::query(
+            "UPDATE jobs SET spec = $3, status = $4, attempts = $5, state = $6, priority = $7, \
+             not_before = $8, deadline = $9, attempt = $10, version = $11, updated_at = $12, \
+             queue_order = CASE \
+                 WHEN $6 <> 'PENDING' THEN NULL \
+                 WHEN state = 'PENDING' THEN queue_order \
+                 ELSE nextval('job_queue_order') END, \
+             claim_owner = NULL, claim_until = NULL \
+             WHERE id = $1 AND version = $2",
+        )
+        .bind(job.id.0)
+        .bind(to_i64(expected_version))
+        .bind(&row.spec)
+        .bind(&row.status)
+        .bind(&row.attempts)
+        .bind(row.state)
+        .bind(row.priority)
+        .bind(row.not_before)
+        .bind(row.deadline)
+        .bind(row.attempt)
+        .bind(row.version)
+        .bind(job.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_err)?;
+
+        if updated.rows_affected() == 0 {
+            tx.rollback().await.map_err(store_err)?;
+            let found: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1")
+                .bind(job.id.0)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(store_err)?;
+            return Err(match found {
+                None => StoreError::NotFound(format!("job {}", job.id)),
+                Some(found) => StoreError::Conflict {
+                    job: job.id,
+                    expected: expected_version,
+                    found: to_u64(found),
+                },
+            });
+        }
+        let events = insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(store_err)?;
+        Ok(events)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+        )))
+        .bind(id.0)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(store_err)?;
+        row.as_ref().map(decode_job).transpose()
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        let limit = page_limit(filter.limit);
+        let cursor = filter.cursor.as_deref().map(Cursor::parse).transpose()?;
+        let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {JOB_COLUMNS} FROM jobs"));
+        let mut sep = " WHERE ";
+        if let Some(state) = filter.state {
+            q.push(sep).push("state = ").push_bind(state.as_str());
+            sep = " AND ";
+        }
+        if let Some(c) = cursor {
+            q.push(sep)
+                .push("(created_at, id) < (")
+                .push_bind(c.created_at)
+                .push(", ")
+                .push_bind(c.id)
+                .push(")");
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(to_i64(limit as u64 + 1));
+        let rows = q
+            .build()
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let mut jobs = rows.iter().map(decode_job).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|j| Cursor::of(j).to_string())
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next_cursor })
+    }
+}
+
+#[async_trait]
+impl JobQueue for PgStore {
+    async fn claim(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let limit = limit.min(MAX_BATCH);
+        let mut jobs = Vec::new();
+        if limit > 0 {
+            // SKIP LOCKED: concurrent claimants pass over each other's rows;
+            // a row committed as claimed meanwhile is re-checked by the
+            // lock (READ COMMITTED re-evaluates the WHERE) and dropped.
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH picked AS ( \
+                     SELECT id FROM jobs \
+                     WHERE state = 'PENDING' \
+                       AND (not_before IS NULL OR not_before <= $2) \
+                       AND (claim_owner IS NULL OR claim_until <= $2) \
+                     ORDER BY priority DESC, queue_order \
+                     LIMIT $3 \
+                     FOR UPDATE SKIP LOCKED) \
+                 UPDATE jobs j SET claim_owner = $1, claim_until = $4 \
+                 FROM picked WHERE j.id = picked.id \
+                 RETURNING j.priority AS q_priority, j.queue_order AS q_order, {}",
+                JOB_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("j.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+            .bind(owner)
+            .bind(now)
+            .bind(to_i64(limit as u64))
+            .bind(add(now, lease))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+            let mut keyed = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let priority: i32 = row.try_get("q_priority").map_err(|e| corrupt("job", e))?;
+                let order: Option<i64> = row.try_get("q_order").map_err(|e| corrupt("job", e))?;
+                keyed.push(((std::cmp::Reverse(priority), order), decode_job(row)?));
+            }
+            keyed.sort_by_key(|a| a.0);
+            jobs = keyed.into_iter().map(|(_, job)| job).collect();
+        }
+        // Earliest time a waiting, unclaimed job is claimable: `now` when
+        // ready ones are left over (the limit was reached), else the
+        // earliest retry time.
+        let next_ready_at: Option<Timestamp> = sqlx::query_scalar(
+            "SELECT min(GREATEST(coalesce(not_before, $1), $1)) FROM jobs \
+             WHERE state = 'PENDING' AND (claim_owner IS NULL OR claim_until <= $1)",
+        )
+        .bind(now)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(Claim {
+            jobs,
+            next_ready_at,
+        })
+    }
+
+    async fn release(&self, id: JobId, owner: &str) -> Result<(), StoreError> {
+        // Releasing a claim one does not hold (lapsed, taken over) is a
+        // no-op: the job is wherever the store says it is.
+        sqlx::query(
+            "UPDATE jobs SET claim_owner = NULL, claim_until = NULL \
+             WHERE id = $1 AND claim_owner = $2",
+        )
+        .bind(id.0)
+        .bind(owner)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn depth(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'PENDING'")
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        Ok(to_u64(n))
+    }
+
+    async fn overdue(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let limit = page_limit(limit);
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs \
+             WHERE state IN ('SCHEDULED', 'ASSIGNED', 'RUNNING') AND deadline <= $1 \
+             ORDER BY deadline, id LIMIT $2"
+        )))
+        .bind(now)
+        .bind(to_i64(limit as u64))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(store_err)?;
+        rows.iter().map(decode_job).collect()
+    }
+}
+
+/// The columns of a job that are derived from it.
+struct JobRow {
+    spec: Value,
+    status: Value,
+    attempts: Value,
+    state: &'static str,
+    priority: i32,
+    not_before: Option<Timestamp>,
+    deadline: Option<Timestamp>,
+    attempt: i32,
+    version: i64,
+}
+
+impl JobRow {
+    fn of(job: &Job) -> Result<Self, StoreError> {
+        let json = |what: &str, v: Result<Value, serde_json::Error>| {
+            v.map_err(|e| StoreError::Invalid(format!("job {what} does not serialize: {e}")))
+        };
+        Ok(Self {
+            spec: json("spec", serde_json::to_value(&job.spec))?,
+            status: json("status", serde_json::to_value(&job.status))?,
+            attempts: json("attempts", serde_json::to_value(&job.attempts))?,
+            state: job.state().as_str(),
+            priority: job.spec.priority(),
+            not_before: match job.status {
+                JobStatus::Pending { not_before } => not_before,
+                _ => None,
+            },
+            deadline: job.status.deadline(),
+            attempt: i32::try_from(job.attempt).unwrap_or(i32::MAX),
+            version: to_i64(job.version),
+        })
+    }
+}
+
+/// Decodes a row selected with [`JOB_COLUMNS`].
+fn decode_job(row: &PgRow) -> Result<Job, StoreError> {
+    let get_err = |e: sqlx::Error| corrupt("job", e);
+    let id: uuid::Uuid = row.try_get("id").map_err(get_err)?;
+    let doc = |col: &str| -> Result<Value, StoreError> { row.try_get(col).map_err(get_err) };
+    let spec: JobSpec = serde_json::from_value(doc("spec")?)
+        .map_err(|e| corrupt(&format!("spec of job {id}"), e))?;
+    let status: JobStatus = serde_json::from_value(doc("status")?)
+        .map_err(|e| corrupt(&format!("status of job {id}"), e))?;
+    let attempts: Vec<Attempt> = serde_json::from_value(doc("attempts")?)
+        .map_err(|e| corrupt(&format!("attempts of job {id}"), e))?;
+    let attempt: i32 = row.try_get("attempt").map_err(get_err)?;
+    let version: i64 = row.try_get("version").map_err(get_err)?;
+    let correlation_id: String = row.try_get("correlation_id").map_err(get_err)?;
+    let submitted_by: String = row.try_get("submitted_by").map_err(get_err)?;
+    Ok(Job {
+        id: JobId::from_uuid(id),
+        spec,
+        status,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        attempts,
+        correlation_id: CorrelationId::new(correlation_id),
+        submitted_by: Actor::new(submitted_by),
+        created_at: row.try_get("created_at").map_err(get_err)?,
+        updated_at: row.try_get("updated_at").map_err(get_err)?,
+        version: to_u64(version),
+    })
+}
+
+/// Position in the newest-first job list: `<created_at µs>.<id>`.
+struct Cursor {
+    created_at: Timestamp,
+    id: uuid::Uuid,
+}
+
+impl Cursor {
+    fn of(job: &Job) -> Self {
+        Self {
+            created_at: job.created_at,
+            id: job.id.0,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        let bad = || {
+            StoreError::Invalid(format!(
+                "malformed cursor {:?}; pass the next_cursor of the previous page",
+                text.chars().take(80).collect::<String>()
+            ))
+        };
+        let (micros, id) = text.split_once('.').ok_or_else(bad)?;
+        let micros: i64 = micros.parse().map_err(|_| bad())?;
+        let created_at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+        let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
+        Ok(Self { created_at, id })
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_at.timestamp_micros(), self.id)
+    }
+}
