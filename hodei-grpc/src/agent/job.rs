@@ -1,0 +1,451 @@
+//! One job on the agent: from `RunJob` to an [`ExecRequest`], then the
+//! process, its log batches and its result, all through the outbox.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span};
+
+use super::exec::{self, ExecOutcome, ExecProgram, ExecRequest};
+use super::outbox::{AttemptKey, Outbox};
+use crate::proto::worker_message::Kind;
+use crate::proto::{self, JobResult, LogBatch, RunJob, WorkerMessage};
+
+/// Lines buffered between the job's pipes and its batcher.
+const LINE_CHANNEL: usize = 1024;
+
+/// Log batching settings, shared by all jobs and updated by each `Welcome`.
+#[derive(Debug)]
+pub(crate) struct LogSettings {
+    batch_size: AtomicUsize,
+    flush_ms: AtomicU64,
+}
+
+impl LogSettings {
+    pub(crate) fn new(batch_size: usize, flush: Duration) -> Arc<Self> {
+        let settings = Arc::new(Self {
+            batch_size: AtomicUsize::new(1),
+            flush_ms: AtomicU64::new(0),
+        });
+        settings.set(batch_size, flush);
+        settings
+    }
+
+    pub(crate) fn set(&self, batch_size: usize, flush: Duration) {
+        self.batch_size.store(batch_size.max(1), Ordering::Relaxed);
+        let ms = u64::try_from(flush.as_millis()).unwrap_or(u64::MAX);
+        self.flush_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch_size.load(Ordering::Relaxed)
+    }
+
+    fn flush(&self) -> Duration {
+        Duration::from_millis(self.flush_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// What a job needs from the agent besides its own request.
+#[derive(Clone)]
+pub(crate) struct JobContext {
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) settings: Arc<LogSettings>,
+    pub(crate) kill_grace: Duration,
+    pub(crate) default_timeout: Duration,
+    /// cgroup `memory.events` file for OOM detection, when found.
+    pub(crate) memory_events: Option<Arc<PathBuf>>,
+}
+
+/// Builds the request for `run`, or says why it cannot run. Consumes the
+/// message so the secret values live only in the request.
+pub(crate) fn exec_request(run: RunJob, ctx: &JobContext) -> Result<ExecRequest, String> {
+    let spec = run.spec.ok_or("the job has no spec")?;
+    let program = match (spec.command.is_empty(), spec.script) {
+        (false, None) => ExecProgram::Command(spec.command),
+        (true, Some(script)) => ExecProgram::Script(script),
+        (false, Some(_)) => return Err("the job has both a command and a script".to_owned()),
+        (true, None) => return Err("the job has neither a command nor a script".to_owned()),
+    };
+    let mut secrets: BTreeMap<String, String> = run.secrets.into_iter().collect();
+    if let Some(missing) = spec
+        .secrets
+        .iter()
+        .find(|name| !secrets.contains_key(*name))
+    {
+        return Err(format!("secret {missing} was not delivered"));
+    }
+    // Secrets the spec does not name are still given to the job: the server
+    // decides what a job may see.
+    secrets.retain(|name, _| !name.is_empty());
+    let mut env: BTreeMap<String, String> = spec.env.into_iter().collect();
+    for (name, value) in [
+        ("HODEI_JOB_ID", run.job_id.clone()),
+        ("HODEI_JOB_ATTEMPT", run.attempt.to_string()),
+        ("HODEI_CORRELATION_ID", run.correlation_id.clone()),
+    ] {
+        if !value.is_empty() {
+            env.entry(name.to_owned()).or_insert(value);
+        }
+    }
+    let timeout = match spec.timeout_secs {
+        Some(secs) if secs > 0 => Duration::from_secs(secs),
+        _ => ctx.default_timeout,
+    };
+    let mut req = ExecRequest::new(program, timeout);
+    req.env = env;
+    req.secrets = secrets;
+    req.working_dir = spec
+        .working_dir
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from);
+    req.kill_grace = ctx.kill_grace;
+    Ok(req)
+}
+
+/// Runs one attempt to the end: executes it (unless `req` is an error),
+/// streams its logs, then queues its result after the last log batch.
+pub(crate) async fn run_job(
+    key: AttemptKey,
+    correlation_id: String,
+    req: Result<ExecRequest, String>,
+    cancel: CancellationToken,
+    ctx: JobContext,
+) {
+    let span =
+        info_span!("job", job_id = %key.0, attempt = key.1, correlation_id = %correlation_id);
+    async move {
+        let (outcome, oom_killed) = match req {
+            Ok(req) => execute(&key, req, cancel, &ctx).await,
+            Err(error) => (
+                ExecOutcome {
+                    error: Some(error),
+                    ..ExecOutcome::default()
+                },
+                false,
+            ),
+        };
+        info!(
+            exit_code = ?outcome.exit_code,
+            signal = ?outcome.signal,
+            timed_out = outcome.timed_out,
+            cancelled = outcome.cancelled,
+            oom_killed,
+            error = outcome.error.as_deref().unwrap_or(""),
+            lines = outcome.lines,
+            "job ended"
+        );
+        ctx.outbox
+            .push(result_message(&key, &outcome, oom_killed))
+            .await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The `JobResult` message of an attempt.
+pub(crate) fn result_message(
+    key: &AttemptKey,
+    outcome: &ExecOutcome,
+    oom_killed: bool,
+) -> WorkerMessage {
+    WorkerMessage {
+        kind: Some(Kind::Result(JobResult {
+            job_id: key.0.clone(),
+            attempt: key.1,
+            exit_code: outcome.exit_code,
+            signal: outcome.signal,
+            oom_killed,
+            timed_out: outcome.timed_out,
+            cancelled: outcome.cancelled,
+            start_error: outcome.error.clone().unwrap_or_default(),
+        })),
+    }
+}
+
+/// Executes the job while batching its output into the outbox; returns the
+/// outcome once every line has been queued, and whether it was OOM-killed.
+async fn execute(
+    key: &AttemptKey,
+    req: ExecRequest,
+    cancel: CancellationToken,
+    ctx: &JobContext,
+) -> (ExecOutcome, bool) {
+    let oom_before = ctx.memory_events.as_deref().and_then(|p| oom_kills(p));
+    let (tx, rx) = mpsc::channel(LINE_CHANNEL);
+    let (outcome, ()) = tokio::join!(
+        exec::execute(req, tx, cancel),
+        batch_logs(key, rx, &ctx.outbox, &ctx.settings),
+    );
+    let oom_killed = outcome.signal == Some(Signal::SIGKILL as i32)
+        && match (
+            oom_before,
+            ctx.memory_events.as_deref().and_then(|p| oom_kills(p)),
+        ) {
+            (Some(before), Some(after)) => after > before,
+            _ => false,
+        };
+    (outcome, oom_killed)
+}
+
+/// Groups lines into `LogBatch`es: a batch goes out when it holds the batch
+/// size, when the flush interval has passed since its first line, and when
+/// the job's output ends. Waiting for the outbox stops reading `lines`.
+async fn batch_logs(
+    key: &AttemptKey,
+    mut lines: mpsc::Receiver<exec::LogLine>,
+    outbox: &Outbox,
+    settings: &LogSettings,
+) {
+    let mut batch: Vec<proto::LogLine> = Vec::new();
+    let mut received: Vec<exec::LogLine> = Vec::new();
+    let mut flush_at: Option<Instant> = None;
+    let mut batch_size = settings.batch_size();
+    loop {
+        let room = batch_size.saturating_sub(batch.len()).max(1);
+        let deadline = flush_at;
+        let open = tokio::select! {
+            n = lines.recv_many(&mut received, room) => n > 0,
+            () = sleep_until_some(deadline) => true,
+        };
+        if !received.is_empty() {
+            if batch.is_empty() {
+                batch_size = settings.batch_size();
+                flush_at = Some(Instant::now() + settings.flush());
+            }
+            batch.extend(received.drain(..).map(|line| to_proto(line, key.1)));
+        }
+        let due = flush_at.is_some_and(|at| at <= Instant::now());
+        if !batch.is_empty() && (batch.len() >= batch_size || due || !open) {
+            let lines = std::mem::take(&mut batch);
+            flush_at = None;
+            outbox
+                .push(WorkerMessage {
+                    kind: Some(Kind::Logs(LogBatch {
+                        job_id: key.0.clone(),
+                        attempt: key.1,
+                        lines,
+                    })),
+                })
+                .await;
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn to_proto(line: exec::LogLine, attempt: u32) -> proto::LogLine {
+    let stream = match line.stream {
+        exec::LogStream::Stdout => proto::LogStream::Stdout,
+        exec::LogStream::Stderr => proto::LogStream::Stderr,
+    };
+    proto::LogLine {
+        seq: line.seq,
+        stream: stream as i32,
+        at: Some(prost_types::Timestamp {
+            seconds: line.at.timestamp(),
+            nanos: i32::try_from(line.at.timestamp_subsec_nanos()).unwrap_or(0),
+        }),
+        text: line.text,
+        attempt,
+    }
+}
+
+/// The cgroup v2 `memory.events` file of the agent's own cgroup, else the
+/// one at the cgroup root (what a container sees), when readable.
+pub(crate) fn find_memory_events() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
+        })
+        .map(|rel| {
+            Path::new("/sys/fs/cgroup")
+                .join(rel.trim_start_matches('/'))
+                .join("memory.events")
+        });
+    own.into_iter()
+        .chain([PathBuf::from("/sys/fs/cgroup/memory.events")])
+        .find(|path| oom_kills(path).is_some())
+}
+
+/// The `oom_kill` counter of a cgroup v2 `memory.events` file.
+pub(crate) fn oom_kills(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
+        line.strip_prefix("oom_kill ")
+            .and_then(|n| n.trim().parse().ok())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::proto::JobSpec;
+
+    fn ctx() -> JobContext {
+        JobContext {
+            outbox: Outbox::new(4),
+            settings: LogSettings::new(10, Duration::from_secs(60)),
+            kill_grace: Duration::from_secs(1),
+            default_timeout: Duration::from_secs(3600),
+            memory_events: None,
+        }
+    }
+
+    fn run_job_msg(spec: JobSpec, secrets: &[(&str, &str)]) -> RunJob {
+        RunJob {
+            job_id: "job-1".to_owned(),
+            attempt: 2,
+            spec: Some(spec),
+            secrets: secrets
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<HashMap<_, _>>(),
+            correlation_id: "corr-1".to_owned(),
+        }
+    }
+
+    #[test]
+    fn spec_maps_to_request() {
+        let spec = JobSpec {
+            command: vec!["echo".into(), "hi".into()],
+            env: [("A".to_owned(), "1".to_owned())].into_iter().collect(),
+            secrets: vec!["TOKEN".into()],
+            working_dir: Some("/tmp/x".into()),
+            timeout_secs: Some(7),
+            ..JobSpec::default()
+        };
+        let req = exec_request(run_job_msg(spec, &[("TOKEN", "v")]), &ctx()).unwrap();
+        assert_eq!(
+            req.program,
+            ExecProgram::Command(vec!["echo".into(), "hi".into()])
+        );
+        assert_eq!(req.env["A"], "1");
+        assert_eq!(req.env["HODEI_JOB_ID"], "job-1");
+        assert_eq!(req.env["HODEI_JOB_ATTEMPT"], "2");
+        assert_eq!(req.env["HODEI_CORRELATION_ID"], "corr-1");
+        assert_eq!(req.secrets["TOKEN"], "v");
+        assert_eq!(req.working_dir, Some(PathBuf::from("/tmp/x")));
+        assert_eq!(req.timeout, Duration::from_secs(7));
+        assert_eq!(req.kill_grace, Duration::from_secs(1));
+
+        let script = JobSpec {
+            script: Some("echo hi\n".into()),
+            ..JobSpec::default()
+        };
+        let req = exec_request(run_job_msg(script, &[]), &ctx()).unwrap();
+        assert_eq!(req.program, ExecProgram::Script("echo hi\n".into()));
+        assert_eq!(req.timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn bad_specs_are_start_errors() {
+        let both = JobSpec {
+            command: vec!["true".into()],
+            script: Some("true".into()),
+            ..JobSpec::default()
+        };
+        let err = exec_request(run_job_msg(both, &[]), &ctx()).unwrap_err();
+        assert!(err.contains("both"), "{err}");
+        let err = exec_request(run_job_msg(JobSpec::default(), &[]), &ctx()).unwrap_err();
+        assert!(err.contains("neither"), "{err}");
+        let missing = JobSpec {
+            command: vec!["true".into()],
+            secrets: vec!["NOPE".into()],
+            ..JobSpec::default()
+        };
+        let err = exec_request(run_job_msg(missing, &[]), &ctx()).unwrap_err();
+        assert_eq!(err, "secret NOPE was not delivered");
+    }
+
+    #[test]
+    fn oom_counter_is_read_from_memory_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.events");
+        std::fs::write(&path, "low 0\nhigh 0\nmax 3\noom 2\noom_kill 1\n").unwrap();
+        assert_eq!(oom_kills(&path), Some(1));
+        std::fs::write(&path, "low 0\n").unwrap();
+        assert_eq!(oom_kills(&path), None);
+        assert_eq!(oom_kills(&dir.path().join("missing")), None);
+    }
+
+    #[tokio::test]
+    async fn sigkill_with_a_rising_oom_counter_is_an_oom_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.events");
+        std::fs::write(&path, "oom_kill 4\n").unwrap();
+        let mut ctx = ctx();
+        ctx.memory_events = Some(Arc::new(path.clone()));
+        // The "job" bumps the counter, then SIGKILLs itself.
+        let script = format!("echo 'oom_kill 5' > {}; kill -KILL $$", path.display());
+        let req = ExecRequest::new(
+            ExecProgram::Command(vec!["sh".into(), "-c".into(), script]),
+            Duration::from_secs(10),
+        );
+        let key = ("j".to_owned(), 1);
+        let (outcome, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
+        assert_eq!(outcome.signal, Some(Signal::SIGKILL as i32));
+        assert!(oom);
+
+        let req = ExecRequest::new(
+            ExecProgram::Command(vec!["sh".into(), "-c".into(), "kill -KILL $$".into()]),
+            Duration::from_secs(10),
+        );
+        let (_, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
+        assert!(!oom, "counter did not rise");
+    }
+
+    #[tokio::test]
+    async fn batches_respect_the_size_and_end_with_the_output() {
+        let ctx = ctx();
+        let key = ("j".to_owned(), 1);
+        let req = ExecRequest::new(
+            ExecProgram::Command(vec!["seq".into(), "1".into(), "25".into()]),
+            Duration::from_secs(10),
+        );
+        let outbox = Arc::clone(&ctx.outbox);
+        let collect = tokio::spawn(async move {
+            use futures::StreamExt;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut stream = outbox.session_stream(rx);
+            tx.send(super::super::outbox::Control::OpenOutbox).unwrap();
+            let mut sizes = Vec::new();
+            let mut seqs = Vec::new();
+            while let Some(msg) = stream.next().await {
+                let Some(Kind::Logs(batch)) = msg.kind else {
+                    panic!("unexpected {msg:?}")
+                };
+                sizes.push(batch.lines.len());
+                seqs.extend(batch.lines.iter().map(|l| l.seq));
+                if seqs.len() == 25 {
+                    break;
+                }
+            }
+            (sizes, seqs)
+        });
+        let (outcome, _) = execute(&key, req, CancellationToken::new(), &ctx).await;
+        assert!(outcome.succeeded());
+        let (sizes, seqs) = collect.await.unwrap();
+        assert_eq!(sizes, [10, 10, 5]);
+        assert_eq!(seqs, (1..=25).collect::<Vec<u64>>());
+    }
+}

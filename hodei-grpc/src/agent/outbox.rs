@@ -1,0 +1,307 @@
+//! The queue of messages for the server that must survive reconnects.
+//!
+//! Jobs push log batches and results into the [`Outbox`]; the session's
+//! request stream ([`SessionStream`]) pops them only when tonic polls it, so
+//! whatever was not yet handed to a stream when a connection dies is still
+//! queued and goes out on the next session. The queue is bounded: a full
+//! outbox makes [`Outbox::push`] wait, which stops the job's log batcher,
+//! which stops reading the job's pipes, which blocks the job's writes.
+//!
+//! The outbox also tracks the attempts the server has not seen a result for
+//! yet, and the highest log sequence handed to a stream for each, which is
+//! what `Hello.running` reports on reconnect.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use futures::Stream;
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use crate::proto::worker_message::Kind;
+use crate::proto::{RunningAttempt, WorkerMessage};
+
+/// Identifies one attempt of one job.
+pub(crate) type AttemptKey = (String, u32);
+
+/// Bounded FIFO of messages for the server, shared by jobs and sessions.
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// One permit per free slot.
+    slots: Semaphore,
+    /// Signalled whenever the queue becomes empty.
+    emptied: Notify,
+}
+
+struct State {
+    queue: VecDeque<WorkerMessage>,
+    /// Generation of the session allowed to pop; bumped at every session
+    /// start and end so a stale stream never takes messages.
+    generation: u64,
+    /// Waker of the current session's stream, waiting for a message.
+    waker: Option<Waker>,
+    /// Attempts without a result handed to a stream, with the highest log
+    /// sequence handed to a stream so far.
+    open: BTreeMap<AttemptKey, u64>,
+}
+
+impl Outbox {
+    pub(crate) fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                generation: 0,
+                waker: None,
+                open: BTreeMap::new(),
+            }),
+            slots: Semaphore::new(capacity.max(1)),
+            emptied: Notify::new(),
+        })
+    }
+
+    /// Queues `msg`, waiting for a free slot.
+    pub(crate) async fn push(&self, msg: WorkerMessage) {
+        // The semaphore is never closed, so acquiring only fails if it were.
+        if let Ok(permit) = self.slots.acquire().await {
+            permit.forget();
+        }
+        let waker = {
+            let mut state = self.lock();
+            state.queue.push_back(msg);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Number of queued messages.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Waits until the queue is empty.
+    pub(crate) async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records an accepted attempt (reported in `Hello.running` until its
+    /// result has been handed to a stream).
+    pub(crate) fn open_attempt(&self, key: AttemptKey) {
+        self.lock().open.entry(key).or_insert(0);
+    }
+
+    /// Whether `key` was accepted and its result not yet handed to a stream.
+    pub(crate) fn is_open(&self, key: &AttemptKey) -> bool {
+        self.lock().open.contains_key(key)
+    }
+
+    /// Attempts to report in `Hello.running`.
+    pub(crate) fn running(&self) -> Vec<RunningAttempt> {
+        self.lock()
+            .open
+            .iter()
+            .map(|((job_id, attempt), seq)| RunningAttempt {
+                job_id: job_id.clone(),
+                attempt: *attempt,
+                last_log_seq: *seq,
+            })
+            .collect()
+    }
+
+    /// Starts a session: returns the stream that feeds it, which first
+    /// yields the `control` messages and, once [`Control::OpenOutbox`] was
+    /// received, the queued messages. The previous session's stream stops
+    /// taking messages.
+    pub(crate) fn session_stream(
+        self: &Arc<Self>,
+        control: mpsc::UnboundedReceiver<Control>,
+    ) -> SessionStream {
+        let generation = self.next_generation();
+        SessionStream {
+            outbox: Arc::clone(self),
+            generation,
+            control,
+            outbox_open: false,
+        }
+    }
+
+    /// Ends the current session: its stream takes no more messages.
+    pub(crate) fn end_session(&self) {
+        self.next_generation();
+    }
+
+    fn next_generation(&self) -> u64 {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.waker = None;
+        state.generation
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the state consistent (every
+        // critical section is a few infallible collection operations).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pops the next message for the session of `generation`, or registers
+    /// `waker`. `None` when that session is over.
+    fn poll_pop(&self, generation: u64, waker: &Waker) -> Poll<Option<WorkerMessage>> {
+        let mut state = self.lock();
+        if state.generation != generation {
+            return Poll::Ready(None);
+        }
+        let Some(msg) = state.queue.pop_front() else {
+            state.waker = Some(waker.clone());
+            return Poll::Pending;
+        };
+        match &msg.kind {
+            Some(Kind::Logs(batch)) => {
+                let key = (batch.job_id.clone(), batch.attempt);
+                if let (Some(seq), Some(last)) = (state.open.get_mut(&key), batch.lines.last()) {
+                    *seq = (*seq).max(last.seq);
+                }
+            }
+            Some(Kind::Result(result)) => {
+                state.open.remove(&(result.job_id.clone(), result.attempt));
+            }
+            _ => {}
+        }
+        let empty = state.queue.is_empty();
+        drop(state);
+        self.slots.add_permits(1);
+        if empty {
+            self.emptied.notify_waiters();
+        }
+        Poll::Ready(Some(msg))
+    }
+}
+
+/// What the agent tells one session's stream.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Send this message ahead of the queued ones.
+    Send(WorkerMessage),
+    /// The session was welcomed: start sending queued messages.
+    OpenOutbox,
+}
+
+/// The request stream of one session. Ends when its control sender is
+/// dropped or a newer session started.
+pub(crate) struct SessionStream {
+    outbox: Arc<Outbox>,
+    generation: u64,
+    control: mpsc::UnboundedReceiver<Control>,
+    outbox_open: bool,
+}
+
+impl Stream for SessionStream {
+    type Item = WorkerMessage;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match self.control.poll_recv(cx) {
+                Poll::Ready(Some(Control::Send(msg))) => return Poll::Ready(Some(msg)),
+                Poll::Ready(Some(Control::OpenOutbox)) => self.outbox_open = true,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => break,
+            }
+        }
+        if !self.outbox_open {
+            return Poll::Pending;
+        }
+        self.outbox.poll_pop(self.generation, cx.waker())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::proto::{JobResult, LogBatch, LogLine};
+
+    fn batch(job: &str, seqs: &[u64]) -> WorkerMessage {
+        WorkerMessage {
+            kind: Some(Kind::Logs(LogBatch {
+                job_id: job.to_owned(),
+                attempt: 1,
+                lines: seqs
+                    .iter()
+                    .map(|&seq| LogLine {
+                        seq,
+                        ..LogLine::default()
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    fn result(job: &str) -> WorkerMessage {
+        WorkerMessage {
+            kind: Some(Kind::Result(JobResult {
+                job_id: job.to_owned(),
+                attempt: 1,
+                ..JobResult::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn unsent_messages_survive_a_session_and_sequences_are_tracked() {
+        let outbox = Outbox::new(8);
+        outbox.open_attempt(("j".to_owned(), 1));
+        outbox.push(batch("j", &[1, 2])).await;
+        outbox.push(batch("j", &[3])).await;
+        outbox.push(result("j")).await;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut first = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        assert!(first.next().await.is_some());
+        assert_eq!(outbox.running()[0].last_log_seq, 2);
+
+        // A new session: the old stream is finished, the rest is still queued.
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let mut second = outbox.session_stream(rx2);
+        assert!(first.next().await.is_none());
+        tx2.send(Control::Send(WorkerMessage::default())).unwrap();
+        tx2.send(Control::OpenOutbox).unwrap();
+        assert_eq!(second.next().await, Some(WorkerMessage::default()));
+        assert_eq!(second.next().await, Some(batch("j", &[3])));
+        assert_eq!(outbox.running()[0].last_log_seq, 3);
+        assert_eq!(second.next().await, Some(result("j")));
+        assert!(outbox.running().is_empty());
+        outbox.wait_empty().await;
+        drop(tx);
+        drop(tx2);
+        assert!(second.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn push_waits_for_a_free_slot() {
+        let outbox = Outbox::new(1);
+        outbox.push(batch("j", &[1])).await;
+        let blocked = {
+            let outbox = Arc::clone(&outbox);
+            tokio::spawn(async move { outbox.push(batch("j", &[2])).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stream = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        assert_eq!(stream.next().await, Some(batch("j", &[1])));
+        blocked.await.unwrap();
+        assert_eq!(stream.next().await, Some(batch("j", &[2])));
+    }
+}
