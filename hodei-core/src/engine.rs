@@ -224,7 +224,9 @@ pub enum Effect {
     /// is `expected_version`; on a conflict call
     /// [`Engine::handle_job_changed`].
     UpdateJob {
-        /// The job after the change.
+        /// The job after the change. Its version is above
+        /// `expected_version`, by more than one when several transitions
+        /// decided together are committed as one unit.
         job: Job,
         /// Version before the change.
         expected_version: u64,
@@ -327,7 +329,11 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// A new engine with no jobs and no workers.
-    pub fn new(config: EngineConfig, providers: Vec<ProviderConfig>, entropy: Box<dyn Entropy>) -> Self {
+    pub fn new(
+        config: EngineConfig,
+        providers: Vec<ProviderConfig>,
+        entropy: Box<dyn Entropy>,
+    ) -> Self {
         let actor = Actor::system("scheduler");
         Self {
             config,
@@ -463,17 +469,13 @@ impl Engine {
     ) -> Result<JobId, EngineError> {
         self.check_spec(&spec)?;
         let id = JobId::from_uuid(self.entropy.uuid());
-        let (job, bodies) = Job::submit(
-            id,
-            spec,
-            ctx.correlation_id.clone(),
-            ctx.actor.clone(),
-            now,
-        );
+        let (job, bodies) =
+            Job::submit(id, spec, ctx.correlation_id.clone(), ctx.actor.clone(), now);
         let events = self.wrap(now, &ctx.correlation_id, &ctx.actor, bodies);
         self.effects.push_back(Effect::CreateJob { job, events });
         self.queue_hint = true;
         self.maybe_claim();
+        self.arm_poll(now);
         Ok(id)
     }
 
@@ -498,12 +500,26 @@ impl Engine {
             let at = ready.max(now);
             self.next_claim_at = Some(self.next_claim_at.map_or(at, |t| t.min(at)));
         }
+        let mut released = false;
         for job in claim.jobs {
-            if job.state() != JobState::Pending || self.jobs.contains_key(&job.id) {
+            if self.jobs.contains_key(&job.id) {
                 continue;
             }
-            self.place(now, job);
+            if job.state() != JobState::Pending {
+                // Not ours to place: give the claim back rather than let
+                // it sit until its lease ends.
+                self.effects.push_back(Effect::Release(job.id));
+                continue;
+            }
+            released |= !self.place(now, job);
         }
+        if released {
+            // A job went back to the queue for want of room: claiming again
+            // now would hand it straight back (and again, forever). Wait
+            // for room to free up or for the next poll.
+            self.queue_hint = false;
+        }
+        self.arm_poll(now);
         self.maybe_claim();
     }
 
@@ -537,21 +553,27 @@ impl Engine {
         if current.version <= mine.version && !current.is_terminal() {
             return;
         }
-        let mine = self.jobs.remove(&current.id).expect("present: checked above");
-        if let Some(worker) = mine.status.worker() {
-            if current.status.worker() != Some(worker) || current.attempt != mine.attempt {
-                self.effects.push_back(Effect::CancelOnWorker {
-                    worker,
-                    job: mine.id,
-                    attempt: mine.attempt,
-                    reason: format!("job is now {} (decided elsewhere)", current.state()),
-                });
-                self.release_slot(now, worker, mine.id);
-            }
+        let mine = self
+            .jobs
+            .remove(&current.id)
+            .expect("present: checked above");
+        if let Some(worker) = mine.status.worker()
+            && (current.status.worker() != Some(worker) || current.attempt != mine.attempt)
+        {
+            self.effects.push_back(Effect::CancelOnWorker {
+                worker,
+                job: mine.id,
+                attempt: mine.attempt,
+                reason: format!("job is now {} (decided elsewhere)", current.state()),
+            });
+            self.release_slot(now, worker, mine.id);
         }
         if !current.is_terminal()
             && current.state() != JobState::Pending
-            && current.status.worker().is_some_and(|w| self.workers.contains_key(&w))
+            && current
+                .status
+                .worker()
+                .is_some_and(|w| self.workers.contains_key(&w))
         {
             self.jobs.insert(current.id, current);
         }
@@ -628,7 +650,10 @@ impl Engine {
             Some(e) if e.worker.state.is_terminal() => {
                 return Err(EngineError::UnknownWorker(id));
             }
-            Some(e) => !matches!(e.worker.state, WorkerState::Creating | WorkerState::Connecting),
+            Some(e) => !matches!(
+                e.worker.state,
+                WorkerState::Creating | WorkerState::Connecting
+            ),
             None => false,
         };
         let entry = self.workers.entry(id).or_insert_with(|| WorkerEntry {
@@ -697,6 +722,7 @@ impl Engine {
 
         if reconnect {
             let running = entry.worker.jobs.clone();
+            let draining = entry.worker.state == WorkerState::Draining;
             self.wrap_record(
                 now,
                 &corr,
@@ -706,6 +732,12 @@ impl Engine {
                     running,
                 },
             );
+            if draining {
+                // A drain request sent down the old stream may have been
+                // lost with it; without it the agent would never leave and
+                // its slot at the provider would stay taken forever.
+                self.effects.push_back(Effect::DrainWorker(id));
+            }
         } else {
             if entry.worker.state == WorkerState::Creating {
                 let _ = entry.worker.transition(WorkerState::Connecting);
@@ -723,17 +755,29 @@ impl Engine {
         for job in lost {
             // The worker came back without the attempt we gave it: the
             // dispatch or the process was lost with the connection.
-            let kind = match self.jobs.get(&job).map(Job::state) {
-                Some(JobState::Assigned) => FailureKind::DispatchFailed,
+            let Some(j) = self.jobs.get(&job) else {
+                continue;
+            };
+            let kind = match j.state() {
+                JobState::Assigned => FailureKind::DispatchFailed,
                 _ => FailureKind::WorkerLost,
             };
+            // The job's own flow, not the worker's: its events must be
+            // found under the job's correlation id.
+            let job_corr = j.correlation_id.clone();
             let failure = Failure::new(kind, "the worker reconnected without this attempt");
-            let _ = self.apply(now, job, JobCommand::Fail(failure), Some((corr.clone(), actor.clone())));
+            let _ = self.apply(
+                now,
+                job,
+                JobCommand::Fail(failure),
+                Some((job_corr, actor.clone())),
+            );
         }
         self.refresh_worker_state(now, id);
         self.save_worker(id);
         self.offer_work(now, id);
         self.queue_hint = true;
+        self.arm_poll(now);
         self.maybe_claim();
         Ok(())
     }
@@ -769,8 +813,10 @@ impl Engine {
         }
         e.worker.connected = false;
         let corr = e.correlation_id.clone();
-        let done = matches!(e.worker.state, WorkerState::Terminating | WorkerState::Draining)
-            && e.worker.jobs.is_empty();
+        let done = matches!(
+            e.worker.state,
+            WorkerState::Terminating | WorkerState::Draining
+        ) && e.worker.jobs.is_empty();
         self.record(
             now,
             &corr,
@@ -780,6 +826,13 @@ impl Engine {
             },
         );
         if done {
+            // Its work is done and the engine forgets it. The agent may not
+            // have left though (a dropped stream, a hung agent whose
+            // heartbeats stopped): have its provider make sure it is gone,
+            // so that no worker outlives the engine's record of it.
+            let provider = self.workers[&worker].worker.provider.clone();
+            self.effects
+                .push_back(Effect::DestroyWorker { provider, worker });
             self.terminate(now, worker, "worker left after draining");
         } else if let Some(e) = self.workers.get_mut(&worker) {
             e.lost_at = Some(add(now, grace));
@@ -817,7 +870,12 @@ impl Engine {
             None => (e.correlation_id.clone(), Actor::worker(worker)),
         };
         let idle = e.worker.jobs.is_empty();
-        self.wrap_record(now, &corr, &actor, EventBody::WorkerDraining { worker_id: worker });
+        self.wrap_record(
+            now,
+            &corr,
+            &actor,
+            EventBody::WorkerDraining { worker_id: worker },
+        );
         if ctx.is_some() {
             self.effects.push_back(Effect::DrainWorker(worker));
         }
@@ -838,7 +896,12 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.check_holder(now, worker, job, attempt)?;
         let corr = self.jobs[&job].correlation_id.clone();
-        self.apply(now, job, JobCommand::Start, Some((corr, Actor::worker(worker))))
+        self.apply(
+            now,
+            job,
+            JobCommand::Start,
+            Some((corr, Actor::worker(worker))),
+        )
     }
 
     /// The worker refused the attempt.
@@ -852,8 +915,16 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.check_holder(now, worker, job, attempt)?;
         let corr = self.jobs[&job].correlation_id.clone();
-        let failure = Failure::new(FailureKind::DispatchFailed, format!("worker refused: {reason}"));
-        self.apply(now, job, JobCommand::Fail(failure), Some((corr, Actor::worker(worker))))
+        let failure = Failure::new(
+            FailureKind::DispatchFailed,
+            format!("worker refused: {reason}"),
+        );
+        self.apply(
+            now,
+            job,
+            JobCommand::Fail(failure),
+            Some((corr, Actor::worker(worker))),
+        )
     }
 
     /// The attempt ended on the worker.
@@ -871,7 +942,12 @@ impl Engine {
         let actor = Actor::worker(worker);
         if j.state() == JobState::Assigned {
             // The result overtook the acknowledgement; the attempt did run.
-            self.apply(now, job, JobCommand::Start, Some((corr.clone(), actor.clone())))?;
+            self.apply(
+                now,
+                job,
+                JobCommand::Start,
+                Some((corr.clone(), actor.clone())),
+            )?;
         }
         let command = match report.start_error {
             Some(reason) => JobCommand::Fail(Failure::new(
@@ -931,12 +1007,19 @@ impl Engine {
             .collect();
         for job in overdue {
             let corr = self.jobs[&job].correlation_id.clone();
-            let _ = self.apply(now, job, JobCommand::Expire, Some((corr, Actor::system("deadline"))));
+            let _ = self.apply(
+                now,
+                job,
+                JobCommand::Expire,
+                Some((corr, Actor::system("deadline"))),
+            );
         }
         // Workers: registration, heartbeat and reconnect deadlines.
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
-            let Some(e) = self.workers.get(&id) else { continue };
+            let Some(e) = self.workers.get(&id) else {
+                continue;
+            };
             if e.register_by.is_some_and(|t| t <= now) {
                 let f = Failure::new(
                     FailureKind::ProvisioningFailed,
@@ -974,7 +1057,9 @@ impl Engine {
 
     // ----- internals ---------------------------------------------------------
 
-    fn place(&mut self, now: Timestamp, job: Job) {
+    /// Places a claimed job: on a worker, with a provider, or fails it.
+    /// Returns `false` if it went back to the queue for want of room.
+    fn place(&mut self, now: Timestamp, job: Job) -> bool {
         let id = job.id;
         let corr = job.correlation_id.clone();
         let actor = self.actor.clone();
@@ -988,7 +1073,7 @@ impl Engine {
         self.jobs.insert(id, job);
         if let Some(worker) = worker {
             self.assign(now, id, worker);
-            return;
+            return true;
         }
         let snapshots: Vec<ProviderSnapshot> = self.provider_snapshots();
         let spec = &self.jobs[&id].spec;
@@ -1019,13 +1104,16 @@ impl Engine {
                     .is_ok()
                 {
                     self.start_worker(now, &provider, worker, image, Some(id), ephemeral, corr);
-                    self.effects.push_back(Effect::Provision { provider, launch });
+                    self.effects
+                        .push_back(Effect::Provision { provider, launch });
                 }
             }
             Err(NoProvider::Busy) => {
                 self.jobs.remove(&id);
                 self.effects.push_back(Effect::Release(id));
-                self.next_claim_at = Some(add(now, self.config.claim_interval));
+                let at = add(now, self.config.claim_interval);
+                self.next_claim_at = Some(self.next_claim_at.map_or(at, |t| t.min(at)));
+                return false;
             }
             Err(NoProvider::Unknown(name)) => {
                 let f = Failure::new(
@@ -1042,6 +1130,7 @@ impl Engine {
                 let _ = self.apply(now, id, JobCommand::Fail(f), Some((corr, actor)));
             }
         }
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1142,31 +1231,27 @@ impl Engine {
         let after_worker = job.status.worker();
         let snapshot = job.clone();
         let events = self.wrap(now, &corr, &actor, bodies);
-        self.effects.push_back(Effect::UpdateJob {
-            job: snapshot.clone(),
-            expected_version,
-            events,
-        });
+        self.push_update(snapshot.clone(), expected_version, events);
         // The attempt left its worker: stop it there and free the slot.
-        if let Some(worker) = before_worker {
-            if after_worker != Some(worker) {
-                let stop = matches!(before_state, JobState::Assigned | JobState::Running)
-                    && matches!(
-                        after_state,
-                        JobState::Cancelled | JobState::TimedOut | JobState::Pending | JobState::Failed
-                    );
-                let reported = matches!(after_state, JobState::Succeeded)
-                    || (after_state == JobState::Failed && before_state == JobState::Running);
-                if stop && !reported {
-                    self.effects.push_back(Effect::CancelOnWorker {
-                        worker,
-                        job: id,
-                        attempt: before_attempt,
-                        reason: format!("job is now {after_state}"),
-                    });
-                }
-                self.release_slot(now, worker, id);
+        if let Some(worker) = before_worker
+            && after_worker != Some(worker)
+        {
+            let stop = matches!(before_state, JobState::Assigned | JobState::Running)
+                && matches!(
+                    after_state,
+                    JobState::Cancelled | JobState::TimedOut | JobState::Pending | JobState::Failed
+                );
+            let reported = matches!(after_state, JobState::Succeeded)
+                || (after_state == JobState::Failed && before_state == JobState::Running);
+            if stop && !reported {
+                self.effects.push_back(Effect::CancelOnWorker {
+                    worker,
+                    job: id,
+                    attempt: before_attempt,
+                    reason: format!("job is now {after_state}"),
+                });
             }
+            self.release_slot(now, worker, id);
         }
         if after_state.is_terminal() || after_state == JobState::Pending {
             self.jobs.remove(&id);
@@ -1183,6 +1268,33 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Emits a job change. Two changes of one job decided back to back
+    /// (a result that overtook its acknowledgement: start, then exit) go
+    /// out as one update based on the first one's version. Emitted apart,
+    /// the second would be based on a version the store never confirmed:
+    /// if someone else committed that same version number in between (a
+    /// cancel from another replica), the second update would pass the
+    /// version check and overwrite their decision.
+    fn push_update(&mut self, job: Job, expected_version: u64, events: Vec<DomainEvent>) {
+        if let Some(Effect::UpdateJob {
+            job: pending,
+            events: pending_events,
+            ..
+        }) = self.effects.back_mut()
+            && pending.id == job.id
+            && pending.version == expected_version
+        {
+            *pending = job;
+            pending_events.extend(events);
+            return;
+        }
+        self.effects.push_back(Effect::UpdateJob {
+            job,
+            expected_version,
+            events,
+        });
     }
 
     fn finished_or_current(&self, job: JobId) -> Job {
@@ -1269,7 +1381,8 @@ impl Engine {
         };
         let _ = e.worker.transition(WorkerState::Terminating);
         let provider = e.worker.provider.clone();
-        self.effects.push_back(Effect::DestroyWorker { provider, worker });
+        self.effects
+            .push_back(Effect::DestroyWorker { provider, worker });
         self.terminate(now, worker, reason);
     }
 
@@ -1299,7 +1412,8 @@ impl Engine {
                 Some((corr, Actor::system("monitor"))),
             );
         }
-        self.effects.push_back(Effect::DestroyWorker { provider, worker });
+        self.effects
+            .push_back(Effect::DestroyWorker { provider, worker });
         self.terminate(now, worker, reason);
     }
 
@@ -1322,7 +1436,18 @@ impl Engine {
             },
         );
         self.effects.push_back(Effect::SaveWorker(e.worker));
+        // Its provider has room again: jobs waiting for it can be claimed.
         self.queue_hint = true;
+        self.maybe_claim();
+    }
+
+    /// Arms the periodic queue poll if nothing else has. Until the first
+    /// claim or tick nothing else would: a job submitted while every
+    /// provider was full would wait for an input that may never come.
+    fn arm_poll(&mut self, now: Timestamp) {
+        if self.next_claim_at.is_none() {
+            self.next_claim_at = Some(add(now, self.config.claim_interval));
+        }
     }
 
     fn check_holder(
@@ -1449,7 +1574,15 @@ impl Engine {
             );
             for _ in 0..add_n {
                 let worker = WorkerId::from_uuid(self.entropy.uuid());
-                self.start_worker(now, &p.id, worker, p.default_image.clone(), None, false, corr.clone());
+                self.start_worker(
+                    now,
+                    &p.id,
+                    worker,
+                    p.default_image.clone(),
+                    None,
+                    false,
+                    corr.clone(),
+                );
                 self.effects.push_back(Effect::Provision {
                     provider: p.id.clone(),
                     launch: LaunchRequest {
@@ -1475,7 +1608,13 @@ impl Engine {
         self.wrap_record(now, corr, &actor, body);
     }
 
-    fn wrap_record(&mut self, now: Timestamp, corr: &CorrelationId, actor: &Actor, body: EventBody) {
+    fn wrap_record(
+        &mut self,
+        now: Timestamp,
+        corr: &CorrelationId,
+        actor: &Actor,
+        body: EventBody,
+    ) {
         let events = self.wrap(now, corr, actor, vec![body]);
         self.effects.push_back(Effect::Record(events));
     }
