@@ -2,6 +2,7 @@
 //! [`hodei_grpc::server::run`]. SIGTERM or SIGINT stops it gracefully. See
 //! `docs/SERVER.md`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -18,6 +19,7 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match serve(ServerArgs::parse()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,6 +48,8 @@ pub mod exit {
     pub const JOB_TIMED_OUT: u8 = 124;
     /// `job run`: the job was cancelled (as a shell's SIGINT status).
     pub const JOB_CANCELLED: u8 = 130;
+    /// stdout was closed by its reader (as a shell's SIGPIPE status).
+    pub const BROKEN_PIPE: u8 = 141;
 }
 
 /// The `hodei` command line.
@@ -355,7 +357,9 @@ impl CliError {
             _ => exit::ERROR,
         };
         let message = match code {
-            exit::UNREACHABLE => format!("cannot reach the hodei server at {server}: {}", short(s)),
+            exit::UNREACHABLE => {
+                format!("the hodei server at {server} is unavailable: {}", short(s))
+            }
             exit::UNAUTHENTICATED => format!(
                 "not authenticated: {} (set --token or HODEI_TOKEN)",
                 short(s)
@@ -392,7 +396,9 @@ pub async fn main() -> u8 {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hodei: {}", e.message);
+            if !e.message.is_empty() {
+                eprintln!("hodei: {}", e.message);
+            }
             e.code
         }
     }

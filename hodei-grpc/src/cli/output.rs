@@ -15,6 +15,11 @@ pub(super) struct Printer {
 }
 
 fn write_err(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // The reader went away (`| head`): stop quietly, as a shell's
+        // SIGPIPE death would.
+        return CliError::new(exit::BROKEN_PIPE, "");
+    }
     CliError::new(exit::ERROR, format!("cannot write output: {e}"))
 }
 

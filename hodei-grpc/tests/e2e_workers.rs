@@ -1,0 +1,412 @@
+//! End to end over real processes, worker side: a SIGKILLed worker, a
+//! dropped session, a SIGTERM drain, one-time tokens, secrets, reflection
+//! and the server's own graceful stop.
+
+mod e2e_support;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e_support::*;
+use hodei_grpc::proto;
+use nix::sys::signal::Signal;
+use proto::JobState;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_replaced_and_the_job_retried_before_its_deadline() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let marker = server.path("first-attempt-ran");
+    let gate = server.path("gate");
+    // The first attempt marks itself and blocks; the second succeeds.
+    let script = format!(
+        "if [ -e '{m}' ]; then echo second; exit 0; fi; touch '{m}'; echo first; {wait}",
+        m = marker.display(),
+        wait = wait_file(&gate)
+    );
+    let mut spec = sh(&script);
+    spec.max_attempts = Some(2);
+    spec.timeout_secs = Some(120);
+    let job = client.submit(spec).await;
+    let first_worker = client.running_worker(&job.job_id).await;
+    wait_for("the first attempt's output", DEADLINE, || async {
+        let logs = client.logs_of(&job.job_id).await;
+        logs.iter().any(|l| l.text == "first").then_some(())
+    })
+    .await;
+    let pid = server
+        .agent_pid(&first_worker)
+        .expect("pid file of the first worker");
+    let killed_at = Instant::now();
+    signal(pid, Signal::SIGKILL);
+
+    let done = client.wait_terminal(&job.job_id).await;
+    // The orphaned first attempt (its agent died) may now end.
+    touch(&gate);
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.attempt, 2);
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(60),
+        "retried well before the deadline"
+    );
+    let first = &done.attempts[0];
+    assert_eq!(first.outcome, "failed");
+    assert_eq!(first.failure.as_ref().unwrap().kind, "worker_lost");
+    assert_eq!(first.worker_id.as_deref(), Some(first_worker.as_str()));
+    let second_worker = done.attempts[1].worker_id.clone().unwrap();
+    assert_ne!(second_worker, first_worker, "a new worker ran the retry");
+    let events = client.events(&job.job_id).await;
+    let retry = events
+        .iter()
+        .find(|e| e.event_type == "JobRetryScheduled")
+        .expect("JobRetryScheduled");
+    assert_eq!(payload(retry)["failure"]["kind"], "worker_lost");
+    let logs = client.logs_of(&job.job_id).await;
+    let texts: Vec<(u32, &str)> = logs.iter().map(|l| (l.attempt, l.text.as_str())).collect();
+    assert_eq!(texts, [(1, "first"), (2, "second")]);
+}
+
+/// A TCP proxy whose connections can all be cut at once.
+struct Proxy {
+    addr: String,
+    cut: Arc<Notify>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(Notify::new());
+        let c = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let upstream = upstream.clone();
+                let cut = c.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut }
+    }
+
+    /// Drops every proxied connection now.
+    fn cut_all(&self) {
+        self.cut.notify_waiters();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
+    // Workers reach the server through a proxy; the test cuts the proxy's
+    // connections while a job runs.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let upstream = format!("127.0.0.1:{port}");
+    let proxy = Proxy::start(upstream.clone()).await;
+    let server = TestServer::start_with(ServerOpts {
+        grpc_addr: Some(upstream),
+        advertise_url: Some(format!("http://{}", proxy.addr)),
+        ..Default::default()
+    });
+    let client = server.client().await;
+    let gate = server.path("gate");
+    let job = client
+        .submit(sh(&format!(
+            "echo before; {}; echo after",
+            wait_file(&gate)
+        )))
+        .await;
+    let worker = client.running_worker(&job.job_id).await;
+    wait_for("output before the cut", DEADLINE, || async {
+        let logs = client.logs_of(&job.job_id).await;
+        (!logs.is_empty()).then_some(())
+    })
+    .await;
+    proxy.cut_all();
+    client
+        .wait_event("WorkerDisconnected", |e| e.aggregate_id == worker)
+        .await;
+    let reconnected = client
+        .wait_event("WorkerReconnected", |e| e.aggregate_id == worker)
+        .await;
+    let running = payload(&reconnected)["running"].clone();
+    assert_eq!(running, serde_json::json!([job.job_id]), "it kept its job");
+    touch(&gate);
+    let done = client.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.attempt, 1, "no retry was needed");
+    let texts: Vec<String> = client
+        .logs_of(&job.job_id)
+        .await
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert_eq!(texts, ["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_which_finishes_its_job_and_exits_cleanly() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let gate = server.path("gate");
+    let job = client
+        .submit(sh(&format!(
+            "echo working; {}; echo finished",
+            wait_file(&gate)
+        )))
+        .await;
+    let worker = client.running_worker(&job.job_id).await;
+    let pid = server.agent_pid(&worker).expect("agent pid");
+    signal(pid, Signal::SIGTERM);
+    let draining = client
+        .wait_event("WorkerDraining", |e| e.aggregate_id == worker)
+        .await;
+    assert_eq!(draining.actor, format!("worker:{worker}"));
+    // Draining does not stop the running job.
+    assert!(alive(pid));
+    assert_eq!(
+        client.job(&job.job_id).await.state,
+        JobState::Running as i32
+    );
+    touch(&gate);
+    let done = client.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32);
+    wait_for("the agent to exit", DEADLINE, || async {
+        (!alive(pid)).then_some(())
+    })
+    .await;
+    let needle = "agent exited with code 0";
+    wait_for("the provider to see a clean exit", DEADLINE, || async {
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains(&worker) && l.contains(needle))
+            .then_some(())
+    })
+    .await;
+    let texts: Vec<String> = client
+        .logs_of(&job.job_id)
+        .await
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert_eq!(texts, ["working", "finished"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_token_works_once() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let out = server.cli(&["--output", "json", "worker", "token", "--ttl", "5m"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let worker = v["worker_id"].as_str().unwrap().to_owned();
+    let token = v["token"].as_str().unwrap().to_owned();
+    let agent = |log: &str| {
+        Command::new(WORKER_BIN)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HODEI_SERVER_URL", &server.url)
+            .env("HODEI_WORKER_ID", &worker)
+            .env("HODEI_WORKER_TOKEN", &token)
+            .env("HODEI_PROVIDER", "manual")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(server.path(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = agent("agent-1.log");
+    client
+        .wait_event("WorkerRegistered", |e| e.aggregate_id == worker)
+        .await;
+    // The same token again: refused, recorded, and the agent gives up.
+    let mut second = agent("agent-2.log");
+    let rejected = client
+        .wait_event("WorkerRegistrationRejected", |e| e.aggregate_id == worker)
+        .await;
+    assert!(
+        payload(&rejected)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{rejected:?}"
+    );
+    let status =
+        tokio::task::block_in_place(|| wait_exit(&mut second, "the second agent", DEADLINE));
+    assert_eq!(status.code(), Some(2), "rejected registration exits 2");
+    // The first one is still registered and usable: it runs a job.
+    let mut spec = sh("echo on-manual");
+    spec.provider = None;
+    let job = client.submit(spec).await;
+    let done = client.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32);
+    signal(first.id() as i32, Signal::SIGTERM);
+    let status = tokio::task::block_in_place(|| wait_exit(&mut first, "the first agent", DEADLINE));
+    assert_eq!(status.code(), Some(0));
+    let out = server.cli(&["worker", "list"]);
+    assert!(stdout(&out).contains(&worker), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_never_appears_in_logs_events_audit_or_the_agent_environment() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let value = format!("s3cr3t-{}", uuid::Uuid::new_v4().simple());
+    let mut set = server
+        .cli_cmd(&["secret", "set", "DEPLOY_KEY"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = set.stdin.take().unwrap();
+        writeln!(stdin, "{value}").unwrap();
+    }
+    let out = set.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = server.cli(&["secret", "list"]);
+    assert!(stdout(&out).contains("DEPLOY_KEY"));
+    assert!(!stdout(&out).contains(&value));
+
+    let gate = server.path("gate");
+    let mut spec = sh(&format!(
+        "echo \"key=$DEPLOY_KEY\"; echo \"$DEPLOY_KEY\" >&2; {}",
+        wait_file(&gate)
+    ));
+    spec.secrets = vec!["DEPLOY_KEY".into()];
+    let job = client.submit(spec).await;
+    let worker = client.running_worker(&job.job_id).await;
+    let pid = server.agent_pid(&worker).expect("agent pid");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains(&value),
+        "the agent's own environment holds the secret"
+    );
+    wait_for("both lines", DEADLINE, || async {
+        (client.logs_of(&job.job_id).await.len() >= 2).then_some(())
+    })
+    .await;
+    touch(&gate);
+    let done = client.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32);
+
+    let logs = client.logs_of(&job.job_id).await;
+    let texts: Vec<&str> = logs.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["key=***", "***"], "the value is masked");
+    let events = client.all_events().await;
+    let dump = format!("{events:?}");
+    assert!(!dump.contains(&value), "an event holds the secret");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event_type == "SecretAccessed" && payload(e)["name"] == "DEPLOY_KEY"),
+        "access is audited by name"
+    );
+    for args in [
+        &["--output", "json", "audit", "--limit", "1000"][..],
+        &["--output", "json", "job", "events", &job.job_id][..],
+        &["job", "logs", &job.job_id][..],
+        &["--output", "json", "job", "get", &job.job_id][..],
+    ] {
+        let out = server.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(!stdout(&out).contains(&value), "{args:?} shows the secret");
+    }
+    assert!(
+        !server.log().contains(&value),
+        "the server log holds the secret"
+    );
+    let agent_log = std::fs::read_to_string(server.state_dir().join(format!("{worker}.log")))
+        .unwrap_or_default();
+    assert!(
+        !agent_log.contains(&value),
+        "the agent log holds the secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_and_sigterm_stops_the_server() {
+    let mut server = TestServer::start();
+    let client = server.client().await;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(client.channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = reflection
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let names: Vec<String> = match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection reply {other:?}"),
+    };
+    for s in [
+        "hodei.v1.JobService",
+        "hodei.v1.LogService",
+        "hodei.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+
+    // A follower of a running job sees the stream end with UNAVAILABLE,
+    // and the server exits 0 on SIGTERM.
+    let gate = server.path("gate");
+    let job = client.submit(sh(&wait_file(&gate))).await;
+    client.running_worker(&job.job_id).await;
+    let mut follow = client
+        .logs()
+        .follow(proto::FollowLogsRequest {
+            job_id: job.job_id.clone(),
+            after: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = tokio::task::block_in_place(|| server.stop()).expect("server was running");
+    touch(&gate);
+    assert!(status.success(), "server exit status {status:?}");
+    let end = loop {
+        match follow.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Err(s) => assert!(
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ),
+            "{s:?}"
+        ),
+        Ok(None) => {}
+        Ok(Some(_)) => unreachable!(),
+    }
+}
