@@ -44,7 +44,10 @@ const SPEC_FIELDS: &[(&str, &str)] = &[
     ("priority", "an integer -1000..=1000"),
     ("labels", "an object of string values"),
     ("provider", "a provider name"),
-    ("resources", "an object {\"cpu\": number, \"memory_mb\": whole number}"),
+    (
+        "resources",
+        "an object {\"cpu\": number, \"memory_mb\": whole number}",
+    ),
     ("idempotency_key", "a string"),
     ("retry_on_failure", "true or false"),
 ];
@@ -162,7 +165,10 @@ pub(crate) async fn list_jobs(
     ),
     security(("bearer" = []), ("access_token" = [])),
 )]
-pub(crate) async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<JobDto>, HttpError> {
+pub(crate) async fn get_job(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobDto>, HttpError> {
     let id = job_id(&id)?;
     Ok(Json(st.cp.job(id).await?.into()))
 }
@@ -230,7 +236,7 @@ pub(crate) async fn job_logs(
 ) -> Result<Response, HttpError> {
     let id = job_id(&id)?;
     let Query(q) = query.map_err(query_error)?;
-    let after = parse_number("after", q.after.as_deref(), 0, u64::MAX)?.unwrap_or(0);
+    let after = parse_count("after", q.after.as_deref())?.unwrap_or(0);
     if wants_event_stream(&headers) {
         let resume = match headers.get("last-event-id") {
             None => 0,
@@ -276,7 +282,10 @@ fn log_stream(st: AppState, id: JobId, after: u64) -> impl IntoResponse {
         Ok(line) => {
             let seq = line.seq;
             let data = serde_json::to_string(&LogLineDto::from(line)).unwrap_or_default();
-            (Event::default().event("log").id(seq.to_string()).data(data), false)
+            (
+                Event::default().event("log").id(seq.to_string()).data(data),
+                false,
+            )
         }
         Err(e) => {
             let e = HttpError::from(e);
@@ -296,10 +305,13 @@ fn log_stream(st: AppState, id: JobId, after: u64) -> impl IntoResponse {
                 None => {
                     let end = match cp.job(id).await {
                         Ok(job) => {
-                            let data = serde_json::to_string(&JobDto::from(job)).unwrap_or_default();
+                            let data =
+                                serde_json::to_string(&JobDto::from(job)).unwrap_or_default();
                             Event::default().event("end").data(data)
                         }
-                        Err(e) => Event::default().event("error").data(error_json(&HttpError::from(e))),
+                        Err(e) => Event::default()
+                            .event("error")
+                            .data(error_json(&HttpError::from(e))),
                     };
                     Some((end, (lines, true)))
                 }
@@ -366,7 +378,9 @@ pub(crate) async fn job_events(
     ),
     security(("bearer" = []), ("access_token" = [])),
 )]
-pub(crate) async fn list_workers(State(st): State<AppState>) -> Result<Json<WorkersDto>, HttpError> {
+pub(crate) async fn list_workers(
+    State(st): State<AppState>,
+) -> Result<Json<WorkersDto>, HttpError> {
     let workers = st.cp.workers().await?;
     Ok(Json(WorkersDto {
         workers: workers.into_iter().map(WorkerDto::from).collect(),
@@ -425,7 +439,9 @@ pub(crate) async fn drain_worker(
     ),
     security(("bearer" = []), ("access_token" = [])),
 )]
-pub(crate) async fn list_providers(State(st): State<AppState>) -> Result<Json<ProvidersDto>, HttpError> {
+pub(crate) async fn list_providers(
+    State(st): State<AppState>,
+) -> Result<Json<ProvidersDto>, HttpError> {
     let providers = st.cp.providers().await?;
     Ok(Json(ProvidersDto {
         providers: providers.into_iter().map(ProviderDto::from).collect(),
@@ -461,7 +477,7 @@ pub(crate) async fn audit(
         }
     }
     let limit = parse_number("limit", q.limit.as_deref(), 1, 1000)?.unwrap_or(100);
-    let offset = parse_number("offset", q.offset.as_deref(), 0, u64::MAX)?.unwrap_or(0);
+    let offset = parse_count("offset", q.offset.as_deref())?.unwrap_or(0);
     let filter = AuditFilter {
         correlation_id: nonempty(q.correlation_id),
         event_type,
@@ -536,7 +552,9 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
     responses((status = 200, description = "Up", body = HealthDto)),
 )]
 pub(crate) async fn healthz() -> Json<HealthDto> {
-    Json(HealthDto { status: "ok".into() })
+    Json(HealthDto {
+        status: "ok".into(),
+    })
 }
 
 /// Readiness: the stores answer.
@@ -568,7 +586,10 @@ pub(crate) async fn route_not_found(uri: axum::http::Uri) -> HttpError {
 }
 
 /// Fallback of known paths asked with another method.
-pub(crate) async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> HttpError {
+pub(crate) async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> HttpError {
     HttpError::MethodNotAllowed(format!(
         "{method} is not allowed on {}; see /openapi.json for the routes",
         uri.path()
@@ -588,7 +609,10 @@ fn body_error(e: BytesRejection, max: usize) -> HttpError {
             "request body is larger than {max} bytes; accepted: at most {max} bytes"
         ))
     } else {
-        HttpError::InvalidArgument(format!("could not read the request body: {}", e.body_text()))
+        HttpError::InvalidArgument(format!(
+            "could not read the request body: {}",
+            e.body_text()
+        ))
     }
 }
 
@@ -597,6 +621,16 @@ fn query_error(e: QueryRejection) -> HttpError {
     let detail = text
         .strip_prefix("Failed to deserialize query string: ")
         .unwrap_or(&text);
+    // "name: unknown field `name`, expected one of `a`, `b`"
+    if let Some(at) = detail.find("unknown field `") {
+        let quoted: Vec<&str> = detail[at..].split('`').skip(1).step_by(2).collect();
+        if let Some((unknown, accepted)) = quoted.split_first() {
+            return HttpError::InvalidArgument(format!(
+                "unknown query parameter `{unknown}`; accepted: {}",
+                accepted.join(", ")
+            ));
+        }
+    }
     HttpError::InvalidArgument(format!("invalid query string: {detail}"))
 }
 
@@ -611,7 +645,8 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, HttpError> 
         .map(|s| Some(s.to_owned()))
         .ok_or_else(|| {
             HttpError::InvalidArgument(
-                "invalid Idempotency-Key header; accepted: 1 to 256 printable ASCII characters".into(),
+                "invalid Idempotency-Key header; accepted: 1 to 256 printable ASCII characters"
+                    .into(),
             )
         })
 }
@@ -629,7 +664,11 @@ fn parse_spec(body: &[u8]) -> Result<JobSpecDto, HttpError> {
     // objects are accepted.
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
-        let fields = SPEC_FIELDS.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(", ");
+        let fields = SPEC_FIELDS
+            .iter()
+            .map(|(f, _)| *f)
+            .collect::<Vec<_>>()
+            .join(", ");
         return Err(HttpError::InvalidArgument(format!(
             "invalid job spec: the body is not a JSON object; accepted: a JSON object with the fields {fields}, such as {example}"
         )));
@@ -719,6 +758,16 @@ where
     }
 }
 
+/// A non-negative whole number (`after`, `offset`).
+fn parse_count(name: &str, value: Option<&str>) -> Result<Option<u64>, HttpError> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    v.parse::<u64>().map(Some).map_err(|_| {
+        HttpError::InvalidArgument(format!("invalid `{name}` {v:?}; accepted: a whole number, 0 or more"))
+    })
+}
+
 fn parse_time(name: &str, value: Option<String>) -> Result<Option<Timestamp>, HttpError> {
     let Some(v) = value else {
         return Ok(None);
@@ -743,13 +792,25 @@ mod tests {
     #[test]
     fn spec_errors_name_the_field_and_what_is_accepted() {
         let e = err(r#"{"command": ["true"], "timeout_secs": "ten"}"#);
-        assert!(e.contains("`timeout_secs`") && e.contains("whole number of seconds"), "{e}");
+        assert!(
+            e.contains("`timeout_secs`") && e.contains("whole number of seconds"),
+            "{e}"
+        );
         let e = err(r#"{"command": ["true"], "colour": "red"}"#);
-        assert!(e.contains("unknown field `colour`") && e.contains("timeout_secs"), "{e}");
+        assert!(
+            e.contains("unknown field `colour`") && e.contains("timeout_secs"),
+            "{e}"
+        );
         let e = err(r#"{"command": ["true"], "resources": {"gpu": 1}}"#);
-        assert!(e.contains("unknown field `resources.gpu`") && e.contains("memory_mb"), "{e}");
+        assert!(
+            e.contains("unknown field `resources.gpu`") && e.contains("memory_mb"),
+            "{e}"
+        );
         let e = err(r#"{"command": "true"}"#);
-        assert!(e.contains("`command`") && e.contains("list of strings"), "{e}");
+        assert!(
+            e.contains("`command`") && e.contains("list of strings"),
+            "{e}"
+        );
         let e = err(r#"{"command": [1]}"#);
         assert!(e.contains("`command[0]`"), "{e}");
         let e = err(r#"{"command": ["#);
@@ -766,12 +827,23 @@ mod tests {
     fn numbers_and_times() {
         assert_eq!(parse_number("limit", Some("5"), 1u32, 10).unwrap(), Some(5));
         assert!(parse_number("limit", Some("0"), 1u32, 10).is_err());
-        assert!(parse_number("limit", Some("x"), 1u32, 10).unwrap_err().to_string().contains("1..=10"));
+        assert!(
+            parse_number("limit", Some("x"), 1u32, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("1..=10")
+        );
         assert_eq!(parse_number::<u32>("limit", None, 1, 10).unwrap(), None);
-        assert!(parse_time("since", Some("2025-01-31T12:00:00Z".into())).unwrap().is_some());
-        assert!(parse_time("since", Some("yesterday".into()))
-            .unwrap_err()
-            .to_string()
-            .contains("RFC 3339"));
+        assert!(
+            parse_time("since", Some("2025-01-31T12:00:00Z".into()))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            parse_time("since", Some("yesterday".into()))
+                .unwrap_err()
+                .to_string()
+                .contains("RFC 3339")
+        );
     }
 }

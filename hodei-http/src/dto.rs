@@ -138,7 +138,8 @@ impl From<JobSpecDto> for RawJobSpec {
             priority,
             labels,
             provider,
-            resources: resources.map(|ResourcesDto { cpu, memory_mb }| RawResources { cpu, memory_mb }),
+            resources: resources
+                .map(|ResourcesDto { cpu, memory_mb }| RawResources { cpu, memory_mb }),
             idempotency_key,
             retry_on_failure,
         }
@@ -177,7 +178,8 @@ impl From<RawJobSpec> for JobSpecDto {
             priority,
             labels,
             provider,
-            resources: resources.map(|RawResources { cpu, memory_mb }| ResourcesDto { cpu, memory_mb }),
+            resources: resources
+                .map(|RawResources { cpu, memory_mb }| ResourcesDto { cpu, memory_mb }),
             idempotency_key,
             retry_on_failure,
         }

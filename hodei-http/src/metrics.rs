@@ -186,8 +186,18 @@ impl Metrics {
     async fn render_control_plane(&self, cp: &ControlPlane, out: &mut String) {
         let c = cp.counters();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        header(out, "hodei_jobs_submitted_total", "counter", "Jobs accepted by this server.");
-        sample(out, "hodei_jobs_submitted_total", &[], load(&c.jobs_submitted) as f64);
+        header(
+            out,
+            "hodei_jobs_submitted_total",
+            "counter",
+            "Jobs accepted by this server.",
+        );
+        sample(
+            out,
+            "hodei_jobs_submitted_total",
+            &[],
+            load(&c.jobs_submitted) as f64,
+        );
         header(
             out,
             "hodei_jobs_finished_total",
@@ -214,7 +224,11 @@ impl Metrics {
             for state in TERMINAL {
                 let empty = Histogram::new(DURATION_BUCKETS);
                 let h = jobs.duration.get(state.as_str()).unwrap_or(&empty);
-                h.render(out, "hodei_job_duration_seconds", &[("state", state.as_str())]);
+                h.render(
+                    out,
+                    "hodei_job_duration_seconds",
+                    &[("state", state.as_str())],
+                );
             }
             header(
                 out,
@@ -223,14 +237,20 @@ impl Metrics {
                 "Time from submission to the first RUNNING.",
             );
             let empty = Histogram::new(START_BUCKETS);
-            jobs.start_latency
-                .as_ref()
-                .unwrap_or(&empty)
-                .render(out, "hodei_job_start_latency_seconds", &[]);
+            jobs.start_latency.as_ref().unwrap_or(&empty).render(
+                out,
+                "hodei_job_start_latency_seconds",
+                &[],
+            );
         }
         match cp.queue_depth().await {
             Ok(depth) => {
-                header(out, "hodei_queue_depth", "gauge", "Jobs waiting in the queue.");
+                header(
+                    out,
+                    "hodei_queue_depth",
+                    "gauge",
+                    "Jobs waiting in the queue.",
+                );
                 sample(out, "hodei_queue_depth", &[], depth as f64);
             }
             Err(e) => tracing::warn!(error = %e, "metrics: queue depth unavailable"),
@@ -255,7 +275,12 @@ impl Metrics {
                 );
                 for p in providers {
                     let v = if p.healthy { 1.0 } else { 0.0 };
-                    sample(out, "hodei_provider_healthy", &[("provider", p.id.as_str())], v);
+                    sample(
+                        out,
+                        "hodei_provider_healthy",
+                        &[("provider", p.id.as_str())],
+                        v,
+                    );
                 }
             }
             Err(e) => tracing::warn!(error = %e, "metrics: providers unavailable"),
@@ -305,13 +330,23 @@ impl Metrics {
             "counter",
             "Log lines dropped (always 0: agents are slowed down instead).",
         );
-        sample(out, "hodei_log_lines_dropped_total", &[], load(&c.log_lines_dropped) as f64);
+        sample(
+            out,
+            "hodei_log_lines_dropped_total",
+            &[],
+            load(&c.log_lines_dropped) as f64,
+        );
     }
 
     fn render_requests(&self, out: &mut String) {
         {
             let f = lock(&self.inner.http);
-            header(out, "hodei_http_requests_total", "counter", "HTTP requests by method, route pattern and status.");
+            header(
+                out,
+                "hodei_http_requests_total",
+                "counter",
+                "HTTP requests by method, route pattern and status.",
+            );
             for ((method, route, status), n) in &f.counts {
                 sample(
                     out,
@@ -335,7 +370,12 @@ impl Metrics {
             }
         }
         let f = lock(&self.inner.grpc);
-        header(out, "hodei_grpc_requests_total", "counter", "gRPC requests by method and status code.");
+        header(
+            out,
+            "hodei_grpc_requests_total",
+            "counter",
+            "gRPC requests by method and status code.",
+        );
         for ((method, _, code), n) in &f.counts {
             sample(
                 out,
@@ -344,9 +384,18 @@ impl Metrics {
                 *n as f64,
             );
         }
-        header(out, "hodei_grpc_request_duration_seconds", "histogram", "gRPC request duration by method.");
+        header(
+            out,
+            "hodei_grpc_request_duration_seconds",
+            "histogram",
+            "gRPC request duration by method.",
+        );
         for ((method, _), h) in &f.durations {
-            h.render(out, "hodei_grpc_request_duration_seconds", &[("method", method)]);
+            h.render(
+                out,
+                "hodei_grpc_request_duration_seconds",
+                &[("method", method)],
+            );
         }
     }
 }
@@ -484,7 +533,11 @@ impl Histogram {
     }
 
     fn observe(&mut self, v: f64) {
-        let ix = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        let ix = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[ix] += 1;
         self.sum += v;
         self.count += 1;
@@ -545,7 +598,11 @@ fn escape_label(v: &str) -> String {
 
 fn format_value(v: f64) -> String {
     if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else if v.is_nan() {
         "NaN".into()
     } else if v.fract() == 0.0 && v.abs() < 1e15 {
@@ -591,9 +648,13 @@ mod tests {
         m.record_grpc("/hodei.v1.JobService/SubmitJob", "OK", 0.003);
         let out = m.render().await;
         assert!(
-            out.contains("hodei_grpc_requests_total{method=\"/hodei.v1.JobService/SubmitJob\",code=\"OK\"} 2"),
+            out.contains(
+                "hodei_grpc_requests_total{method=\"/hodei.v1.JobService/SubmitJob\",code=\"OK\"} 2"
+            ),
             "{out}"
         );
-        assert!(out.contains("hodei_grpc_request_duration_seconds_count{method=\"/hodei.v1.JobService/SubmitJob\"} 2"));
+        assert!(out.contains(
+            "hodei_grpc_request_duration_seconds_count{method=\"/hodei.v1.JobService/SubmitJob\"} 2"
+        ));
     }
 }

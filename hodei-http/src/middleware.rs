@@ -56,7 +56,11 @@ fn valid_correlation_id(s: &str) -> bool {
 /// Counts the request in `hodei_http_requests_total` and times it in
 /// `hodei_http_request_duration_seconds`, labelled with the route pattern
 /// (not the raw path, whose ids would explode the label set).
-pub(crate) async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn record_metrics(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let route = req
@@ -76,7 +80,11 @@ pub(crate) async fn record_metrics(State(state): State<AppState>, req: Request, 
 /// Authenticates `/api/v1` requests with a bearer token (or the
 /// `access_token` query parameter, for EventSource which cannot send
 /// headers) and puts the [`RequestContext`] into the request extensions.
-pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let correlation_id = req
         .extensions()
         .get::<CorrelationId>()
@@ -101,7 +109,8 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
             Some(Ok(token)) => match find_token(tokens, &token) {
                 Some(name) => Actor::new(name),
                 None => {
-                    return HttpError::Unauthenticated("invalid bearer token".into()).into_response();
+                    return HttpError::Unauthenticated("invalid bearer token".into())
+                        .into_response();
                 }
             },
         }
@@ -120,7 +129,9 @@ fn bearer(req: &Request) -> Option<Result<String, HttpError>> {
         .ok()
         .and_then(|v| {
             let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
         })
         .filter(|t| !t.is_empty());
     Some(parsed.ok_or_else(|| {
@@ -143,7 +154,10 @@ fn query_token(req: &Request) -> Option<Result<String, HttpError>> {
 
 /// Compares against every configured token in time independent of where
 /// the first difference is, so that response times do not leak a prefix.
-fn find_token(tokens: &std::collections::BTreeMap<String, String>, presented: &str) -> Option<String> {
+fn find_token(
+    tokens: &std::collections::BTreeMap<String, String>,
+    presented: &str,
+) -> Option<String> {
     let mut found = None;
     for (token, name) in tokens {
         if constant_time_eq(token.as_bytes(), presented.as_bytes()) {

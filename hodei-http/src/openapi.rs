@@ -85,5 +85,6 @@ pub fn document_json() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     // Invariant: the document is plain data; serializing it cannot fail.
-    doc.to_pretty_json().expect("the OpenAPI document serializes")
+    doc.to_pretty_json()
+        .expect("the OpenAPI document serializes")
 }

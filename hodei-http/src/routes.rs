@@ -50,7 +50,11 @@ fn table() -> Vec<Route> {
         route(Method::GET, "/api/v1/jobs/{id}/logs", api::job_logs),
         route(Method::GET, "/api/v1/jobs/{id}/events", api::job_events),
         route(Method::GET, "/api/v1/workers", api::list_workers),
-        route(Method::POST, "/api/v1/workers/{id}/drain", api::drain_worker),
+        route(
+            Method::POST,
+            "/api/v1/workers/{id}/drain",
+            api::drain_worker,
+        ),
         route(Method::GET, "/api/v1/providers", api::list_providers),
         route(Method::GET, "/api/v1/audit", api::audit),
         route(Method::GET, "/api/v1/openapi.json", api::openapi_v1),
