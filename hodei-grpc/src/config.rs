@@ -339,14 +339,17 @@ impl ServerArgs {
 }
 
 /// Parses `HODEI_API_TOKENS`: comma-separated `name:token` pairs, or TOML
-/// (`name = "token"` lines, or `[[api_tokens]]` tables).
+/// (`name = "token"` lines, or `[[api_tokens]]` tables; recognised by
+/// their quotes).
 pub fn parse_api_tokens(text: &str) -> Result<Vec<ApiToken>, ConfigError> {
     let accepted = "comma-separated name:token pairs, or TOML lines name = \"token\"";
     let text = text.trim();
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    if text.contains('=') {
+    // TOML needs quoted strings; `name:token` pairs never do (tokens such
+    // as base64 may contain `=`, but not quotes).
+    if text.contains('"') || text.contains('\'') {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError::invalid(
                 "HODEI_API_TOKENS",
@@ -776,6 +779,8 @@ mod tests {
         let t = parse_api_tokens("[[api_tokens]]\nname = \"ci\"\ntoken = \"abcdefgh\"").unwrap();
         assert_eq!(t[0].name, "ci");
         assert!(parse_api_tokens("nocolon").is_err());
+        let t = parse_api_tokens("ci:YWJjZGVmZ2g=").unwrap();
+        assert_eq!(t[0].token, "YWJjZGVmZ2g=");
     }
 
     #[test]

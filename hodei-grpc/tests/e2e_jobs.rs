@@ -560,3 +560,51 @@ async fn api_tokens_authenticate_and_name_the_actor() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+#[test]
+fn the_server_refuses_unsafe_or_unsupported_configurations() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(SERVER_BIN);
+        c.args(["--http-addr", "off"])
+            .args(args)
+            .env("HODEI_WORKER_BIN", WORKER_BIN)
+            .env_remove("HODEI_API_TOKENS")
+            .env_remove("HODEI_DATABASE_URL")
+            .env_remove("HODEI_PROVIDERS");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (out.status.code(), stderr(&out))
+    };
+    let (code, err) = run(&["--grpc-addr", "0.0.0.0:0"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("without API tokens"), "{err}");
+    let (code, err) = run(
+        &["--grpc-addr", "127.0.0.1:0", "--provider", "kubernetes"],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not supported in this build"), "{err}");
+    let (code, err) = run(
+        &["--grpc-addr", "127.0.0.1:0"],
+        &[("HODEI_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no PostgreSQL store backend is configured"),
+        "{err}"
+    );
+    let (code, err) = run(&["--grpc-addr", "127.0.0.1:0", "--provider", "mesos"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("unknown provider kind"), "{err}");
+    for (_, err) in [
+        run(&["--grpc-addr", "0.0.0.0:0"], &[]),
+        run(
+            &["--grpc-addr", "127.0.0.1:0", "--provider", "kubernetes"],
+            &[],
+        ),
+    ] {
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
