@@ -608,3 +608,33 @@ fn the_server_refuses_unsafe_or_unsupported_configurations() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_in_job_run_cancels_the_job() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let mut run = server
+        .cli_cmd(&["job", "run", "--", "sh", "-c", "echo started; sleep 1003"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    signal(run.id() as i32, nix::sys::signal::Signal::SIGINT);
+    let status = tokio::task::block_in_place(|| wait_exit(&mut run, "hodei job run", DEADLINE));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("cancelling job"), "{err}");
+    let jobs = client
+        .jobs()
+        .list(proto::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs[0].state, JobState::Cancelled as i32);
+}
