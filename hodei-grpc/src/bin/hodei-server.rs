@@ -7,7 +7,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hodei_grpc::config::ServerArgs;
-use hodei_grpc::server::{self, Listeners};
+use std::sync::Arc;
+
+use hodei_core::runtime::Stores;
+use hodei_grpc::server::{self, Listeners, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -52,6 +55,31 @@ async fn serve(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             _ = int.recv() => {}
         }
     };
-    server::run(Listeners { grpc, http }, config, shutdown).await?;
+    let http_config = hodei_http::HttpConfig {
+        api_tokens: config
+            .api_tokens
+            .iter()
+            .map(|t| (t.token.clone(), t.name.clone()))
+            .collect(),
+        ..hodei_http::HttpConfig::default()
+    };
+    let options = ServerOptions {
+        http: Some(Arc::new(move |listener, cp, stop| {
+            let router = hodei_http::router(cp, http_config.clone());
+            Box::pin(async move {
+                hodei_http::serve(listener, router, async move { stop.cancelled().await }).await
+            })
+        })),
+        postgres: Some(Arc::new(|url: String| {
+            Box::pin(async move {
+                let store =
+                    hodei_postgres::PgStore::connect(&url, hodei_postgres::PgStoreOptions::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                Ok(Stores::from_store(Arc::new(store)))
+            })
+        })),
+    };
+    server::run_with(Listeners { grpc, http }, config, options, shutdown).await?;
     Ok(())
 }
