@@ -1,15 +1,15 @@
 //! `hodei-server`: parses flags, binds the listeners and calls
-//! [`hodei_grpc::server::run`]. SIGTERM or SIGINT stops it gracefully. See
-//! `docs/SERVER.md`.
+//! [`hodei_grpc::server::run_with`], with the HTTP API of hodei-http and
+//! the PostgreSQL stores of hodei-postgres plugged in. SIGTERM or SIGINT
+//! stops it gracefully. See `docs/SERVER.md`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-
-use clap::Parser;
-use hodei_grpc::config::ServerArgs;
 use std::sync::Arc;
 
+use clap::Parser;
 use hodei_core::runtime::Stores;
+use hodei_grpc::config::ServerArgs;
 use hodei_grpc::server::{self, Listeners, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -72,10 +72,12 @@ async fn serve(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         })),
         postgres: Some(Arc::new(|url: String| {
             Box::pin(async move {
-                let store =
-                    hodei_postgres::PgStore::connect(&url, hodei_postgres::PgStoreOptions::default())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let store = hodei_postgres::PgStore::connect(
+                    &url,
+                    hodei_postgres::PgStoreOptions::default(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 Ok(Stores::from_store(Arc::new(store)))
             })
         })),
