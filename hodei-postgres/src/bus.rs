@@ -21,6 +21,15 @@
 //!    that `xmax`, all of those transactions have ended, so `S` is safe.
 //!    When the database is idle, `xmin == xmax` in the very same snapshot
 //!    and `S` is safe at once.
+//! 4. `xmin` is held back by *any* open transaction of the cluster (another
+//!    application's, an idle-in-transaction psql session). So the same
+//!    statement also lists the transactions holding `RowExclusiveLock` on
+//!    `events` from `pg_locks`: a writer takes that lock before it draws a
+//!    sequence and keeps it until it ends, so once none of the writers
+//!    listed with the candidate holds it any more, `S` is safe too. Only
+//!    Hodei's own, short, event-writing transactions then delay delivery.
+//!    (Prepared 2PC transactions change identity, so while one holds the
+//!    table only rule 3 is used.)
 //!
 //! `NOTIFY hodei_events` (payload: the committed sequence, never the event)
 //! wakes the task early; while a candidate waits for open transactions the
@@ -28,10 +37,9 @@
 //! safety net for lost notifications. The `LISTEN` connection has its own
 //! one-connection pool; when it drops (network, `pg_terminate_backend`) it
 //! is re-established with exponential backoff, and since subscribers read
-//! the table, nothing committed meanwhile is lost. A long-open transaction
-//! anywhere in the cluster delays delivery (never reorders or skips it).
+//! the table, nothing committed meanwhile is lost.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -220,9 +228,8 @@ struct Task {
     logs: broadcast::Sender<LogWake>,
     wake: Arc<Notify>,
     stats: Arc<Counters>,
-    /// `(S, xmax)` pairs waiting for `xmin >= xmax`, oldest first; both
-    /// components increase along the queue.
-    candidates: VecDeque<(u64, u64)>,
+    /// Candidates oldest first; their sequences increase along the queue.
+    candidates: VecDeque<Candidate>,
     horizon: u64,
 }
 
@@ -324,11 +331,21 @@ impl Task {
         .await
         .map_err(store_err)?;
         let last = last.map_or(0, to_u64);
-        // A separate, later statement: its snapshot is taken after `last`
-        // was read.
-        let (xmin, xmax): (String, String) = sqlx::query_as(
-            "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text \
-             FROM pg_current_snapshot() AS s",
+        // A separate, later statement: its snapshot and its view of the
+        // locks are taken after `last` was read.
+        // Writers are listed by virtual transaction id; a prepared (2PC)
+        // transaction changes id when it prepares (its `pid` is then NULL),
+        // so while one holds the table only the xmin rule is trusted.
+        let (xmin, xmax, writers, prepared): (String, String, Vec<String>, bool) = sqlx::query_as(
+            "WITH w AS (SELECT virtualtransaction AS vxid, pid FROM pg_locks \
+                            WHERE locktype = 'relation' AND granted \
+                              AND mode = 'RowExclusiveLock' \
+                              AND relation = 'events'::regclass \
+                              AND database = (SELECT oid FROM pg_database \
+                                              WHERE datname = current_database())) \
+                 SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, \
+                        ARRAY(SELECT vxid FROM w), EXISTS (SELECT 1 FROM w WHERE pid IS NULL) \
+                 FROM pg_current_snapshot() AS s",
         )
         .fetch_one(&self.pool)
         .await
@@ -338,20 +355,26 @@ impl Task {
                 .map_err(|_| StoreError::Other(format!("unexpected transaction id {x:?}")))
         };
         let (xmin, xmax) = (parse(&xmin)?, parse(&xmax)?);
+        let writers: BTreeSet<String> = writers.into_iter().collect();
 
-        let newest = self.candidates.back().map_or(self.horizon, |c| c.0);
+        let newest = self.candidates.back().map_or(self.horizon, |c| c.sequence);
         if last > newest {
             if self.candidates.len() >= MAX_CANDIDATES {
                 self.candidates.pop_back();
             }
-            self.candidates.push_back((last, xmax));
+            self.candidates.push_back(Candidate {
+                sequence: last,
+                xmax,
+                writers: writers.clone(),
+            });
         }
         let mut horizon = self.horizon;
-        while let Some(&(seq, bound)) = self.candidates.front() {
-            if xmin < bound {
+        while let Some(c) = self.candidates.front() {
+            let all_ended = xmin >= c.xmax || (!prepared && c.writers.is_disjoint(&writers));
+            if !all_ended {
                 break;
             }
-            horizon = horizon.max(seq);
+            horizon = horizon.max(c.sequence);
             self.candidates.pop_front();
         }
         if horizon > self.horizon {
@@ -361,6 +384,17 @@ impl Task {
         }
         Ok(())
     }
+}
+
+/// A sequence waiting to become safe, with the two ways to learn that
+/// every transaction that may have drawn a sequence up to it has ended.
+struct Candidate {
+    /// Last sequence drawn when the candidate was taken.
+    sequence: u64,
+    /// `xmax` of a snapshot taken after `sequence` was read.
+    xmax: u64,
+    /// Transactions writing to `events` at that time (virtual ids).
+    writers: BTreeSet<String>,
 }
 
 /// The next notification, or never without a listener.

@@ -148,7 +148,12 @@ impl EventLog for PgStore {
     }
 
     async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError> {
-        read_range(self, after, None, page_limit(limit))
+        // The limit is taken literally (callers page with it, or pass
+        // usize::MAX to read everything).
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        read_range(self, after, None, limit)
             .await?
             .into_iter()
             .map(|(_, event)| event)

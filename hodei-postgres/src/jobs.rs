@@ -275,7 +275,10 @@ impl JobQueue for PgStore {
     }
 
     async fn overdue(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
-        let limit = page_limit(limit);
+        let limit = limit.min(MAX_BATCH);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs \
              WHERE state IN ('SCHEDULED', 'ASSIGNED', 'RUNNING') AND deadline <= $1 \

@@ -27,7 +27,7 @@ use crate::error::{corrupt, store_err, to_i64, to_u64};
 /// never the lines.
 pub(crate) const LOGS_CHANNEL: &str = "hodei_logs";
 
-/// Lines per read when the caller says 0.
+/// Lines per read of a follower.
 const DEFAULT_LINES: usize = 1000;
 /// Most lines per read.
 const MAX_LINES: usize = 10_000;
@@ -122,7 +122,10 @@ impl LogStore for PgStore {
     }
 
     async fn read(&self, job: JobId, after: u64, limit: usize) -> Result<Vec<LogLine>, StoreError> {
-        read_lines(self, job, after, limit).await
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        read_lines(self, job, after, limit.min(MAX_LINES)).await
     }
 
     async fn finish(&self, job: JobId) -> Result<(), StoreError> {
@@ -281,10 +284,6 @@ async fn read_lines(
     after: u64,
     limit: usize,
 ) -> Result<Vec<LogLine>, StoreError> {
-    let limit = match limit {
-        0 => DEFAULT_LINES,
-        n => n.min(MAX_LINES),
-    };
     // At most `limit` chunks can be needed (each holds at least one line);
     // chunks are contiguous, so ordering by `last_seq` orders them and lets
     // the index start at `after`.

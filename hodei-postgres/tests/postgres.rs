@@ -118,6 +118,33 @@ async fn out_of_order_commits_are_delivered_in_sequence_order() {
     assert_eq!(seqs(&take(&mut sub, 1).await), vec![kept]);
 }
 
+/// An unrelated open transaction (another application, a forgotten psql
+/// session) holds back `xmin` but must not stall the bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrelated_open_transaction_does_not_stall_the_bus() {
+    let Some((store, _db)) = common::store().await else {
+        return;
+    };
+    let mut sub = store.subscribe(0);
+    let mut idle = store.pool().begin().await.unwrap();
+    sqlx::query("CREATE TABLE other_app (x int)")
+        .execute(&mut *idle)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO other_app VALUES (1)")
+        .execute(&mut *idle)
+        .await
+        .unwrap();
+    let written = EventLog::append(&*store, vec![worker_event(), worker_event()])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), take(&mut sub, 2))
+        .await
+        .expect("delivered while another transaction is open");
+    assert_eq!(seqs(&got), seqs(&written));
+    idle.rollback().await.unwrap();
+}
+
 /// Many concurrent writers: every subscriber sees every event exactly once,
 /// in strictly increasing sequence order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

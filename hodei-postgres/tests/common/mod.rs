@@ -39,10 +39,7 @@ pub async fn test_db() -> Option<TestDb> {
                 "CI=true but HODEI_TEST_DATABASE_URL is unset: the PostgreSQL tests must run in CI \
                  (start a server with `scripts/pg start $(mktemp -d)`)"
             );
-            eprintln!(
-                "skipping PostgreSQL test: set HODEI_TEST_DATABASE_URL \
-                 (e.g. from `scripts/pg start $(mktemp -d)`)"
-            );
+            skip_notice();
             return None;
         }
     };
@@ -61,6 +58,20 @@ pub async fn test_db() -> Option<TestDb> {
         name,
         url,
     })
+}
+
+/// Says once per test binary, uncaptured (the harness captures `eprintln!`),
+/// that the PostgreSQL tests are skipped.
+fn skip_notice() {
+    use std::io::Write;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: skipping PostgreSQL tests: HODEI_TEST_DATABASE_URL is unset \
+             (start a server with `scripts/pg start $(mktemp -d)`)"
+        );
+    });
 }
 
 /// A store on a fresh database with the test key.
