@@ -98,7 +98,7 @@ async fn submit_follow_logs_and_result_over_grpc() {
     let out = server.cli(&["--output", "json", "job", "get", &job.job_id]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(v["status"]["state"], "SUCCEEDED");
+    assert_eq!(v["state"], "SUCCEEDED");
     assert_eq!(v["id"], job.job_id.as_str());
     let out = server.cli(&["job", "logs", &job.job_id]);
     assert_eq!(stdout(&out), "one\ntwo\n");
@@ -503,9 +503,13 @@ async fn correlation_id_reaches_every_event_of_the_job() {
     assert!(audited.total as usize >= events.len());
     // `job events` in JSON is the same list.
     let out = server.cli(&["--output", "json", "job", "events", &id]);
-    let v: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let v = v["events"].as_array().unwrap();
     assert_eq!(v.len(), events.len());
     assert!(v.iter().all(|e| e["correlation_id"] == corr.as_str()));
+    // The same document as GET /api/v1/jobs/{id}/events.
+    assert_eq!(v[0]["event_type"], "JobCreated");
+    assert!(v[0]["payload"].is_object());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

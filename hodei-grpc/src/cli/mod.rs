@@ -586,7 +586,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .await
                 .map_err(|s| client.err(&s))?
                 .into_inner();
-            printer.events(&resp.events, Some(resp.total))?;
+            printer.events(&resp.events, Some((resp.total, a.limit, a.offset)))?;
             Ok(exit::OK)
         }
         Command::Secret(a) => match a.cmd {

@@ -1,9 +1,12 @@
 //! How `hodei` prints results: aligned text for people, JSON for programs.
-//! JSON objects are the same as the HTTP API's (domain serde forms).
+//! The JSON documents are those of the HTTP API (`hodei_http::dto`), so a
+//! script can switch between `hodei --output json` and `/api/v1`.
 
 use std::io::Write;
 
 use serde_json::{Value, json};
+
+use hodei_http::dto;
 
 use super::{CliError, OutputFormat, exit};
 use crate::convert;
@@ -30,9 +33,43 @@ fn bad_reply(e: convert::ConvertError) -> CliError {
     )
 }
 
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, CliError> {
+    serde_json::to_value(v).map_err(|e| CliError::new(exit::ERROR, e.to_string()))
+}
+
+fn job_dto(job: &proto::Job) -> Result<dto::JobDto, CliError> {
+    Ok(dto::JobDto::from(
+        convert::job_from_proto(job).map_err(bad_reply)?,
+    ))
+}
+
 fn job_value(job: &proto::Job) -> Result<Value, CliError> {
-    let job = convert::job_from_proto(job).map_err(bad_reply)?;
-    serde_json::to_value(&job).map_err(|e| CliError::new(exit::ERROR, e.to_string()))
+    to_value(job_dto(job)?)
+}
+
+fn event_dto(e: &proto::Event) -> Result<dto::EventDto, CliError> {
+    let event_id = e
+        .event_id
+        .parse()
+        .map_err(|_| CliError::new(exit::ERROR, format!("unexpected event id {:?}", e.event_id)))?;
+    let occurred_at = convert::from_timestamp(
+        "occurred_at",
+        e.occurred_at
+            .as_ref()
+            .unwrap_or(&prost_types::Timestamp::default()),
+    )
+    .map_err(bad_reply)?;
+    Ok(dto::EventDto {
+        event_id,
+        sequence: e.sequence,
+        occurred_at,
+        event_type: e.event_type.clone(),
+        aggregate_type: e.aggregate_type.clone(),
+        aggregate_id: e.aggregate_id.clone(),
+        correlation_id: e.correlation_id.clone(),
+        actor: e.actor.clone(),
+        payload: serde_json::from_str(&e.payload_json).unwrap_or(Value::Null),
+    })
 }
 
 fn ts(t: Option<&prost_types::Timestamp>) -> String {
@@ -302,7 +339,8 @@ impl Printer {
             OutputFormat::Json => {
                 let mut out = std::io::stdout().lock();
                 for l in lines {
-                    let line = convert::log_line_from_proto(l).map_err(bad_reply)?;
+                    let line =
+                        dto::LogLineDto::from(convert::log_line_from_proto(l).map_err(bad_reply)?);
                     serde_json::to_writer(&mut out, &json!({ "log": line }))
                         .map_err(|e| write_err(e.into()))?;
                     out.write_all(b"\n").map_err(write_err)?;
@@ -330,19 +368,28 @@ impl Printer {
         }
     }
 
-    /// Events (`job events`; `audit` with the total).
+    /// Events (`job events`; `audit` with the total, limit and offset).
     pub(super) fn events(
         &self,
         events: &[proto::Event],
-        total: Option<u64>,
+        page: Option<(u64, u32, u32)>,
     ) -> Result<(), CliError> {
         if self.format == OutputFormat::Json {
-            let list: Vec<Value> = events.iter().map(convert::event_json).collect();
-            return match total {
-                Some(total) => self.json(&json!({ "events": list, "total": total })),
-                None => self.json(&Value::Array(list)),
+            let events = events
+                .iter()
+                .map(event_dto)
+                .collect::<Result<Vec<_>, _>>()?;
+            return match page {
+                Some((total, limit, offset)) => self.json(&to_value(dto::AuditPageDto {
+                    events,
+                    total,
+                    limit,
+                    offset: u64::from(offset),
+                })?),
+                None => self.json(&to_value(dto::JobEventsDto { events })?),
             };
         }
+        let total = page.map(|(t, _, _)| t);
         let rows = events
             .iter()
             .map(|e| {
@@ -369,14 +416,15 @@ impl Printer {
     /// `worker list`.
     pub(super) fn workers(&self, workers: &[proto::Worker]) -> Result<(), CliError> {
         if self.format == OutputFormat::Json {
-            let list = workers
+            let workers = workers
                 .iter()
                 .map(|w| {
-                    let w = convert::worker_from_proto(w).map_err(bad_reply)?;
-                    serde_json::to_value(&w).map_err(|e| CliError::new(exit::ERROR, e.to_string()))
+                    Ok(dto::WorkerDto::from(
+                        convert::worker_from_proto(w).map_err(bad_reply)?,
+                    ))
                 })
-                .collect::<Result<Vec<_>, _>>()?;
-            return self.json(&Value::Array(list));
+                .collect::<Result<Vec<_>, CliError>>()?;
+            return self.json(&to_value(dto::WorkersDto { workers })?);
         }
         let rows = workers
             .iter()
@@ -400,14 +448,15 @@ impl Printer {
     /// `provider list`.
     pub(super) fn providers(&self, providers: &[proto::Provider]) -> Result<(), CliError> {
         if self.format == OutputFormat::Json {
-            let list = providers
+            let providers = providers
                 .iter()
                 .map(|p| {
-                    let p = convert::provider_from_proto(p).map_err(bad_reply)?;
-                    serde_json::to_value(&p).map_err(|e| CliError::new(exit::ERROR, e.to_string()))
+                    Ok(dto::ProviderDto::from(
+                        convert::provider_from_proto(p).map_err(bad_reply)?,
+                    ))
                 })
-                .collect::<Result<Vec<_>, _>>()?;
-            return self.json(&Value::Array(list));
+                .collect::<Result<Vec<_>, CliError>>()?;
+            return self.json(&to_value(dto::ProvidersDto { providers })?);
         }
         let rows = providers
             .iter()
@@ -426,14 +475,11 @@ impl Printer {
     /// `secret list`.
     pub(super) fn secrets(&self, secrets: &[proto::SecretMeta]) -> Result<(), CliError> {
         if self.format == OutputFormat::Json {
-            let list = secrets
+            let secrets = secrets
                 .iter()
-                .map(|s| {
-                    let s = convert::secret_meta_from_proto(s).map_err(bad_reply)?;
-                    serde_json::to_value(&s).map_err(|e| CliError::new(exit::ERROR, e.to_string()))
-                })
+                .map(|s| convert::secret_meta_from_proto(s).map_err(bad_reply))
                 .collect::<Result<Vec<_>, _>>()?;
-            return self.json(&Value::Array(list));
+            return self.json(&json!({ "secrets": secrets }));
         }
         let rows = secrets
             .iter()
