@@ -370,7 +370,7 @@ enum Cmd {
     Sweep,
     Reconcile {
         provider: ProviderId,
-        found: Vec<WorkerId>,
+        found: Vec<crate::ports::ProvisionedWorker>,
     },
     Workers {
         reply: oneshot::Sender<Vec<Worker>>,
@@ -882,7 +882,7 @@ impl ControlPlane {
                         {
                             let _ = tx.send(Cmd::Reconcile {
                                 provider: provider.id().clone(),
-                                found: list.into_iter().map(|w| w.worker).collect(),
+                                found: list,
                             });
                         }
                     }
@@ -1240,8 +1240,21 @@ impl Driver {
             },
             Cmd::Sweep => self.sweep(now).await,
             Cmd::Reconcile { provider, found } => {
-                for worker in found {
-                    if self.engine.worker(worker).is_none() && !self.links.contains_key(&worker) {
+                for pw in found {
+                    let worker = pw.worker;
+                    if self.engine.worker(worker).is_some() {
+                        if !pw.alive {
+                            // Its container/process ended and the exit was
+                            // missed: recover its jobs by policy.
+                            self.links.remove(&worker);
+                            self.engine
+                                .handle_worker_exited(now, worker, "found dead by reconciliation");
+                        }
+                        continue;
+                    }
+                    // Only this server's leftovers: other servers sharing the
+                    // backend own theirs.
+                    if pw.server_id == self.config.server_id && !self.links.contains_key(&worker) {
                         if let Some(p) = self.providers.get(&provider).cloned() {
                             tracing::info!(%worker, %provider, "removing orphaned worker");
                             tokio::spawn(async move {
