@@ -38,13 +38,17 @@
 //!   horizon*: it reads the last allocated sequence `S`, then a snapshot
 //!   whose `xmax` bounds every transaction that could have allocated a
 //!   sequence up to `S`; once `pg_snapshot_xmin` of a later snapshot passes
-//!   that `xmax`, every committed event up to `S` is visible and no other
-//!   can appear. Subscribers only deliver events up to the horizon, in
-//!   sequence order, catching up from the table first. NOTIFY only wakes the
-//!   task early; a periodic poll covers lost notifications, and the
-//!   `LISTEN` connection is re-established with backoff when it drops
-//!   (events committed meanwhile are read from the table, so nothing is
-//!   lost). See the `bus` module.
+//!   that `xmax` — or, sooner, once every transaction that held a write
+//!   lock on `events` at that moment (from `pg_locks`) has ended, so that an
+//!   unrelated long transaction cannot stall the bus — every committed
+//!   event up to `S` is visible and no other can appear. Subscribers only
+//!   deliver events up to the horizon, in sequence order, catching up from
+//!   the table first. NOTIFY only wakes the task early; a periodic poll
+//!   covers lost notifications, and the `LISTEN` connection is
+//!   re-established with backoff when it drops (events committed meanwhile
+//!   are read from the table, so nothing is lost). See the `bus` module.
+//!   [`EventLog::read_after`] is a plain read of what is visible; use the
+//!   subscription, not `read_after`, to tail the log.
 //! - **Logs** are stored one row per appended batch (a JSON array of
 //!   lines with their range of per-job sequences). A per-job head row is
 //!   locked by each append, which makes the store-assigned sequences gap-free
