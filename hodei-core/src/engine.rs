@@ -21,14 +21,14 @@
 //! else changed the job, the shell calls [`Engine::handle_job_changed`]
 //! and the engine falls in line (stops the attempt on its worker).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::EngineError;
-use crate::event::{DomainEvent, EventBody};
+use crate::event::{AggregateKind, DomainEvent, EventBody};
 use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
 use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, JobStatus, TransitionContext};
 use crate::ports::{Claim, RequestContext};
@@ -284,21 +284,239 @@ pub enum Effect {
     },
 }
 
+/// Whom a change of an owned job is attributed to in its events.
+enum By {
+    /// The scheduler, in the job's own flow.
+    Engine,
+    /// This actor (a worker, `system:<component>`), in the job's own flow.
+    Actor(Actor),
+    /// A request: its correlation id and caller.
+    Request(CorrelationId, Actor),
+}
+
 #[derive(Debug, Clone)]
 struct WorkerEntry {
     worker: Worker,
+    /// `worker:<id>`, formatted once.
+    actor: Actor,
     /// Correlation of the flow that created it.
     correlation_id: CorrelationId,
     /// When a disconnected worker is declared lost.
     lost_at: Option<Timestamp>,
     /// When a worker still creating/connecting is given up.
     register_by: Option<Timestamp>,
+    /// What [`WorkerTable`]'s indexes hold for it (maintained by the table).
+    indexed: Indexed,
+}
+
+/// A worker's place in the [`WorkerTable`] indexes, as last refreshed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Indexed {
+    /// Modified since the last refresh (queued in `WorkerTable::dirty`).
+    dirty: bool,
+    /// Its key in `WorkerTable::by_load`, if it takes work.
+    load: Option<usize>,
+    /// Free slots counted in `WorkerTable::free_slots`.
+    slots: usize,
+    /// Listed in `WorkerTable::reserved`.
+    reserved: bool,
+}
+
+/// The workers, with indexes that spare the hot path a scan of them all:
+/// the free slots of unreserved workers (the claim capacity) and the
+/// workers that take work ordered by load (least-loaded placement).
+///
+/// Every mutable access marks the worker dirty; the indexes are brought up
+/// to date lazily, before they are read. In debug builds each read checks
+/// the indexes against a full recount.
+#[derive(Debug, Default)]
+struct WorkerTable {
+    map: BTreeMap<WorkerId, WorkerEntry>,
+    dirty: Vec<WorkerId>,
+    /// Sum of free slots of connected, unreserved READY/BUSY workers.
+    free_slots: usize,
+    /// Connected READY/BUSY workers with a free slot, by (jobs held, id).
+    by_load: BTreeSet<(usize, WorkerId)>,
+    /// Workers reserved for a job.
+    reserved: BTreeSet<WorkerId>,
+}
+
+impl WorkerTable {
+    fn get(&self, id: &WorkerId) -> Option<&WorkerEntry> {
+        self.map.get(id)
+    }
+
+    fn get_mut(&mut self, id: &WorkerId) -> Option<&mut WorkerEntry> {
+        let e = self.map.get_mut(id)?;
+        if !e.indexed.dirty {
+            e.indexed.dirty = true;
+            self.dirty.push(*id);
+        }
+        Some(e)
+    }
+
+    /// For changes that no index depends on (heartbeats).
+    fn get_mut_unindexed(&mut self, id: &WorkerId) -> Option<&mut WorkerEntry> {
+        self.map.get_mut(id)
+    }
+
+    fn contains_key(&self, id: &WorkerId) -> bool {
+        self.map.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &WorkerId> {
+        self.map.keys()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &WorkerEntry> {
+        self.map.values()
+    }
+
+    fn insert(&mut self, id: WorkerId, mut entry: WorkerEntry) -> Option<WorkerEntry> {
+        entry.indexed = Indexed {
+            dirty: true,
+            ..Indexed::default()
+        };
+        self.dirty.push(id);
+        let old = self.map.insert(id, entry);
+        if let Some(old) = &old {
+            self.unindex(id, old.indexed);
+        }
+        old
+    }
+
+    fn get_or_insert_with(
+        &mut self,
+        id: WorkerId,
+        make: impl FnOnce() -> WorkerEntry,
+    ) -> &mut WorkerEntry {
+        if !self.map.contains_key(&id) {
+            self.insert(id, make());
+        }
+        self.get_mut(&id).expect("inserted above")
+    }
+
+    fn remove(&mut self, id: &WorkerId) -> Option<WorkerEntry> {
+        let old = self.map.remove(id)?;
+        self.unindex(*id, old.indexed);
+        Some(old)
+    }
+
+    fn unindex(&mut self, id: WorkerId, indexed: Indexed) {
+        if let Some(load) = indexed.load {
+            self.by_load.remove(&(load, id));
+        }
+        if indexed.reserved {
+            self.reserved.remove(&id);
+        }
+        self.free_slots -= indexed.slots;
+    }
+
+    /// Brings the indexes up to date with every change since the last call.
+    fn refresh(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(e) = self.map.get_mut(&id) else {
+                continue; // removed: unindexed then
+            };
+            let old = e.indexed;
+            let w = &e.worker;
+            let takes_work =
+                w.connected && matches!(w.state, WorkerState::Ready | WorkerState::Busy);
+            let new = Indexed {
+                dirty: false,
+                load: (takes_work && w.free_slots() > 0).then_some(w.jobs.len()),
+                slots: if takes_work && w.reserved_for.is_none() {
+                    w.free_slots() as usize
+                } else {
+                    0
+                },
+                reserved: w.reserved_for.is_some(),
+            };
+            e.indexed = new;
+            self.unindex(id, old);
+            if let Some(load) = new.load {
+                self.by_load.insert((load, id));
+            }
+            if new.reserved {
+                self.reserved.insert(id);
+            }
+            self.free_slots += new.slots;
+        }
+        #[cfg(debug_assertions)]
+        self.check();
+    }
+
+    /// The indexes agree with a full recount.
+    #[cfg(debug_assertions)]
+    fn check(&self) {
+        let (mut slots, mut loaded, mut reserved) = (0, 0, 0);
+        for w in self.map.values().map(|e| &e.worker) {
+            let takes_work =
+                w.connected && matches!(w.state, WorkerState::Ready | WorkerState::Busy);
+            if takes_work && w.reserved_for.is_none() {
+                slots += w.free_slots() as usize;
+            }
+            if takes_work && w.free_slots() > 0 {
+                loaded += 1;
+                assert!(self.by_load.contains(&(w.jobs.len(), w.id)), "load index");
+            }
+            if w.reserved_for.is_some() {
+                reserved += 1;
+                assert!(self.reserved.contains(&w.id), "reservation index");
+            }
+        }
+        assert_eq!(self.free_slots, slots, "free slots index");
+        assert_eq!(self.by_load.len(), loaded, "load index size");
+        assert_eq!(self.reserved.len(), reserved, "reservation index size");
+    }
+
+    /// Free slots of connected, unreserved READY/BUSY workers.
+    fn free_slots(&mut self) -> usize {
+        self.refresh();
+        self.free_slots
+    }
+
+    /// The least-loaded worker that may run `job` (what
+    /// [`scheduler::select_worker`] picks with
+    /// [`WorkerSelection::LeastLoaded`]), without looking at them all.
+    fn least_loaded(&mut self, job: JobId, spec: &JobSpec) -> Option<WorkerId> {
+        self.refresh();
+        // A worker provisioned for this very job always wins.
+        let reserved = self
+            .reserved
+            .iter()
+            .map(|id| &self.map[id].worker)
+            .find(|w| w.reserved_for == Some(job) && scheduler::is_eligible(w, job, spec));
+        if let Some(w) = reserved {
+            return Some(w.id);
+        }
+        // Keys are (jobs held, id): the first eligible is the minimum.
+        self.by_load
+            .iter()
+            .map(|(_, id)| &self.map[id].worker)
+            .find(|w| scheduler::is_eligible(w, job, spec))
+            .map(|w| w.id)
+    }
+}
+
+impl std::ops::Index<&WorkerId> for WorkerTable {
+    type Output = WorkerEntry;
+    fn index(&self, id: &WorkerId) -> &WorkerEntry {
+        &self.map[id]
+    }
 }
 
 #[derive(Debug, Clone)]
 struct ProviderEntry {
     config: ProviderConfig,
     healthy: bool,
+    /// Its workers in `Engine::workers` (none there is terminated), kept
+    /// as workers come and go so that capacity is not a scan.
+    live: u32,
 }
 
 /// The engine. See the module documentation.
@@ -306,7 +524,7 @@ pub struct Engine {
     config: EngineConfig,
     entropy: Box<dyn Entropy>,
     jobs: BTreeMap<JobId, Job>,
-    workers: BTreeMap<WorkerId, WorkerEntry>,
+    workers: WorkerTable,
     providers: BTreeMap<ProviderId, ProviderEntry>,
     effects: VecDeque<Effect>,
     rr_cursor: u64,
@@ -339,7 +557,7 @@ impl Engine {
             config,
             entropy,
             jobs: BTreeMap::new(),
-            workers: BTreeMap::new(),
+            workers: WorkerTable::default(),
             providers: providers
                 .into_iter()
                 .map(|c| {
@@ -348,6 +566,7 @@ impl Engine {
                         ProviderEntry {
                             config: c,
                             healthy: true,
+                            live: 0,
                         },
                     )
                 })
@@ -539,7 +758,7 @@ impl Engine {
             now,
             job,
             JobCommand::Cancel { reason },
-            Some((ctx.correlation_id.clone(), ctx.actor.clone())),
+            By::Request(ctx.correlation_id.clone(), ctx.actor.clone()),
         )?;
         Ok(self.finished_or_current(job))
     }
@@ -656,7 +875,11 @@ impl Engine {
             ),
             None => false,
         };
-        let entry = self.workers.entry(id).or_insert_with(|| WorkerEntry {
+        if !self.workers.contains_key(&id) {
+            self.count_worker(&reg.provider, 1);
+        }
+        let entry = self.workers.get_or_insert_with(id, || WorkerEntry {
+            actor: Actor::worker(id),
             worker: Worker {
                 id,
                 provider: reg.provider.clone(),
@@ -674,6 +897,7 @@ impl Engine {
             correlation_id: CorrelationId::new(format!("worker-{id}")),
             lost_at: None,
             register_by: None,
+            indexed: Indexed::default(),
         });
         entry.worker.connected = true;
         entry.worker.last_seen = now;
@@ -764,13 +988,12 @@ impl Engine {
             };
             // The job's own flow, not the worker's: its events must be
             // found under the job's correlation id.
-            let job_corr = j.correlation_id.clone();
             let failure = Failure::new(kind, "the worker reconnected without this attempt");
             let _ = self.apply(
                 now,
                 job,
                 JobCommand::Fail(failure),
-                Some((job_corr, actor.clone())),
+                By::Actor(actor.clone()),
             );
         }
         self.refresh_worker_state(now, id);
@@ -784,7 +1007,7 @@ impl Engine {
 
     /// A sign of life.
     pub fn handle_heartbeat(&mut self, now: Timestamp, worker: WorkerId) {
-        if let Some(e) = self.workers.get_mut(&worker) {
+        if let Some(e) = self.workers.get_mut_unindexed(&worker) {
             e.worker.last_seen = now;
         }
     }
@@ -895,13 +1118,8 @@ impl Engine {
         attempt: u32,
     ) -> Result<(), EngineError> {
         self.check_holder(now, worker, job, attempt)?;
-        let corr = self.jobs[&job].correlation_id.clone();
-        self.apply(
-            now,
-            job,
-            JobCommand::Start,
-            Some((corr, Actor::worker(worker))),
-        )
+        let actor = self.worker_actor(worker);
+        self.apply(now, job, JobCommand::Start, By::Actor(actor))
     }
 
     /// The worker refused the attempt.
@@ -914,17 +1132,12 @@ impl Engine {
         reason: &str,
     ) -> Result<(), EngineError> {
         self.check_holder(now, worker, job, attempt)?;
-        let corr = self.jobs[&job].correlation_id.clone();
         let failure = Failure::new(
             FailureKind::DispatchFailed,
             format!("worker refused: {reason}"),
         );
-        self.apply(
-            now,
-            job,
-            JobCommand::Fail(failure),
-            Some((corr, Actor::worker(worker))),
-        )
+        let actor = self.worker_actor(worker);
+        self.apply(now, job, JobCommand::Fail(failure), By::Actor(actor))
     }
 
     /// The attempt ended on the worker.
@@ -937,17 +1150,10 @@ impl Engine {
         report: AttemptReport,
     ) -> Result<(), EngineError> {
         self.check_holder(now, worker, job, attempt)?;
-        let j = &self.jobs[&job];
-        let corr = j.correlation_id.clone();
-        let actor = Actor::worker(worker);
-        if j.state() == JobState::Assigned {
+        let actor = self.worker_actor(worker);
+        if self.jobs[&job].state() == JobState::Assigned {
             // The result overtook the acknowledgement; the attempt did run.
-            self.apply(
-                now,
-                job,
-                JobCommand::Start,
-                Some((corr.clone(), actor.clone())),
-            )?;
+            self.apply(now, job, JobCommand::Start, By::Actor(actor.clone()))?;
         }
         let command = match report.start_error {
             Some(reason) => JobCommand::Fail(Failure::new(
@@ -961,7 +1167,7 @@ impl Engine {
                 timed_out: report.timed_out,
             },
         };
-        self.apply(now, job, command, Some((corr, actor)))
+        self.apply(now, job, command, By::Actor(actor))
     }
 
     /// A provider's health changed.
@@ -1006,12 +1212,11 @@ impl Engine {
             .map(|j| j.id)
             .collect();
         for job in overdue {
-            let corr = self.jobs[&job].correlation_id.clone();
             let _ = self.apply(
                 now,
                 job,
                 JobCommand::Expire,
-                Some((corr, Actor::system("deadline"))),
+                By::Actor(Actor::system("deadline")),
             );
         }
         // Workers: registration, heartbeat and reconnect deadlines.
@@ -1061,15 +1266,29 @@ impl Engine {
     /// Returns `false` if it went back to the queue for want of room.
     fn place(&mut self, now: Timestamp, job: Job) -> bool {
         let id = job.id;
-        let corr = job.correlation_id.clone();
-        let actor = self.actor.clone();
-        let worker = scheduler::select_worker(
-            self.config.selection,
-            id,
-            &job.spec,
-            self.workers.values().map(|e| &e.worker),
-            &mut self.rr_cursor,
-        );
+        let worker = if self.config.selection == WorkerSelection::LeastLoaded {
+            let fast = self.workers.least_loaded(id, &job.spec);
+            debug_assert_eq!(
+                fast,
+                scheduler::select_worker(
+                    WorkerSelection::LeastLoaded,
+                    id,
+                    &job.spec,
+                    self.workers.values().map(|e| &e.worker),
+                    &mut 0,
+                ),
+                "the load index disagrees with the scheduler"
+            );
+            fast
+        } else {
+            scheduler::select_worker(
+                self.config.selection,
+                id,
+                &job.spec,
+                self.workers.values().map(|e| &e.worker),
+                &mut self.rr_cursor,
+            )
+        };
         self.jobs.insert(id, job);
         if let Some(worker) = worker {
             self.assign(now, id, worker);
@@ -1099,10 +1318,11 @@ impl Engine {
                             worker,
                             deadline,
                         },
-                        Some((corr.clone(), actor)),
+                        By::Engine,
                     )
                     .is_ok()
                 {
+                    let corr = self.jobs[&id].correlation_id.clone();
                     self.start_worker(now, &provider, worker, image, Some(id), ephemeral, corr);
                     self.effects
                         .push_back(Effect::Provision { provider, launch });
@@ -1120,14 +1340,14 @@ impl Engine {
                     FailureKind::Validation,
                     format!("provider {name:?} is not configured"),
                 );
-                let _ = self.apply(now, id, JobCommand::Fail(f), Some((corr, actor)));
+                let _ = self.apply(now, id, JobCommand::Fail(f), By::Engine);
             }
             Err(NoProvider::CannotRunImages(p)) => {
                 let f = Failure::new(
                     FailureKind::Validation,
                     format!("the job names an image but provider {p} cannot run images"),
                 );
-                let _ = self.apply(now, id, JobCommand::Fail(f), Some((corr, actor)));
+                let _ = self.apply(now, id, JobCommand::Fail(f), By::Engine);
             }
         }
         true
@@ -1158,15 +1378,21 @@ impl Engine {
             last_seen: now,
             created_at: now,
         };
-        self.workers.insert(
+        let replaced = self.workers.insert(
             worker,
             WorkerEntry {
+                actor: Actor::worker(worker),
                 worker: w.clone(),
                 correlation_id: corr.clone(),
                 lost_at: None,
                 register_by: Some(add(now, self.config.provision_timeout)),
+                indexed: Indexed::default(),
             },
         );
+        if let Some(old) = replaced {
+            self.count_worker(&old.worker.provider, -1);
+        }
+        self.count_worker(provider, 1);
         self.record(
             now,
             &corr,
@@ -1180,14 +1406,13 @@ impl Engine {
     }
 
     fn assign(&mut self, now: Timestamp, job: JobId, worker: WorkerId) {
-        let corr = self.jobs[&job].correlation_id.clone();
         let deadline = add(now, self.config.dispatch_timeout);
         if self
             .apply(
                 now,
                 job,
                 JobCommand::Assign { worker, deadline },
-                Some((corr, self.actor.clone())),
+                By::Engine,
             )
             .is_err()
         {
@@ -1212,7 +1437,7 @@ impl Engine {
         now: Timestamp,
         id: JobId,
         command: JobCommand,
-        who: Option<(CorrelationId, Actor)>,
+        by: By,
     ) -> Result<(), EngineError> {
         let unit = self.entropy.unit();
         let job = self.jobs.get_mut(&id).ok_or(EngineError::UnknownJob(id))?;
@@ -1226,12 +1451,29 @@ impl Engine {
             unit_random: unit,
         };
         let bodies = job.apply(command, ctx)?;
-        let (corr, actor) = who.unwrap_or_else(|| (job.correlation_id.clone(), self.actor.clone()));
+        // Borrow the fields apart: the job's correlation id is used in
+        // place, not copied once more.
+        let entropy = &mut *self.entropy;
+        let events = match &by {
+            By::Engine => wrap(entropy, now, &job.correlation_id, &self.actor, bodies),
+            By::Actor(actor) => wrap(entropy, now, &job.correlation_id, actor, bodies),
+            By::Request(corr, actor) => wrap(entropy, now, corr, actor, bodies),
+        };
         let after_state = job.state();
         let after_worker = job.status.worker();
-        let snapshot = job.clone();
-        let events = self.wrap(now, &corr, &actor, bodies);
-        self.push_update(snapshot.clone(), expected_version, events);
+        let not_before = match job.status {
+            JobStatus::Pending { not_before } => not_before,
+            _ => None,
+        };
+        // A job back in the queue or finished leaves the engine: move it
+        // into the update rather than copy it.
+        let leaves = after_state.is_terminal() || after_state == JobState::Pending;
+        let snapshot = if leaves {
+            self.jobs.remove(&id).expect("present: just applied")
+        } else {
+            job.clone()
+        };
+        self.push_update(snapshot, expected_version, events);
         // The attempt left its worker: stop it there and free the slot.
         if let Some(worker) = before_worker
             && after_worker != Some(worker)
@@ -1253,18 +1495,11 @@ impl Engine {
             }
             self.release_slot(now, worker, id);
         }
-        if after_state.is_terminal() || after_state == JobState::Pending {
-            self.jobs.remove(&id);
-            if after_state == JobState::Pending {
-                // Back in the queue for its next attempt.
-                self.queue_hint = true;
-                let nb = match snapshot.status {
-                    JobStatus::Pending { not_before } => not_before,
-                    _ => None,
-                };
-                if let Some(nb) = nb {
-                    self.next_claim_at = Some(self.next_claim_at.map_or(nb, |t| t.min(nb)));
-                }
+        if after_state == JobState::Pending {
+            // Back in the queue for its next attempt.
+            self.queue_hint = true;
+            if let Some(nb) = not_before {
+                self.next_claim_at = Some(self.next_claim_at.map_or(nb, |t| t.min(nb)));
             }
         }
         Ok(())
@@ -1347,8 +1582,15 @@ impl Engine {
         };
         let _ = e.worker.transition(target);
         if target == WorkerState::Ready {
-            let corr = e.correlation_id.clone();
-            self.record(now, &corr, EventBody::WorkerReady { worker_id: worker });
+            let body = EventBody::WorkerReady { worker_id: worker };
+            let events = wrap(
+                &mut *self.entropy,
+                now,
+                &e.correlation_id,
+                &self.actor,
+                vec![body],
+            );
+            self.effects.push_back(Effect::Record(events));
         }
     }
 
@@ -1404,12 +1646,11 @@ impl Engine {
         e.worker.ephemeral = false;
         let _ = e.worker.transition(WorkerState::Terminating);
         for job in held {
-            let corr = self.jobs[&job].correlation_id.clone();
             let _ = self.apply(
                 now,
                 job,
                 JobCommand::Fail(failure.clone()),
-                Some((corr, Actor::system("monitor"))),
+                By::Actor(Actor::system("monitor")),
             );
         }
         self.effects
@@ -1421,6 +1662,7 @@ impl Engine {
         let Some(mut e) = self.workers.remove(&worker) else {
             return;
         };
+        self.count_worker(&e.worker.provider, -1);
         if e.worker.state.is_terminal() {
             return;
         }
@@ -1495,22 +1737,13 @@ impl Engine {
 
     /// Jobs this engine could start now: free worker slots plus room at
     /// healthy providers.
-    fn capacity(&self) -> usize {
-        let slots: usize = self
-            .workers
-            .values()
-            .filter(|e| {
-                e.worker.connected
-                    && e.worker.reserved_for.is_none()
-                    && matches!(e.worker.state, WorkerState::Ready | WorkerState::Busy)
-            })
-            .map(|e| e.worker.free_slots() as usize)
-            .sum();
+    fn capacity(&mut self) -> usize {
+        let slots = self.workers.free_slots();
         let room: usize = self
-            .provider_snapshots()
-            .iter()
+            .providers
+            .values()
             .filter(|p| p.healthy)
-            .map(|p| p.max_workers.saturating_sub(p.workers) as usize)
+            .map(|p| p.config.max_workers.saturating_sub(p.live) as usize)
             .sum();
         slots + room
     }
@@ -1518,35 +1751,46 @@ impl Engine {
     fn provider_snapshots(&self) -> Vec<ProviderSnapshot> {
         self.providers
             .values()
-            .map(|p| ProviderSnapshot {
-                id: p.config.id.clone(),
-                healthy: p.healthy,
-                workers: self
-                    .workers
-                    .values()
-                    .filter(|e| e.worker.provider == p.config.id && !e.worker.state.is_terminal())
-                    .count() as u32,
-                max_workers: p.config.max_workers,
-                runs_images: p.config.runs_images,
+            .map(|p| {
+                debug_assert_eq!(
+                    p.live as usize,
+                    self.workers
+                        .values()
+                        .filter(|e| e.worker.provider == p.config.id)
+                        .count(),
+                    "live worker count of {}",
+                    p.config.id
+                );
+                ProviderSnapshot {
+                    id: p.config.id.clone(),
+                    healthy: p.healthy,
+                    workers: p.live,
+                    max_workers: p.config.max_workers,
+                    runs_images: p.config.runs_images,
+                }
             })
             .collect()
     }
 
+    /// A worker of `provider` joined (`+1`) or left (`-1`) `self.workers`.
+    fn count_worker(&mut self, provider: &ProviderId, delta: i32) {
+        if let Some(p) = self.providers.get_mut(provider) {
+            p.live = p.live.saturating_add_signed(delta);
+        }
+    }
+
     fn fill_warm_pools(&mut self, now: Timestamp) {
-        let providers: Vec<ProviderConfig> = self
+        let providers: Vec<(ProviderConfig, u32)> = self
             .providers
             .values()
             .filter(|p| p.healthy && p.config.warm_pool > 0)
-            .map(|p| p.config.clone())
+            .map(|p| (p.config.clone(), p.live))
             .collect();
-        for p in providers {
-            let of_provider = || {
-                self.workers
-                    .values()
-                    .filter(|e| e.worker.provider == p.id && !e.worker.state.is_terminal())
-            };
-            let total = of_provider().count() as u32;
-            let idle = of_provider()
+        for (p, total) in providers {
+            let idle = self
+                .workers
+                .values()
+                .filter(|e| e.worker.provider == p.id && !e.worker.state.is_terminal())
                 .filter(|e| {
                     !e.worker.ephemeral
                         && e.worker.jobs.is_empty()
@@ -1626,17 +1870,80 @@ impl Engine {
         actor: &Actor,
         bodies: Vec<EventBody>,
     ) -> Vec<DomainEvent> {
-        bodies
-            .into_iter()
-            .map(|body| {
-                DomainEvent::new(
-                    EventId::from_uuid(self.entropy.uuid()),
-                    now,
-                    corr.clone(),
-                    actor.clone(),
-                    body,
-                )
-            })
-            .collect()
+        wrap(&mut *self.entropy, now, corr, actor, bodies)
     }
+
+    /// The actor of a worker's reports, `worker:<id>`.
+    fn worker_actor(&self, worker: WorkerId) -> Actor {
+        self.workers
+            .get(&worker)
+            .map_or_else(|| Actor::worker(worker), |e| e.actor.clone())
+    }
+}
+
+/// Wraps bodies in their envelopes (what [`DomainEvent::new`] does, minus
+/// the formatting machinery for the aggregate id: this is the hot path).
+fn wrap(
+    entropy: &mut dyn Entropy,
+    now: Timestamp,
+    corr: &CorrelationId,
+    actor: &Actor,
+    bodies: Vec<EventBody>,
+) -> Vec<DomainEvent> {
+    bodies
+        .into_iter()
+        .map(|body| {
+            let (aggregate_type, aggregate_id) = aggregate(&body);
+            DomainEvent {
+                event_id: EventId::from_uuid(entropy.uuid()),
+                sequence: 0,
+                occurred_at: now,
+                aggregate_type,
+                aggregate_id,
+                correlation_id: corr.clone(),
+                actor: actor.clone(),
+                body,
+            }
+        })
+        .collect()
+}
+
+/// [`EventBody::aggregate`], with job and worker ids encoded directly.
+fn aggregate(body: &EventBody) -> (AggregateKind, String) {
+    let fast = match body {
+        EventBody::JobCreated { job_id, .. }
+        | EventBody::JobQueued { job_id, .. }
+        | EventBody::JobScheduled { job_id, .. }
+        | EventBody::JobAssigned { job_id, .. }
+        | EventBody::JobStarted { job_id, .. }
+        | EventBody::JobSucceeded { job_id, .. }
+        | EventBody::JobFailed { job_id, .. }
+        | EventBody::JobCancelled { job_id, .. }
+        | EventBody::JobTimedOut { job_id, .. }
+        | EventBody::JobRetryScheduled { job_id, .. }
+        | EventBody::JobRetryExhausted { job_id, .. }
+        | EventBody::JobDispatchFailed { job_id, .. } => {
+            (AggregateKind::Job, uuid_string(job_id.as_uuid()))
+        }
+        EventBody::WorkerProvisioningRequested { worker_id, .. }
+        | EventBody::WorkerProvisioned { worker_id, .. }
+        | EventBody::WorkerProvisioningFailed { worker_id, .. }
+        | EventBody::WorkerRegistered { worker_id, .. }
+        | EventBody::WorkerReady { worker_id }
+        | EventBody::WorkerDisconnected { worker_id, .. }
+        | EventBody::WorkerReconnected { worker_id, .. }
+        | EventBody::WorkerDraining { worker_id }
+        | EventBody::WorkerTerminated { worker_id, .. } => {
+            (AggregateKind::Worker, uuid_string(worker_id.as_uuid()))
+        }
+        other => return other.aggregate(),
+    };
+    debug_assert_eq!(fast, body.aggregate());
+    fast
+}
+
+/// The hyphenated lowercase form, as `Display` writes it.
+fn uuid_string(uuid: &Uuid) -> String {
+    let mut buf = Uuid::encode_buffer();
+    uuid.hyphenated().encode_lower(&mut buf).to_owned()
 }

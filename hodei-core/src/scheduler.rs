@@ -46,41 +46,65 @@ pub fn select_worker<'a>(
     workers: impl IntoIterator<Item = &'a Worker>,
     cursor: &mut u64,
 ) -> Option<WorkerId> {
-    let eligible: Vec<&Worker> = workers
-        .into_iter()
-        .filter(|w| is_eligible(w, job, spec))
-        .collect();
-    // A worker provisioned for this very job always wins.
-    if let Some(w) = eligible.iter().find(|w| w.reserved_for == Some(job)) {
+    // One pass, no allocation (placement is on the engine's hot path),
+    // except round robin, which needs to count the eligible first. Ties
+    // cannot happen: every key ends with the (unique) worker id.
+    let mut reserved: Option<&Worker> = None;
+    let mut pick: Option<&Worker> = None;
+    let mut in_turn: Vec<&Worker> = Vec::new();
+    for w in workers {
+        if !is_eligible(w, job, spec) {
+            continue;
+        }
+        // A worker provisioned for this very job always wins.
+        if w.reserved_for == Some(job) && reserved.is_none() {
+            reserved = Some(w);
+        }
+        pick = match (strategy, pick) {
+            (WorkerSelection::RoundRobin, _) => {
+                in_turn.push(w);
+                None
+            }
+            (_, None) => Some(w),
+            (WorkerSelection::FirstAvailable, Some(p)) => Some(p),
+            (WorkerSelection::LeastLoaded, Some(p)) => {
+                Some(if (w.jobs.len(), w.id) < (p.jobs.len(), p.id) {
+                    w
+                } else {
+                    p
+                })
+            }
+            (WorkerSelection::MostCapacity, Some(p)) => Some(
+                if (w.free_slots(), std::cmp::Reverse(w.id))
+                    >= (p.free_slots(), std::cmp::Reverse(p.id))
+                {
+                    w
+                } else {
+                    p
+                },
+            ),
+            (WorkerSelection::Affinity, Some(p)) => {
+                let a = |x: &Worker| (affinity(spec.labels(), &x.labels), std::cmp::Reverse(x.id));
+                Some(if a(w) >= a(p) { w } else { p })
+            }
+        };
+    }
+    if let Some(w) = reserved {
         return Some(w.id);
     }
-    let pick = match strategy {
-        WorkerSelection::FirstAvailable => eligible.first().copied(),
-        WorkerSelection::LeastLoaded => eligible.iter().copied().min_by_key(|w| (w.jobs.len(), w.id)),
-        WorkerSelection::RoundRobin => {
-            if eligible.is_empty() {
-                None
-            } else {
-                let w = eligible[(*cursor % eligible.len() as u64) as usize];
-                *cursor = cursor.wrapping_add(1);
-                Some(w)
-            }
-        }
-        WorkerSelection::MostCapacity => eligible
-            .iter()
-            .copied()
-            .max_by_key(|w| (w.free_slots(), std::cmp::Reverse(w.id))),
-        WorkerSelection::Affinity => eligible
-            .iter()
-            .copied()
-            .max_by_key(|w| (affinity(spec.labels(), &w.labels), std::cmp::Reverse(w.id))),
-    };
+    if strategy == WorkerSelection::RoundRobin && !in_turn.is_empty() {
+        let w = in_turn[(*cursor % in_turn.len() as u64) as usize];
+        *cursor = cursor.wrapping_add(1);
+        return Some(w.id);
+    }
     pick.map(|w| w.id)
 }
 
 /// Number of the job's labels the worker carries with the same value.
 pub fn affinity(job: &BTreeMap<String, String>, worker: &BTreeMap<String, String>) -> usize {
-    job.iter().filter(|(k, v)| worker.get(*k) == Some(*v)).count()
+    job.iter()
+        .filter(|(k, v)| worker.get(*k) == Some(*v))
+        .count()
 }
 
 /// What the scheduler knows of a provider.
@@ -224,10 +248,22 @@ mod tests {
         let s = spec(&[("team", "ci")], None);
         let mut c = 0;
         let id = |n| Some(WorkerId::from_u64_pair(0, n));
-        assert_eq!(select_worker(WorkerSelection::FirstAvailable, JOB, &s, &ws, &mut c), id(1));
-        assert_eq!(select_worker(WorkerSelection::LeastLoaded, JOB, &s, &ws, &mut c), id(2));
-        assert_eq!(select_worker(WorkerSelection::MostCapacity, JOB, &s, &ws, &mut c), id(3));
-        assert_eq!(select_worker(WorkerSelection::Affinity, JOB, &s, &ws, &mut c), id(2));
+        assert_eq!(
+            select_worker(WorkerSelection::FirstAvailable, JOB, &s, &ws, &mut c),
+            id(1)
+        );
+        assert_eq!(
+            select_worker(WorkerSelection::LeastLoaded, JOB, &s, &ws, &mut c),
+            id(2)
+        );
+        assert_eq!(
+            select_worker(WorkerSelection::MostCapacity, JOB, &s, &ws, &mut c),
+            id(3)
+        );
+        assert_eq!(
+            select_worker(WorkerSelection::Affinity, JOB, &s, &ws, &mut c),
+            id(2)
+        );
         let picks: Vec<_> = (0..3)
             .map(|_| select_worker(WorkerSelection::RoundRobin, JOB, &s, &ws, &mut c))
             .collect();
@@ -245,12 +281,24 @@ mod tests {
         let s = spec(&[], None);
         let mut c = 0;
         assert_eq!(
-            select_worker(WorkerSelection::FirstAvailable, JOB, &s, &[full, gone, reserved.clone()], &mut c),
+            select_worker(
+                WorkerSelection::FirstAvailable,
+                JOB,
+                &s,
+                &[full, gone, reserved.clone()],
+                &mut c
+            ),
             None
         );
         reserved.reserved_for = Some(JOB);
         assert_eq!(
-            select_worker(WorkerSelection::FirstAvailable, JOB, &s, &[reserved], &mut c),
+            select_worker(
+                WorkerSelection::FirstAvailable,
+                JOB,
+                &s,
+                &[reserved],
+                &mut c
+            ),
             Some(WorkerId::from_u64_pair(0, 3))
         );
     }
@@ -269,7 +317,10 @@ mod tests {
     fn provider_honours_spec_health_capacity_and_preference() {
         let ps = [prov("docker", true, 0, 4), prov("local", true, 0, 4)];
         let pref = [ProviderId::new("local")];
-        assert_eq!(select_provider(&spec(&[], None), &ps, &pref), Ok(ProviderId::new("local")));
+        assert_eq!(
+            select_provider(&spec(&[], None), &ps, &pref),
+            Ok(ProviderId::new("local"))
+        );
         assert_eq!(
             select_provider(&spec(&[], Some("docker")), &ps, &pref),
             Ok(ProviderId::new("docker"))
@@ -279,8 +330,14 @@ mod tests {
             Err(NoProvider::Unknown("k8s".into()))
         );
         let ps = [prov("docker", true, 0, 4), prov("local", false, 0, 4)];
-        assert_eq!(select_provider(&spec(&[], None), &ps, &pref), Ok(ProviderId::new("docker")));
+        assert_eq!(
+            select_provider(&spec(&[], None), &ps, &pref),
+            Ok(ProviderId::new("docker"))
+        );
         let ps = [prov("docker", true, 4, 4), prov("local", false, 0, 4)];
-        assert_eq!(select_provider(&spec(&[], None), &ps, &pref), Err(NoProvider::Busy));
+        assert_eq!(
+            select_provider(&spec(&[], None), &ps, &pref),
+            Err(NoProvider::Busy)
+        );
     }
 }

@@ -1,0 +1,478 @@
+//! Hand-written engine scenarios: the happy paths step by step, and one
+//! regression test per bug the simulation found (each failed before its
+//! fix).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use hodei_core::engine::{
+    AttemptReport, Effect, Engine, EngineConfig, ProviderConfig, Registration, SeededEntropy,
+};
+use hodei_core::event::DomainEvent;
+use hodei_core::ids::{JobId, ProviderId, WorkerId};
+use hodei_core::job::{Job, JobState};
+use hodei_core::time::{Timestamp, add, from_millis};
+use hodei_core::worker::WorkerState;
+
+use support::{FakeStore, Update, check_invariants, ctx, spec};
+
+/// A synchronous shell: every effect is carried out against the fake
+/// store right away; provisions, dispatches, cancels, drains and destroys
+/// are recorded for the test to look at.
+struct Shell {
+    engine: Engine,
+    store: FakeStore,
+    now: Timestamp,
+    submitted: Vec<JobId>,
+    provisions: Vec<(ProviderId, WorkerId, Option<JobId>)>,
+    dispatches: Vec<(WorkerId, JobId, u32)>,
+    cancels: Vec<(WorkerId, JobId, u32)>,
+    drains: Vec<WorkerId>,
+    destroyed: Vec<WorkerId>,
+    /// Updates in the order they reached the store: (job, expected, new
+    /// version, event types).
+    updates: Vec<(JobId, u64, u64, Vec<&'static str>)>,
+    conflicts: usize,
+    claims: usize,
+}
+
+impl Shell {
+    fn new(config: EngineConfig, providers: Vec<ProviderConfig>) -> Self {
+        let mut shell = Self {
+            engine: Engine::new(config, providers, Box::new(SeededEntropy::new(99))),
+            store: FakeStore::new(),
+            now: from_millis(1_000_000),
+            submitted: Vec::new(),
+            provisions: Vec::new(),
+            dispatches: Vec::new(),
+            cancels: Vec::new(),
+            drains: Vec::new(),
+            destroyed: Vec::new(),
+            updates: Vec::new(),
+            conflicts: 0,
+            claims: 0,
+        };
+        shell.drain();
+        shell
+    }
+
+    fn eph(max: u32) -> Self {
+        Self::new(
+            EngineConfig::default(),
+            vec![ProviderConfig::ephemeral("eph", "local", false, max)],
+        )
+    }
+
+    /// Moves time on by `d`, ticking at every deadline on the way, as a
+    /// shell must.
+    fn advance(&mut self, d: Duration) {
+        let target = add(self.now, d);
+        while let Some(at) = self.engine.next_deadline() {
+            if at > target {
+                break;
+            }
+            self.now = self.now.max(at);
+            self.tick();
+        }
+        self.now = target;
+    }
+
+    fn submit(&mut self, spec: hodei_core::spec::JobSpec) -> JobId {
+        let id = self
+            .engine
+            .handle_submit(self.now, spec, &ctx("req-submit", "user:alice"))
+            .expect("valid spec");
+        self.submitted.push(id);
+        self.drain();
+        id
+    }
+
+    fn register(&mut self, worker: WorkerId, provider: &str, running: Vec<(JobId, u32)>) {
+        let reg = Registration {
+            worker,
+            provider: ProviderId::new(provider),
+            labels: BTreeMap::new(),
+            image: None,
+            capacity: 1,
+            running,
+        };
+        self.engine
+            .handle_registered(self.now, reg, Vec::new())
+            .expect("registration accepted");
+        self.drain();
+    }
+
+    fn tick(&mut self) {
+        self.engine.handle_tick(self.now);
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        let mut n = 0;
+        while let Some(effect) = self.engine.poll_effect() {
+            n += 1;
+            assert!(n < 10_000, "the engine spins (last effect: {effect:?})");
+            match effect {
+                Effect::CreateJob { job, events } => self.store.create(job, events).unwrap(),
+                Effect::UpdateJob {
+                    job,
+                    expected_version,
+                    events,
+                } => {
+                    let types = events.iter().map(DomainEvent::event_type).collect();
+                    self.updates
+                        .push((job.id, expected_version, job.version, types));
+                    match self.store.update(job, expected_version, events).unwrap() {
+                        Update::Stored => {}
+                        Update::Conflict(current) => {
+                            self.conflicts += 1;
+                            self.engine.handle_job_changed(self.now, *current);
+                        }
+                    }
+                }
+                Effect::Record(events) => self.store.record(events).unwrap(),
+                Effect::SaveWorker(w) => self.store.save_worker(w),
+                Effect::Claim { limit, lease } => {
+                    self.claims += 1;
+                    let claim = self.store.claim(self.now, limit, lease);
+                    self.engine.handle_claimed(self.now, Some(claim), limit);
+                }
+                Effect::Release(id) => self.store.release(id).unwrap(),
+                Effect::Provision { provider, launch } => {
+                    self.provisions.push((provider, launch.worker, launch.job));
+                }
+                Effect::Dispatch { worker, job } => {
+                    if self.engine.holds(worker, job.id, job.attempt) {
+                        self.dispatches.push((worker, job.id, job.attempt));
+                    }
+                }
+                Effect::CancelOnWorker {
+                    worker,
+                    job,
+                    attempt,
+                    ..
+                } => self.cancels.push((worker, job, attempt)),
+                Effect::DrainWorker(w) => self.drains.push(w),
+                Effect::DestroyWorker { worker, .. } => self.destroyed.push(worker),
+            }
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        if let Err(e) = check_invariants(
+            &self.engine,
+            &self.store,
+            &self.submitted,
+            &BTreeSet::new(),
+            self.now,
+        ) {
+            panic!("invariant broken: {e}");
+        }
+    }
+
+    fn job(&self, id: JobId) -> &Job {
+        self.store.job(id).expect("stored")
+    }
+
+    fn events_of(&self, id: JobId) -> Vec<&'static str> {
+        self.store.job_events(id).map(|e| e.event_type()).collect()
+    }
+
+    fn succeed(&mut self, worker: WorkerId, job: JobId, attempt: u32) {
+        let report = AttemptReport {
+            exit_code: Some(0),
+            ..AttemptReport::default()
+        };
+        self.engine
+            .handle_result(self.now, worker, job, attempt, report)
+            .expect("result accepted");
+        self.drain();
+    }
+}
+
+fn w(n: u64) -> WorkerId {
+    WorkerId::from_u64_pair(0xAB, n)
+}
+
+/// The ephemeral happy path, effect by effect: submit, provision,
+/// register, dispatch, ack, succeed, destroy.
+#[test]
+fn ephemeral_worker_runs_its_job_first_time() {
+    let mut s = Shell::eph(2);
+    let job = s.submit(spec(1, 30, false, 0, None, None));
+    assert_eq!(s.job(job).state(), JobState::Scheduled);
+    let (_, worker, for_job) = s.provisions[0].clone();
+    assert_eq!(for_job, Some(job));
+    s.engine.handle_provisioned(s.now, worker);
+    s.drain();
+    s.advance(Duration::from_secs(1));
+    // Regression: the registration of the worker provisioned for a
+    // SCHEDULED job used to fail that job as "lost" (it is not running
+    // there yet) and destroy the worker.
+    s.register(worker, "eph", Vec::new());
+    assert_eq!(s.job(job).state(), JobState::Assigned);
+    assert_eq!(s.dispatches, vec![(worker, job, 1)]);
+    assert!(s.destroyed.is_empty());
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    assert_eq!(s.job(job).state(), JobState::Running);
+    s.advance(Duration::from_secs(3));
+    s.succeed(worker, job, 1);
+    assert_eq!(s.job(job).state(), JobState::Succeeded);
+    assert_eq!(s.job(job).attempt, 1);
+    assert_eq!(
+        s.destroyed,
+        vec![worker],
+        "an ephemeral worker goes with its job"
+    );
+    assert_eq!(
+        s.events_of(job),
+        [
+            "JobCreated",
+            "JobQueued",
+            "JobScheduled",
+            "WorkerProvisioningRequested",
+            "JobAssigned",
+            "JobStarted",
+            "JobSucceeded"
+        ]
+    );
+    assert!(s.engine.worker(worker).is_none());
+}
+
+/// Regression: a job that fits no provider right now was released and
+/// claimed again at once, forever, inside one drain.
+#[test]
+fn a_job_without_room_waits_instead_of_spinning() {
+    let pool = ProviderConfig {
+        ephemeral: false,
+        ..ProviderConfig::ephemeral("pool", "local", false, 1)
+    };
+    let mut s = Shell::new(
+        EngineConfig::default(),
+        vec![pool, ProviderConfig::ephemeral("eph", "local", false, 2)],
+    );
+    // The only pool slot is taken by a job that is being provisioned.
+    let first = s.submit(spec(1, 30, false, 0, Some("pool"), None));
+    assert_eq!(s.job(first).state(), JobState::Scheduled);
+    // This one needs the pool too; the eph provider has room, so the
+    // engine claims it, finds the pool full and gives it back.
+    let second = s.submit(spec(1, 30, false, 0, Some("pool"), None));
+    assert_eq!(s.job(second).state(), JobState::Pending);
+    assert!(s.store.is_queued(second));
+    let claims = s.claims;
+    assert!(claims <= 3, "{claims} claims for two submissions");
+    // It is polled again later, not in a loop.
+    s.advance(Duration::from_millis(1500));
+    s.tick();
+    assert!(s.claims - claims <= 2);
+    assert_eq!(s.job(second).state(), JobState::Pending);
+}
+
+/// Regression: a result that overtook its acknowledgement went out as two
+/// updates (start, then exit), the second based on a version the store
+/// had not confirmed; a concurrent cancel committing that very version
+/// number was then overwritten. Now both go out as one unit.
+#[test]
+fn start_and_exit_decided_together_commit_as_one() {
+    let mut s = Shell::eph(1);
+    let job = s.submit(spec(1, 30, false, 0, None, None));
+    let worker = s.provisions[0].1;
+    s.register(worker, "eph", Vec::new());
+    let v = s.job(job).version;
+    // Someone else cancels the job in the store (another replica).
+    s.store
+        .cancel_here(s.now, job, &ctx("req-admin", "user:admin"))
+        .unwrap()
+        .expect("cancellable");
+    let updates = s.updates.len();
+    // The worker reports success without having acked.
+    s.engine
+        .handle_result(
+            s.now,
+            worker,
+            job,
+            1,
+            AttemptReport {
+                exit_code: Some(0),
+                ..AttemptReport::default()
+            },
+        )
+        .unwrap();
+    s.drain();
+    let sent: Vec<_> = s.updates[updates..].to_vec();
+    assert_eq!(
+        sent,
+        vec![(job, v, v + 2, vec!["JobStarted", "JobSucceeded"])],
+        "one update for both transitions"
+    );
+    assert_eq!(s.conflicts, 1);
+    assert_eq!(s.job(job).state(), JobState::Cancelled, "the cancel stands");
+}
+
+/// Regression: the job events of a worker's reconnect (attempts it came
+/// back without) carried the worker's correlation id.
+#[test]
+fn reconnect_failures_keep_the_job_correlation() {
+    let mut s = Shell::eph(1);
+    let job = s.submit(spec(3, 30, false, 0, None, None));
+    let worker = s.provisions[0].1;
+    s.register(worker, "eph", Vec::new());
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    s.engine.handle_disconnected(s.now, worker, "reset");
+    s.drain();
+    s.advance(Duration::from_secs(1));
+    // Back, but without the attempt: lost with the connection.
+    s.register(worker, "eph", Vec::new());
+    let j = s.job(job);
+    assert_eq!(j.state(), JobState::Pending);
+    assert_eq!(j.attempt, 2);
+    for e in s.store.job_events(job) {
+        assert_eq!(e.correlation_id, j.correlation_id, "{}", e.event_type());
+    }
+}
+
+/// Regression: a drain requested while the worker's stream was down was
+/// lost with it; the worker never left and its provider slot stayed taken.
+/// Also: an idle draining worker that disconnects is destroyed, so that no
+/// agent outlives the engine's record of it.
+#[test]
+fn drain_survives_a_reconnect_and_ends_in_destroy() {
+    let pool = ProviderConfig {
+        ephemeral: false,
+        ..ProviderConfig::ephemeral("pool", "local", false, 2)
+    };
+    let mut s = Shell::new(EngineConfig::default(), vec![pool]);
+    let worker = w(1);
+    s.register(worker, "pool", Vec::new());
+    s.engine.handle_disconnected(s.now, worker, "reset");
+    s.drain();
+    s.engine
+        .handle_draining(s.now, worker, Some(&ctx("req-drain", "user:ops")))
+        .unwrap();
+    s.drain();
+    assert_eq!(s.drains, vec![worker]);
+    s.register(worker, "pool", Vec::new());
+    assert_eq!(
+        s.drains,
+        vec![worker, worker],
+        "drain re-sent on the new stream"
+    );
+    assert_eq!(
+        s.engine.worker(worker).map(|w| w.state),
+        Some(WorkerState::Draining)
+    );
+    s.engine.handle_disconnected(s.now, worker, "drained");
+    s.drain();
+    assert!(s.engine.worker(worker).is_none());
+    assert_eq!(s.destroyed, vec![worker]);
+}
+
+/// Regression: a job submitted while every provider was full waited for
+/// an input that might never come: the poll of the queue was only armed by
+/// a first tick, and a worker leaving did not trigger a claim.
+#[test]
+fn a_job_waiting_for_room_is_claimed_when_room_frees_up() {
+    let mut s = Shell::eph(1);
+    let first = s.submit(spec(1, 30, false, 0, None, None));
+    let worker = s.provisions[0].1;
+    s.register(worker, "eph", Vec::new());
+    s.engine.handle_ack(s.now, worker, first, 1).unwrap();
+    s.drain();
+    let second = s.submit(spec(1, 30, false, 0, None, None));
+    assert_eq!(s.job(second).state(), JobState::Pending);
+    s.advance(Duration::from_secs(2));
+    s.succeed(worker, first, 1);
+    // The ephemeral worker is gone: its provider has room for the second.
+    assert_eq!(s.job(second).state(), JobState::Scheduled);
+    assert_eq!(s.provisions.len(), 2);
+}
+
+/// Regression: with nothing else pending, the engine never asked for a
+/// tick, so the queue was never polled again.
+#[test]
+fn the_queue_poll_is_armed_without_a_first_tick() {
+    let mut s = Shell::eph(0);
+    assert_eq!(s.engine.next_deadline(), None, "nothing to do yet");
+    let job = s.submit(spec(1, 30, false, 0, None, None));
+    assert_eq!(s.job(job).state(), JobState::Pending);
+    let wake = s
+        .engine
+        .next_deadline()
+        .expect("a poll of the queue is due");
+    assert!(wake > s.now);
+}
+
+/// A cancel while running stops the attempt on its worker; the worker's
+/// late report is refused and changes nothing.
+#[test]
+fn cancel_stops_the_worker_and_late_reports_are_refused() {
+    let mut s = Shell::eph(1);
+    let job = s.submit(spec(1, 30, false, 0, None, None));
+    let worker = s.provisions[0].1;
+    s.register(worker, "eph", Vec::new());
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    let cancelled = s
+        .engine
+        .handle_cancel(s.now, job, &ctx("req-cancel", "user:bob"))
+        .unwrap();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    s.drain();
+    assert_eq!(s.cancels, vec![(worker, job, 1)]);
+    let version = s.job(job).version;
+    let late = s.engine.handle_result(
+        s.now,
+        worker,
+        job,
+        1,
+        AttemptReport {
+            exit_code: Some(0),
+            ..AttemptReport::default()
+        },
+    );
+    assert!(late.is_err());
+    s.drain();
+    assert_eq!(s.job(job).version, version);
+    assert_eq!(s.job(job).state(), JobState::Cancelled);
+    let cancel = s.store.job_events(job).last().unwrap();
+    assert_eq!(cancel.correlation_id.as_str(), "req-cancel");
+    assert_eq!(cancel.actor.as_str(), "user:bob");
+}
+
+/// Every intermediate state has a deadline, and a tick at it decides.
+#[test]
+fn deadlines_are_decided_at_the_tick() {
+    let mut s = Shell::eph(1);
+    let job = s.submit(spec(2, 5, false, 0, None, None));
+    let worker = s.provisions[0].1;
+    s.register(worker, "eph", Vec::new());
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    let deadline = s.job(job).status.deadline().unwrap();
+    assert_eq!(deadline, add(s.now, Duration::from_secs(5)));
+    // Ticks before it change nothing.
+    while let Some(d) = s.engine.next_deadline() {
+        if d >= deadline {
+            break;
+        }
+        s.now = d;
+        s.tick();
+    }
+    assert_eq!(s.job(job).state(), JobState::Running);
+    s.now = deadline;
+    s.tick();
+    let j = s.job(job);
+    assert_eq!(
+        j.state(),
+        JobState::TimedOut,
+        "no retry on timeout by default"
+    );
+    assert_eq!(s.cancels, vec![(worker, job, 1)]);
+    let types = s.events_of(job);
+    assert_eq!(types.last(), Some(&"JobTimedOut"));
+}
