@@ -28,7 +28,7 @@ use hodei_core::time::{Timestamp, add, from_millis};
 #[path = "../../hodei-core/tests/support/mod.rs"]
 mod support;
 
-use support::{FakeStore, Update, check_invariants, ctx};
+use support::{FakeStore, Update, check_invariants, check_next_deadline, ctx};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -491,7 +491,9 @@ impl Shell {
             &self.submitted,
             &self.stale,
             self.now,
-        ) {
+        )
+        .and_then(|()| check_next_deadline(self.engine.next_deadline(), self.now))
+        {
             panic!("invariant broken at {}: {e}", self.now);
         }
     }

@@ -661,19 +661,32 @@ impl Engine {
 
     /// When [`Engine::handle_tick`] must be called next, if ever.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        let jobs = self.jobs.values().filter_map(|j| j.status.deadline());
-        let workers = self.workers.values().flat_map(|e| {
-            let hb = (e.worker.connected
+        // Plain loops: this runs after every input.
+        let mut next = self.next_claim_at;
+        let mut consider = |t: Option<Timestamp>| {
+            if let Some(t) = t
+                && next.is_none_or(|n| t < n)
+            {
+                next = Some(t);
+            }
+        };
+        for job in self.jobs.values() {
+            consider(job.status.deadline());
+        }
+        for e in self.workers.values() {
+            consider(e.lost_at);
+            consider(e.register_by);
+            let w = &e.worker;
+            if w.connected
                 && matches!(
-                    e.worker.state,
+                    w.state,
                     WorkerState::Ready | WorkerState::Busy | WorkerState::Draining
-                ))
-            .then(|| add(e.worker.last_seen, self.config.heartbeat_timeout));
-            [e.lost_at, e.register_by, hb]
-        });
-        jobs.chain(workers.flatten())
-            .chain(self.next_claim_at)
-            .min()
+                )
+            {
+                consider(Some(add(w.last_seen, self.config.heartbeat_timeout)));
+            }
+        }
+        next
     }
 
     // ----- inputs: jobs -----------------------------------------------------

@@ -16,7 +16,7 @@ use hodei_core::job::{Job, JobState};
 use hodei_core::time::{Timestamp, add, from_millis};
 use hodei_core::worker::WorkerState;
 
-use support::{FakeStore, Update, check_invariants, ctx, spec};
+use support::{FakeStore, Update, check_invariants, check_next_deadline, ctx, spec};
 
 /// A synchronous shell: every effect is carried out against the fake
 /// store right away; provisions, dispatches, cancels, drains and destroys
@@ -168,7 +168,9 @@ impl Shell {
             &self.submitted,
             &BTreeSet::new(),
             self.now,
-        ) {
+        )
+        .and_then(|()| check_next_deadline(self.engine.next_deadline(), self.now))
+        {
             panic!("invariant broken: {e}");
         }
     }

@@ -39,7 +39,10 @@ use hodei_core::retry::RetryPolicy;
 use hodei_core::scheduler::WorkerSelection;
 use hodei_core::time::{Timestamp, add, epoch};
 
-use support::{FakeStore, Rng, Update, check_attempts, check_invariants, ctx, derive_state};
+use support::{
+    FakeStore, Rng, Update, check_attempts, check_invariants, check_next_deadline, ctx,
+    derive_state,
+};
 
 const DEFAULT_SCENARIOS: u64 = 10_000;
 const DEFAULT_BASE_SEED: u64 = 0x004D_0DE1_5EED;
@@ -533,10 +536,10 @@ impl Sim {
     /// terminal.
     fn run(&mut self) -> Result<(), String> {
         self.drain()?;
-        self.check()?;
+        let mut deadline = self.engine.next_deadline();
+        self.check(deadline)?;
         let mut same_instant_ticks = 0u32;
         loop {
-            let deadline = self.engine.next_deadline();
             let next_ev = self.events.peek().map(|Reverse(s)| s.at);
             let tick = match (deadline, next_ev) {
                 (Some(d), Some(e)) => d <= e,
@@ -569,7 +572,8 @@ impl Sim {
             self.stats.steps += 1;
             self.drain()?;
             self.after_step()?;
-            self.check()?;
+            deadline = self.engine.next_deadline();
+            self.check(deadline)?;
             if !self.faults && self.to_submit == 0 && self.all_terminal() {
                 break;
             }
@@ -1358,7 +1362,8 @@ impl Sim {
         Ok(())
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self, next_deadline: Option<Timestamp>) -> Result<(), String> {
+        check_next_deadline(next_deadline, self.now)?;
         check_invariants(&self.engine, &self.store, &self.open, &self.stale, self.now)?;
         // No job runs on two reachable workers at once.
         let mut running: BTreeMap<JobId, WorkerId> = BTreeMap::new();
