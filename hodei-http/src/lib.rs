@@ -58,7 +58,7 @@ pub use error::HttpError;
 pub use routes::{RouteInfo, route_table};
 
 /// Settings of the HTTP edge.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpConfig {
     /// Bearer tokens accepted on `/api/v1`, each mapped to the name used as
     /// the actor of what its holder does. Empty: no authentication, and
@@ -78,6 +78,16 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             metrics: metrics::Metrics::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The tokens are secrets: only their names are shown.
+        f.debug_struct("HttpConfig")
+            .field("api_token_names", &self.api_tokens.values().collect::<Vec<_>>())
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -108,6 +118,14 @@ pub async fn serve<F>(listener: TcpListener, router: Router, shutdown: F) -> std
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    use axum::serve::ListenerExt;
+    // Small writes (SSE lines, short JSON answers) go out at once rather
+    // than waiting on Nagle's algorithm and the peer's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "http: could not set TCP_NODELAY");
+        }
+    });
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;

@@ -469,25 +469,29 @@ async fn observe(inner: &Inner, cp: &ControlPlane, e: DomainEvent) {
         "JobTimedOut" => Some(JobState::TimedOut),
         _ => None,
     };
-    let first_start = matches!(e.body, EventBody::JobStarted { attempt: 1, .. });
+    let start_attempt = match e.body {
+        EventBody::JobStarted { attempt, .. } => Some(attempt),
+        _ => None,
+    };
     if let EventBody::JobCreated { .. } = e.body {
         lock(&inner.jobs).open.insert(job, (at, false));
         return;
     }
-    if !first_start && terminal.is_none() {
+    if start_attempt.is_none() && terminal.is_none() {
         return;
     }
-    // A job created before the follower started: ask the store once.
+    // A job created before the follower started: ask the store once. A
+    // later attempt's start is then not known to be its first.
     let known = lock(&inner.jobs).open.get(&job).copied();
     let (created, started) = match known {
         Some(k) => k,
         None => match cp.job(job).await {
-            Ok(j) => (j.created_at, false),
+            Ok(j) => (j.created_at, start_attempt.is_some_and(|a| a > 1)),
             Err(_) => return,
         },
     };
     let mut jobs = lock(&inner.jobs);
-    if first_start && !started {
+    if start_attempt.is_some() && !started {
         jobs.start_latency
             .get_or_insert_with(|| Histogram::new(START_BUCKETS))
             .observe(seconds_between(created, at));

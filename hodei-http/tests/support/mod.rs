@@ -274,6 +274,11 @@ where
 
 /// Starts a control plane with one provider `local` of task agents.
 pub async fn control_plane() -> ControlPlane {
+    control_plane_with(64).await
+}
+
+/// The same with at most `max_workers` agents (0: jobs stay queued).
+pub async fn control_plane_with(max_workers: u32) -> ControlPlane {
     let slot = Arc::new(OnceLock::new());
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let provider = Arc::new(ProcessProvider {
@@ -290,7 +295,7 @@ pub async fn control_plane() -> ControlPlane {
         config,
         Stores::memory(),
         vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("local", "local", false, 64),
+            config: ProviderConfig::ephemeral("local", "local", false, max_workers),
             provider,
         }],
     )
