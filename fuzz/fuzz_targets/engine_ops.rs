@@ -304,7 +304,8 @@ impl Shell {
                     provider,
                     labels: BTreeMap::new(),
                     image,
-                    capacity: u32::from(capacity % 4),
+                    // An agent never runs more than its capacity.
+                    capacity: u32::from(capacity % 4).max(running.len() as u32),
                     running,
                 };
                 let _ = self.engine.handle_registered(now, reg, adoptable);

@@ -255,13 +255,14 @@ fn a_job_without_room_waits_instead_of_spinning() {
     };
     let mut s = Shell::new(
         EngineConfig::default(),
-        vec![pool, ProviderConfig::ephemeral("eph", "local", false, 2)],
+        vec![pool, ProviderConfig::ephemeral("eph", "local", false, 1)],
     );
     // The only pool slot is taken by a job that is being provisioned.
     let first = s.submit(spec(1, 30, false, 0, Some("pool"), None));
     assert_eq!(s.job(first).state(), JobState::Scheduled);
-    // This one needs the pool too; the eph provider has room, so the
-    // engine claims it, finds the pool full and gives it back.
+    // This one needs the pool too; the eph provider has room for one, so
+    // the engine claims one job (a full claim: there may be more), finds
+    // the pool full and gives it back.
     let second = s.submit(spec(1, 30, false, 0, Some("pool"), None));
     assert_eq!(s.job(second).state(), JobState::Pending);
     assert!(s.store.is_queued(second));

@@ -1230,7 +1230,7 @@ impl Sim {
                     expected_version,
                     events,
                 } => {
-                    self.count_outcome(&job, &events);
+                    self.count_outcome(&events);
                     match self.store.update(job, expected_version, events)? {
                         Update::Stored => {}
                         Update::Conflict(current) => {
@@ -1285,7 +1285,7 @@ impl Sim {
         Ok(())
     }
 
-    fn count_outcome(&mut self, job: &Job, events: &[hodei_core::event::DomainEvent]) {
+    fn count_outcome(&mut self, events: &[hodei_core::event::DomainEvent]) {
         for e in events {
             match e.event_type() {
                 "JobSucceeded" => self.stats.succeeded += 1,
@@ -1296,7 +1296,6 @@ impl Sim {
                 _ => {}
             }
         }
-        let _ = job;
     }
 
     fn provision(&mut self, provider: ProviderId, launch: LaunchRequest) {
@@ -1452,7 +1451,20 @@ impl Sim {
                 ));
             }
         }
-        let _ = self.clean;
+        // Without faults, and with workers that exit 0 in time, every job
+        // succeeds on its first attempt.
+        if self.clean {
+            for id in &self.submitted {
+                let job = self.store.job(*id).expect("submitted");
+                if job.state() != JobState::Succeeded || job.attempt != 1 {
+                    return Err(format!(
+                        "clean scenario: job {id} ended {} at attempt {}",
+                        job.state(),
+                        job.attempt
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
