@@ -479,3 +479,109 @@ fn deadlines_are_decided_at_the_tick() {
     let types = s.events_of(job);
     assert_eq!(types.last(), Some(&"JobTimedOut"));
 }
+
+/// The fake store the simulation relies on claims like a real queue:
+/// priority first, FIFO within a priority, nothing before its
+/// `not_before`, each job once, a released job back in its place.
+#[test]
+fn fake_store_claims_by_priority_then_fifo() {
+    use hodei_core::ids::{Actor, CorrelationId};
+    use hodei_core::job::{JobCommand, TransitionContext};
+    use hodei_core::retry::RetryPolicy;
+
+    let mut store = FakeStore::new();
+    let t0 = from_millis(0);
+    let mut ids = Vec::new();
+    for (n, priority) in [0, 5, 0, 5, -1].into_iter().enumerate() {
+        let (job, bodies) = Job::submit(
+            JobId::from_u64_pair(7, n as u64),
+            spec(2, 10, false, priority, None, None),
+            CorrelationId::new("c"),
+            Actor::new("a"),
+            t0,
+        );
+        let events = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                DomainEvent::new(
+                    hodei_core::ids::EventId::from_u64_pair(n as u64, i as u64),
+                    t0,
+                    CorrelationId::new("c"),
+                    Actor::new("a"),
+                    b,
+                )
+            })
+            .collect();
+        ids.push(job.id);
+        store.create(job, events).unwrap();
+    }
+    let lease = Duration::from_secs(30);
+    let claim = store.claim(t0, 3, lease);
+    let got: Vec<JobId> = claim.jobs.iter().map(|j| j.id).collect();
+    assert_eq!(got, vec![ids[1], ids[3], ids[0]]);
+    store.release(ids[3]).unwrap();
+    assert!(store.release(ids[3]).is_err(), "released twice");
+    let claim = store.claim(t0, 10, lease);
+    let got: Vec<JobId> = claim.jobs.iter().map(|j| j.id).collect();
+    assert_eq!(got, vec![ids[3], ids[2], ids[4]]);
+
+    // A retry waits for its not_before.
+    let mut job = store.job(ids[2]).unwrap().clone();
+    let v = job.version;
+    let policy = RetryPolicy::default();
+    let ctx = TransitionContext {
+        now: t0,
+        retry: &policy,
+        unit_random: 0.5,
+    };
+    job.apply(
+        JobCommand::Fail(hodei_core::job::Failure::new(
+            hodei_core::job::FailureKind::WorkerLost,
+            "gone",
+        )),
+        ctx,
+    )
+    .unwrap();
+    let events = vec![
+        DomainEvent::new(
+            hodei_core::ids::EventId::from_u64_pair(99, 1),
+            t0,
+            CorrelationId::new("c"),
+            Actor::new("a"),
+            hodei_core::event::EventBody::JobRetryScheduled {
+                job_id: job.id,
+                failed_attempt: 1,
+                next_attempt: 2,
+                not_before: add(t0, Duration::from_secs(1)),
+                delay_ms: 1000,
+                failure: hodei_core::job::Failure::new(
+                    hodei_core::job::FailureKind::WorkerLost,
+                    "gone",
+                ),
+            },
+        ),
+        DomainEvent::new(
+            hodei_core::ids::EventId::from_u64_pair(99, 2),
+            t0,
+            CorrelationId::new("c"),
+            Actor::new("a"),
+            hodei_core::event::EventBody::JobQueued {
+                job_id: job.id,
+                attempt: 2,
+                priority: 0,
+                not_before: Some(add(t0, Duration::from_secs(1))),
+            },
+        ),
+    ];
+    assert!(matches!(
+        store.update(job, v, events).unwrap(),
+        Update::Stored
+    ));
+    let early = store.claim(add(t0, Duration::from_millis(999)), 10, lease);
+    assert!(early.jobs.is_empty());
+    assert_eq!(early.next_ready_at, Some(add(t0, Duration::from_secs(1))));
+    let on_time = store.claim(add(t0, Duration::from_secs(1)), 10, lease);
+    assert_eq!(on_time.jobs.len(), 1);
+    assert_eq!(on_time.jobs[0].id, ids[2]);
+}

@@ -100,14 +100,18 @@ fn arb_job_spec() -> impl Strategy<Value = JobSpec> {
 }
 
 fn arb_policy() -> impl Strategy<Value = RetryPolicy> {
-    (1u64..5000, 1u64..64_000, 0.0f64..=0.5, any::<bool>()).prop_map(
-        |(base, cap, jitter, retry_on_timeout)| RetryPolicy {
-            base: Duration::from_millis(base),
-            cap: Duration::from_millis(cap),
-            jitter,
-            retry_on_timeout,
-        },
-    )
+    prop_oneof![
+        // The default: 1 s doubling to 32 s, ±25%, timeouts not retried.
+        Just(RetryPolicy::default()),
+        (1u64..5000, 1u64..64_000, 0.0f64..=0.5, any::<bool>()).prop_map(
+            |(base, cap, jitter, retry_on_timeout)| RetryPolicy {
+                base: Duration::from_millis(base),
+                cap: Duration::from_millis(cap),
+                jitter,
+                retry_on_timeout,
+            },
+        ),
+    ]
 }
 
 fn worker_id(n: u8) -> WorkerId {
