@@ -81,6 +81,10 @@ impl Entropy for SeededEntropy {
     }
 }
 
+/// How long a worker of a reusable pool stays idle before the autoscaler
+/// may retire it (when the pool is above its target).
+pub const SCALE_DOWN_IDLE: Duration = Duration::from_secs(60);
+
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -533,6 +537,11 @@ pub struct Engine {
     claim_in_flight: bool,
     next_claim_at: Option<Timestamp>,
     actor: Actor,
+    /// Jobs waiting in the shared queue, as last reported
+    /// ([`Engine::handle_queue_depth`]).
+    queue_depth: u64,
+    /// Since when each idle worker of a reusable pool has been idle.
+    idle_since: BTreeMap<WorkerId, Timestamp>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -577,6 +586,8 @@ impl Engine {
             claim_in_flight: false,
             next_claim_at: None,
             actor,
+            queue_depth: 0,
+            idle_since: BTreeMap::new(),
         }
     }
 
@@ -716,6 +727,14 @@ impl Engine {
     pub fn handle_queue_hint(&mut self) {
         self.queue_hint = true;
         self.maybe_claim();
+    }
+
+    /// The number of jobs waiting in the shared queue (`JobQueue::depth`),
+    /// read by the shell now and then. Reusable pools are sized by it (see
+    /// [`Engine::handle_tick`]); `AutoScalingTriggered` events carry it.
+    pub fn handle_queue_depth(&mut self, now: Timestamp, depth: u64) {
+        self.queue_depth = depth;
+        self.autoscale(now);
     }
 
     /// The result of an [`Effect::Claim`]. Pass `None` if the claim failed.
@@ -1078,11 +1097,33 @@ impl Engine {
     }
 
     /// The provider saw the worker end (process exit, container gone).
+    /// Its jobs fail as [`FailureKind::WorkerLost`] (retried by policy).
     pub fn handle_worker_exited(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        self.handle_worker_exit(now, worker, reason, false);
+    }
+
+    /// [`Engine::handle_worker_exited`], saying whether the worker was
+    /// killed for exceeding its memory limit (a container's OOM kill): then
+    /// its jobs fail as [`FailureKind::OomKilled`], like a job the agent
+    /// saw OOM-killed. The limit is the job's, so it is the job's failure.
+    pub fn handle_worker_exit(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        reason: &str,
+        oom_killed: bool,
+    ) {
         if !self.workers.contains_key(&worker) {
             return;
         }
-        let failure = Failure::new(FailureKind::WorkerLost, format!("worker lost: {reason}"));
+        let failure = if oom_killed {
+            Failure::new(
+                FailureKind::OomKilled,
+                format!("killed for exceeding its memory limit (OOM): {reason}"),
+            )
+        } else {
+            Failure::new(FailureKind::WorkerLost, format!("worker lost: {reason}"))
+        };
         self.lose_worker(now, worker, reason, failure);
     }
 
@@ -1264,7 +1305,7 @@ impl Engine {
             self.next_claim_at = None;
             self.queue_hint = true;
         }
-        self.fill_warm_pools(now);
+        self.autoscale(now);
         if self.next_claim_at.is_none() {
             // Poll the shared queue now and then: other replicas'
             // submissions and ended backoffs surface this way.
@@ -1792,66 +1833,128 @@ impl Engine {
         }
     }
 
-    fn fill_warm_pools(&mut self, now: Timestamp) {
+    /// Sizes the pools of reusable workers, between their warm pool and
+    /// `max_workers`: a provider wants its busy workers, plus one per job
+    /// waiting in the queue (reusable, non-ephemeral providers only), plus
+    /// its warm pool of idle workers, and never more than `max_workers`.
+    /// Below that it provisions the difference; above it, it retires idle
+    /// workers that have been idle for [`SCALE_DOWN_IDLE`]. Each decision
+    /// is an `AutoScalingTriggered` event.
+    fn autoscale(&mut self, now: Timestamp) {
         let providers: Vec<(ProviderConfig, u32)> = self
             .providers
             .values()
-            .filter(|p| p.healthy && p.config.warm_pool > 0)
+            .filter(|p| p.healthy && (p.config.warm_pool > 0 || !p.config.ephemeral))
             .map(|p| (p.config.clone(), p.live))
             .collect();
-        for (p, total) in providers {
-            let idle = self
-                .workers
-                .values()
-                .filter(|e| e.worker.provider == p.id && !e.worker.state.is_terminal())
-                .filter(|e| {
-                    !e.worker.ephemeral
-                        && e.worker.jobs.is_empty()
-                        && matches!(
-                            e.worker.state,
-                            WorkerState::Creating | WorkerState::Connecting | WorkerState::Ready
-                        )
-                })
-                .count() as u32;
-            if idle >= p.warm_pool || total >= p.max_workers {
-                continue;
+        if providers.is_empty() {
+            return;
+        }
+        // A worker a SCHEDULED job waits for is spoken for.
+        let awaited: BTreeSet<WorkerId> = self
+            .jobs
+            .values()
+            .filter_map(|j| match j.status {
+                JobStatus::Scheduled { worker, .. } => Some(worker),
+                _ => None,
+            })
+            .collect();
+        let mut idle_since = BTreeMap::new();
+        for (p, live) in providers {
+            // Idle: reusable, holding nothing, awaited by no job.
+            let mut idle = 0u32;
+            let mut retirable: Vec<WorkerId> = Vec::new();
+            for e in self.workers.values() {
+                let w = &e.worker;
+                if w.provider != p.id
+                    || w.ephemeral
+                    || !w.jobs.is_empty()
+                    || w.reserved_for.is_some()
+                    || awaited.contains(&w.id)
+                {
+                    continue;
+                }
+                match w.state {
+                    WorkerState::Creating | WorkerState::Connecting => idle += 1,
+                    WorkerState::Ready if w.connected => {
+                        idle += 1;
+                        let since = *self.idle_since.get(&w.id).unwrap_or(&now);
+                        idle_since.insert(w.id, since);
+                        if add(since, SCALE_DOWN_IDLE) <= now {
+                            retirable.push(w.id);
+                        }
+                    }
+                    _ => {}
+                }
             }
-            let add_n = (p.warm_pool - idle).min(p.max_workers - total);
+            let busy = live.saturating_sub(idle);
+            let demand = if p.ephemeral {
+                0
+            } else {
+                u32::try_from(self.queue_depth).unwrap_or(u32::MAX)
+            };
+            let target = busy
+                .saturating_add(demand)
+                .saturating_add(p.warm_pool)
+                .min(p.max_workers);
             let corr = CorrelationId::new(format!("autoscale-{}", p.id));
-            self.wrap_record(
-                now,
-                &corr,
-                &Actor::system("autoscaler"),
-                EventBody::AutoScalingTriggered {
-                    provider: p.id.clone(),
-                    queue_depth: 0,
-                    current: total,
-                    target: total + add_n,
-                },
-            );
-            for _ in 0..add_n {
-                let worker = WorkerId::from_uuid(self.entropy.uuid());
-                self.start_worker(
-                    now,
-                    &p.id,
-                    worker,
-                    p.default_image.clone(),
-                    None,
-                    false,
-                    corr.clone(),
-                );
-                self.effects.push_back(Effect::Provision {
-                    provider: p.id.clone(),
-                    launch: LaunchRequest {
+            if target > live {
+                let add_n = target - live;
+                self.autoscaling_event(now, &corr, &p.id, live, target);
+                for _ in 0..add_n {
+                    let worker = WorkerId::from_uuid(self.entropy.uuid());
+                    self.start_worker(
+                        now,
+                        &p.id,
                         worker,
-                        image: p.default_image.clone(),
-                        resources: Resources::default(),
-                        labels: BTreeMap::new(),
-                        job: None,
-                    },
-                });
+                        p.default_image.clone(),
+                        None,
+                        false,
+                        corr.clone(),
+                    );
+                    self.effects.push_back(Effect::Provision {
+                        provider: p.id.clone(),
+                        launch: LaunchRequest {
+                            worker,
+                            image: p.default_image.clone(),
+                            resources: Resources::default(),
+                            labels: BTreeMap::new(),
+                            job: None,
+                        },
+                    });
+                }
+            } else if target < live && !retirable.is_empty() {
+                let remove = ((live - target) as usize).min(retirable.len());
+                let target = live - remove as u32;
+                self.autoscaling_event(now, &corr, &p.id, live, target);
+                for worker in retirable.into_iter().take(remove) {
+                    idle_since.remove(&worker);
+                    self.retire(now, worker, "scaled down: idle with no work waiting");
+                }
             }
         }
+        self.idle_since = idle_since;
+    }
+
+    fn autoscaling_event(
+        &mut self,
+        now: Timestamp,
+        corr: &CorrelationId,
+        provider: &ProviderId,
+        current: u32,
+        target: u32,
+    ) {
+        self.wrap_record(
+            now,
+            corr,
+            &Actor::system("autoscaler"),
+            EventBody::AutoScalingTriggered {
+                provider: provider.clone(),
+                queue_depth: self.queue_depth,
+                current,
+                target,
+            },
+        );
     }
 
     fn save_worker(&mut self, worker: WorkerId) {

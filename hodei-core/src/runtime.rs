@@ -360,13 +360,15 @@ enum Cmd {
     Exited {
         worker: WorkerId,
         reason: String,
+        oom_killed: bool,
     },
+    QueueDepth(u64),
     Health {
         provider: ProviderId,
         healthy: bool,
         message: String,
     },
-    Bus(DomainEvent),
+    Bus(Box<DomainEvent>),
     Sweep,
     Reconcile {
         provider: ProviderId,
@@ -586,12 +588,12 @@ impl ControlPlane {
 
     /// Audit query.
     pub async fn audit(&self, filter: &AuditFilter) -> Result<AuditPage, ApiError> {
-        if let (Some(s), Some(u)) = (filter.since, filter.until) {
-            if s > u {
-                return Err(ApiError::InvalidArgument(
-                    "`since` is after `until`; accepted: since <= until".into(),
-                ));
-            }
+        if let (Some(s), Some(u)) = (filter.since, filter.until)
+            && s > u
+        {
+            return Err(ApiError::InvalidArgument(
+                "`since` is after `until`; accepted: since <= until".into(),
+            ));
         }
         Ok(self.inner.stores.audit.query(filter).await?)
     }
@@ -828,12 +830,11 @@ impl ControlPlane {
                         _ = stop_rx.changed() => return,
                         exit = exits.next() => match exit {
                             Some(x) => {
-                                let reason = if x.oom_killed {
-                                    format!("{} (OOM-killed)", x.reason)
-                                } else {
-                                    x.reason
-                                };
-                                let _ = tx.send(Cmd::Exited { worker: x.worker, reason });
+                                let _ = tx.send(Cmd::Exited {
+                                    worker: x.worker,
+                                    reason: x.reason,
+                                    oom_killed: x.oom_killed,
+                                });
                             }
                             None => return,
                         },
@@ -889,6 +890,28 @@ impl ControlPlane {
                 },
             ));
         }
+        // Queue depth, for the autoscaler of reusable pools and warm pools.
+        if self
+            .inner
+            .providers
+            .iter()
+            .any(|p| !p.config.ephemeral || p.config.warm_pool > 0)
+        {
+            let tx = self.inner.tx.clone();
+            let queue = self.inner.stores.queue.clone();
+            let every = cfg.engine.claim_interval.max(Duration::from_secs(1));
+            tasks.push(periodic(stop.clone(), every, Duration::ZERO, move || {
+                let tx = tx.clone();
+                let queue = queue.clone();
+                async move {
+                    if let Ok(Ok(depth)) =
+                        tokio::time::timeout(Duration::from_secs(10), queue.depth()).await
+                    {
+                        let _ = tx.send(Cmd::QueueDepth(depth));
+                    }
+                }
+            }));
+        }
         // The event bus: other replicas' submissions and decisions.
         let tx = self.inner.tx.clone();
         let bus = self.inner.stores.bus.clone();
@@ -904,7 +927,7 @@ impl ControlPlane {
                             Some(Ok(e)) => {
                                 after = e.sequence;
                                 if matches!(e.body, EventBody::JobQueued { .. } | EventBody::JobCancelled { .. }) {
-                                    let _ = tx.send(Cmd::Bus(e));
+                                    let _ = tx.send(Cmd::Bus(Box::new(e)));
                                 }
                             }
                             Some(Err(_)) | None => break,
@@ -1153,16 +1176,16 @@ impl Driver {
                     }
                     FromWorker::Ack { job, attempt } => {
                         let r = self.engine.handle_ack(now, worker, job, attempt);
-                        if r.is_ok() {
-                            if let Some(t) = self.submitted_at.remove(&job) {
-                                let us = (now - t).num_microseconds().unwrap_or(0).max(0) as u64;
-                                self.counters
-                                    .start_latency_us_sum
-                                    .fetch_add(us, Ordering::Relaxed);
-                                self.counters
-                                    .start_latency_count
-                                    .fetch_add(1, Ordering::Relaxed);
-                            }
+                        if r.is_ok()
+                            && let Some(t) = self.submitted_at.remove(&job)
+                        {
+                            let us = (now - t).num_microseconds().unwrap_or(0).max(0) as u64;
+                            self.counters
+                                .start_latency_us_sum
+                                .fetch_add(us, Ordering::Relaxed);
+                            self.counters
+                                .start_latency_count
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         r
                     }
@@ -1206,10 +1229,16 @@ impl Driver {
                 Ok(()) => self.engine.handle_provisioned(now, worker),
                 Err(reason) => self.engine.handle_provision_failed(now, worker, &reason),
             },
-            Cmd::Exited { worker, reason } => {
+            Cmd::Exited {
+                worker,
+                reason,
+                oom_killed,
+            } => {
                 self.links.remove(&worker);
-                self.engine.handle_worker_exited(now, worker, &reason);
+                self.engine
+                    .handle_worker_exit(now, worker, &reason, oom_killed);
             }
+            Cmd::QueueDepth(depth) => self.engine.handle_queue_depth(now, depth),
             Cmd::Health {
                 provider,
                 healthy,
@@ -1218,22 +1247,22 @@ impl Driver {
                 self.engine
                     .handle_provider_health(now, &provider, healthy, &message);
                 let records = self.stores.providers.list().await.unwrap_or_default();
-                if let Some(mut r) = records.into_iter().find(|r| r.id == provider) {
-                    if r.healthy != healthy || r.health_message != message {
-                        r.healthy = healthy;
-                        r.health_message = message;
-                        r.updated_at = now;
-                        let _ = self.stores.providers.upsert(&r).await;
-                    }
+                if let Some(mut r) = records.into_iter().find(|r| r.id == provider)
+                    && (r.healthy != healthy || r.health_message != message)
+                {
+                    r.healthy = healthy;
+                    r.health_message = message;
+                    r.updated_at = now;
+                    let _ = self.stores.providers.upsert(&r).await;
                 }
             }
             Cmd::Bus(e) => match e.body {
                 EventBody::JobQueued { .. } => self.engine.handle_queue_hint(),
                 EventBody::JobCancelled { job_id, .. } => {
-                    if self.engine.job(job_id).is_some() {
-                        if let Ok(Some(current)) = self.stores.jobs.get(job_id).await {
-                            self.engine.handle_job_changed(now, current);
-                        }
+                    if self.engine.job(job_id).is_some()
+                        && let Ok(Some(current)) = self.stores.jobs.get(job_id).await
+                    {
+                        self.engine.handle_job_changed(now, current);
                     }
                 }
                 _ => {}
@@ -1247,20 +1276,24 @@ impl Driver {
                             // Its container/process ended and the exit was
                             // missed: recover its jobs by policy.
                             self.links.remove(&worker);
-                            self.engine
-                                .handle_worker_exited(now, worker, "found dead by reconciliation");
+                            self.engine.handle_worker_exited(
+                                now,
+                                worker,
+                                "found dead by reconciliation",
+                            );
                         }
                         continue;
                     }
                     // Only this server's leftovers: other servers sharing the
                     // backend own theirs.
-                    if pw.server_id == self.config.server_id && !self.links.contains_key(&worker) {
-                        if let Some(p) = self.providers.get(&provider).cloned() {
-                            tracing::info!(%worker, %provider, "removing orphaned worker");
-                            tokio::spawn(async move {
-                                let _ = p.destroy(worker).await;
-                            });
-                        }
+                    if pw.server_id == self.config.server_id
+                        && !self.links.contains_key(&worker)
+                        && let Some(p) = self.providers.get(&provider).cloned()
+                    {
+                        tracing::info!(%worker, %provider, "removing orphaned worker");
+                        tokio::spawn(async move {
+                            let _ = p.destroy(worker).await;
+                        });
                     }
                 }
             }
@@ -1274,21 +1307,21 @@ impl Driver {
     async fn drain_until_created(&mut self, id: JobId) -> Result<Job, ApiError> {
         let mut created = None;
         while let Some(effect) = self.engine.poll_effect() {
-            if let Effect::CreateJob { job, events } = &effect {
-                if job.id == id {
-                    let r = self
-                        .retry_store(|s| {
-                            let (job, events) = (job.clone(), events.clone());
-                            async move { s.jobs.create(&job, events).await }
-                        })
-                        .await;
-                    created = Some(match r {
-                        Ok(Created::New(_)) => Ok(job.clone()),
-                        Ok(Created::Existing(existing)) => Ok(*existing),
-                        Err(e) => Err(ApiError::from(e)),
-                    });
-                    continue;
-                }
+            if let Effect::CreateJob { job, events } = &effect
+                && job.id == id
+            {
+                let r = self
+                    .retry_store(|s| {
+                        let (job, events) = (job.clone(), events.clone());
+                        async move { s.jobs.create(&job, events).await }
+                    })
+                    .await;
+                created = Some(match r {
+                    Ok(Created::New(_)) => Ok(job.clone()),
+                    Ok(Created::Existing(existing)) => Ok(*existing),
+                    Err(e) => Err(ApiError::from(e)),
+                });
+                continue;
             }
             self.execute(effect).await;
         }

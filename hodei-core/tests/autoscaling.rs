@@ -1,0 +1,325 @@
+//! The engine's autoscaler: warm pools, scaling reusable pools with the
+//! queue depth (never past `max_workers`), scaling down idle workers, and
+//! the container OOM path of worker exits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use hodei_core::engine::{
+    Effect, Engine, EngineConfig, ProviderConfig, Registration, SCALE_DOWN_IDLE, SeededEntropy,
+};
+use hodei_core::event::EventBody;
+use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
+use hodei_core::job::{FailureKind, Job, JobState, JobStatus};
+use hodei_core::ports::{Claim, RequestContext};
+use hodei_core::spec::{JobSpec, RawJobSpec, SpecLimits};
+use hodei_core::time::{Timestamp, add, from_millis};
+
+/// (provider, queue depth, current, target) of an `AutoScalingTriggered`.
+type Scaling = (String, u64, u32, u32);
+
+/// A synchronous shell: effects are recorded; claims hand out the jobs
+/// created and not yet claimed.
+struct Shell {
+    engine: Engine,
+    now: Timestamp,
+    created: Vec<Job>,
+    provisions: Vec<(ProviderId, WorkerId)>,
+    destroyed: Vec<WorkerId>,
+    scaling: Vec<Scaling>,
+    updates: Vec<Job>,
+}
+
+impl Shell {
+    fn new(providers: Vec<ProviderConfig>) -> Shell {
+        let config = EngineConfig {
+            provider_preference: providers.iter().map(|p| p.id.clone()).collect(),
+            ..EngineConfig::default()
+        };
+        Shell {
+            engine: Engine::new(config, providers, Box::new(SeededEntropy::new(7))),
+            now: from_millis(1_000_000),
+            created: Vec::new(),
+            provisions: Vec::new(),
+            destroyed: Vec::new(),
+            scaling: Vec::new(),
+            updates: Vec::new(),
+        }
+    }
+
+    /// Lets `d` pass in steps of at most 5 s, connected workers
+    /// heartbeating and the engine ticking at each.
+    fn advance(&mut self, d: Duration) {
+        let mut left = d;
+        while !left.is_zero() {
+            let step = left.min(Duration::from_secs(5));
+            left -= step;
+            self.now = add(self.now, step);
+            let connected: Vec<WorkerId> = self
+                .engine
+                .workers()
+                .filter(|w| w.connected)
+                .map(|w| w.id)
+                .collect();
+            for w in connected {
+                self.engine.handle_heartbeat(self.now, w);
+            }
+            self.tick();
+        }
+    }
+
+    fn tick(&mut self) {
+        self.engine.handle_tick(self.now);
+        self.pump();
+    }
+
+    fn depth(&mut self, depth: u64) {
+        self.engine.handle_queue_depth(self.now, depth);
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        while let Some(effect) = self.engine.poll_effect() {
+            match effect {
+                Effect::CreateJob { job, .. } => self.created.push(job),
+                Effect::Claim { limit, .. } => {
+                    let n = limit.min(self.created.len());
+                    let jobs: Vec<Job> = self.created.drain(..n).collect();
+                    self.engine.handle_claimed(
+                        self.now,
+                        Some(Claim {
+                            jobs,
+                            next_ready_at: None,
+                        }),
+                        limit,
+                    );
+                }
+                Effect::Provision { provider, launch } => {
+                    self.provisions.push((provider, launch.worker));
+                }
+                Effect::DestroyWorker { worker, .. } => self.destroyed.push(worker),
+                Effect::Record(events) => {
+                    for e in events {
+                        if let EventBody::AutoScalingTriggered {
+                            provider,
+                            queue_depth,
+                            current,
+                            target,
+                        } = e.body
+                        {
+                            self.scaling
+                                .push((provider.to_string(), queue_depth, current, target));
+                        }
+                    }
+                }
+                Effect::UpdateJob { job, .. } => self.updates.push(job),
+                Effect::Release(job) => {
+                    // Back in the queue: claimable again.
+                    if let Some(j) = self.updates.iter().rev().find(|j| j.id == job) {
+                        self.created.push(j.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Every provisioned worker registers.
+    fn register_all(&mut self) {
+        let pending: Vec<(ProviderId, WorkerId)> = self
+            .provisions
+            .iter()
+            .filter(|(_, w)| {
+                self.engine
+                    .worker(*w)
+                    .is_some_and(|w| !w.connected && !w.state.is_terminal())
+            })
+            .cloned()
+            .collect();
+        for (provider, worker) in pending {
+            self.engine.handle_provisioned(self.now, worker);
+            self.engine
+                .handle_registered(
+                    self.now,
+                    Registration {
+                        worker,
+                        provider,
+                        labels: BTreeMap::new(),
+                        image: None,
+                        capacity: 1,
+                        running: Vec::new(),
+                    },
+                    Vec::new(),
+                )
+                .expect("registered");
+            self.pump();
+        }
+    }
+
+    fn live(&self, provider: &str) -> usize {
+        self.engine
+            .workers()
+            .filter(|w| w.provider.as_str() == provider)
+            .count()
+    }
+}
+
+fn pool(id: &str, warm_pool: u32, max_workers: u32) -> ProviderConfig {
+    ProviderConfig {
+        id: ProviderId::new(id),
+        kind: "docker".into(),
+        runs_images: true,
+        max_workers,
+        warm_pool,
+        ephemeral: false,
+        default_image: Some("hodei-worker:latest".into()),
+    }
+}
+
+#[test]
+fn the_warm_pool_is_filled_at_start() {
+    let mut shell = Shell::new(vec![pool("pool", 2, 4)]);
+    shell.tick();
+    assert_eq!(shell.provisions.len(), 2);
+    assert_eq!(shell.scaling, [("pool".into(), 0, 0, 2)]);
+    // Filled: nothing more while nothing changes.
+    shell.register_all();
+    shell.advance(Duration::from_secs(1));
+    shell.tick();
+    assert_eq!(shell.provisions.len(), 2);
+    assert_eq!(shell.scaling.len(), 1);
+}
+
+#[test]
+fn queue_depth_scales_a_reusable_pool_up_to_max_and_never_past_it() {
+    let mut shell = Shell::new(vec![pool("pool", 1, 3)]);
+    shell.tick();
+    assert_eq!(shell.live("pool"), 1);
+    shell.depth(10);
+    assert_eq!(shell.live("pool"), 3, "scaled up to max_workers");
+    assert_eq!(shell.scaling.last(), Some(&("pool".into(), 10, 1, 3)));
+    let provisioned = shell.provisions.len();
+
+    // Whatever the depth and however time passes: never past max.
+    let depths = [0u64, 1, 50, 3, 1000, 0, 7, u64::MAX, 2, 0];
+    for (i, depth) in depths.iter().cycle().take(200).enumerate() {
+        shell.advance(Duration::from_millis(700));
+        if i % 3 == 0 {
+            shell.register_all();
+        }
+        shell.depth(*depth);
+        shell.tick();
+        assert!(shell.live("pool") <= 3, "step {i}: {}", shell.live("pool"));
+        for (_, _, current, target) in &shell.scaling {
+            assert!(*current <= 3 && *target <= 3, "{:?}", shell.scaling);
+        }
+    }
+    assert!(shell.provisions.len() >= provisioned);
+}
+
+#[test]
+fn idle_workers_beyond_the_target_are_retired_after_the_idle_time() {
+    let mut shell = Shell::new(vec![pool("pool", 1, 3)]);
+    shell.tick();
+    shell.depth(5);
+    shell.register_all();
+    assert_eq!(shell.live("pool"), 3);
+
+    // The queue empties: idle workers are kept for SCALE_DOWN_IDLE first.
+    shell.depth(0);
+    shell.advance(SCALE_DOWN_IDLE / 2);
+    shell.tick();
+    assert!(shell.destroyed.is_empty());
+    assert_eq!(shell.live("pool"), 3);
+    shell.advance(SCALE_DOWN_IDLE);
+    shell.tick();
+    assert_eq!(shell.destroyed.len(), 2, "down to the warm pool");
+    assert_eq!(shell.live("pool"), 1);
+    assert_eq!(shell.scaling.last(), Some(&("pool".into(), 0, 3, 1)));
+    // And stays there.
+    shell.advance(SCALE_DOWN_IDLE * 2);
+    shell.tick();
+    assert_eq!(shell.live("pool"), 1);
+    assert_eq!(shell.destroyed.len(), 2);
+}
+
+#[test]
+fn ephemeral_providers_do_not_scale_with_the_queue() {
+    let mut shell = Shell::new(vec![ProviderConfig::ephemeral("docker", "docker", true, 4)]);
+    shell.tick();
+    shell.depth(20);
+    shell.tick();
+    assert!(shell.provisions.is_empty());
+    assert!(shell.scaling.is_empty());
+}
+
+#[test]
+fn an_unhealthy_provider_is_not_scaled() {
+    let mut shell = Shell::new(vec![pool("pool", 2, 4)]);
+    shell
+        .engine
+        .handle_provider_health(shell.now, &ProviderId::new("pool"), false, "engine down");
+    shell.depth(3);
+    shell.tick();
+    assert!(shell.provisions.is_empty());
+    assert!(shell.scaling.is_empty());
+}
+
+fn job_spec(provider: &str) -> JobSpec {
+    JobSpec::parse(
+        RawJobSpec {
+            command: Some(vec!["true".into()]),
+            provider: Some(provider.into()),
+            max_attempts: Some(3),
+            ..Default::default()
+        },
+        &SpecLimits::default(),
+    )
+    .expect("valid spec")
+}
+
+#[test]
+fn a_worker_killed_for_its_memory_limit_fails_its_job_as_oom_killed() {
+    let mut shell = Shell::new(vec![ProviderConfig::ephemeral("docker", "docker", true, 4)]);
+    shell.tick();
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("c-oom"),
+        actor: Actor::new("tester"),
+    };
+    let job = shell
+        .engine
+        .handle_submit(shell.now, job_spec("docker"), &ctx)
+        .expect("submitted");
+    shell.pump();
+    shell.engine.handle_queue_hint();
+    shell.pump();
+    let (_, worker) = shell.provisions[0].clone();
+    shell.register_all();
+    let attempt = shell.engine.job(job).expect("owned").attempt;
+    shell
+        .engine
+        .handle_ack(shell.now, worker, job, attempt)
+        .expect("ack");
+    shell.pump();
+    shell.engine.handle_worker_exit(
+        shell.now,
+        worker,
+        "container hodei-worker-x exited with code 137 (out of memory: limit 16 MiB)",
+        true,
+    );
+    shell.pump();
+    let last = shell
+        .updates
+        .iter()
+        .rev()
+        .find(|j| j.id == job)
+        .expect("an update");
+    assert_eq!(last.state(), JobState::Failed, "not retried: {last:?}");
+    let JobStatus::Failed { failure } = &last.status else {
+        panic!("{last:?}")
+    };
+    assert_eq!(failure.kind, FailureKind::OomKilled);
+    assert!(failure.message.contains("OOM"), "{failure:?}");
+    assert!(failure.message.contains("limit 16 MiB"), "{failure:?}");
+    let _: BTreeSet<WorkerId> = shell.destroyed.iter().copied().collect();
+}
