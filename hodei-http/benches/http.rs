@@ -65,7 +65,11 @@ async fn run(submits: usize, gets: usize) {
         async move {
             let id = &ids[i % ids.len()];
             let t = Instant::now();
-            let r = c.get(format!("{b}/api/v1/jobs/{id}")).send().await.expect("GET");
+            let r = c
+                .get(format!("{b}/api/v1/jobs/{id}"))
+                .send()
+                .await
+                .expect("GET");
             assert!(r.status().is_success(), "GET job: {}", r.status());
             let _: Value = r.json().await.expect("a job");
             t.elapsed()
@@ -76,7 +80,9 @@ async fn run(submits: usize, gets: usize) {
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
 
-    println!("HTTP API on loopback, concurrency {CONCURRENCY}, in-memory store, server and client in one process");
+    println!(
+        "HTTP API on loopback, concurrency {CONCURRENCY}, in-memory store, server and client in one process"
+    );
     println!(
         "  POST /api/v1/jobs       {submits} jobs in {submit_secs:.2} s: {:.0} jobs/s",
         submits as f64 / submit_secs

@@ -468,13 +468,14 @@ pub(crate) async fn audit(
     let Query(q) = query.map_err(query_error)?;
     let nonempty = |s: Option<String>| s.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
     let event_type = nonempty(q.event_type);
-    if let Some(t) = &event_type {
-        if !EVENT_TYPES.contains(&t.as_str()) {
-            return Err(HttpError::InvalidArgument(format!(
-                "unknown event_type {t:?}; accepted: {}",
-                EVENT_TYPES.join(", ")
-            )));
-        }
+    if let Some(t) = event_type
+        .as_ref()
+        .filter(|t| !EVENT_TYPES.contains(&t.as_str()))
+    {
+        return Err(HttpError::InvalidArgument(format!(
+            "unknown event_type {t:?}; accepted: {}",
+            EVENT_TYPES.join(", ")
+        )));
     }
     let limit = parse_number("limit", q.limit.as_deref(), 1, 1000)?.unwrap_or(100);
     let offset = parse_count("offset", q.offset.as_deref())?.unwrap_or(0);
@@ -764,7 +765,9 @@ fn parse_count(name: &str, value: Option<&str>) -> Result<Option<u64>, HttpError
         return Ok(None);
     };
     v.parse::<u64>().map(Some).map_err(|_| {
-        HttpError::InvalidArgument(format!("invalid `{name}` {v:?}; accepted: a whole number, 0 or more"))
+        HttpError::InvalidArgument(format!(
+            "invalid `{name}` {v:?}; accepted: a whole number, 0 or more"
+        ))
     })
 }
 

@@ -85,7 +85,10 @@ impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The tokens are secrets: only their names are shown.
         f.debug_struct("HttpConfig")
-            .field("api_token_names", &self.api_tokens.values().collect::<Vec<_>>())
+            .field(
+                "api_token_names",
+                &self.api_tokens.values().collect::<Vec<_>>(),
+            )
             .field("max_body_bytes", &self.max_body_bytes)
             .finish_non_exhaustive()
     }

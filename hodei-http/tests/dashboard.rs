@@ -33,7 +33,9 @@ async fn the_dashboard_lists_follows_and_cancels_jobs() {
 
     // The list, behind a token typed into the header.
     d.goto(&s.url("/")).await;
-    d.wait_text("#banner", "Authentication needed", 20).await.unwrap();
+    d.wait_text("#banner", "Authentication needed", 20)
+        .await
+        .unwrap();
     d.type_into("#token-input", "ui-token").await;
     d.click("#token-form button").await;
     d.wait_text("#jobs-status", "updated", 20).await.unwrap();
@@ -54,31 +56,43 @@ async fn the_dashboard_lists_follows_and_cancels_jobs() {
     let api_id = api_job["id"].as_str().unwrap().to_owned();
     let row = format!("#jobs-table tr[data-job-id=\"{api_id}\"]");
     d.wait_text(&row, "from-api", 20).await.unwrap();
-    d.wait_text(&format!("{row} .state"), "SUCCEEDED", 20).await.unwrap();
+    d.wait_text(&format!("{row} .state"), "SUCCEEDED", 20)
+        .await
+        .unwrap();
 
     // Submit a script from the form; the page moves to the job.
     d.click("nav a[data-nav=submit]").await;
     d.wait_present("#submit-form").await;
     d.type_into("#spec-name", "ticker").await;
     d.click("#mode-script").await;
+    // It prints a line, then waits for the test to create $FLAG before the
+    // next one: that one can only reach the page live.
+    let flag = std::env::temp_dir().join(format!("hodei-ui-flag-{}", uuid::Uuid::new_v4()));
     d.type_into(
         "#spec-script",
-        "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo tick-$i; sleep 0.4; done; sleep 60",
+        "echo first-line; while [ ! -e \"$FLAG\" ]; do sleep 0.1; done; echo second-line; sleep 60",
     )
     .await;
+    d.type_into("#spec-env", &format!("FLAG={}", flag.display()))
+        .await;
     d.screenshot("submit-form").await;
     d.click("#submit-button").await;
     let id = eventually(20, "the job page", || async {
         let url = d.current_url().await;
-        url.split("#/jobs/").nth(1).filter(|id| id.len() == 36).map(str::to_owned)
+        url.split("#/jobs/")
+            .nth(1)
+            .filter(|id| id.len() == 36)
+            .map(str::to_owned)
     })
     .await;
 
     // Its log lines arrive while it runs (EventSource with the token).
-    d.wait_text("#logs", "tick-1", 20).await.unwrap();
-    let early = d.text("#logs").await;
-    d.wait_text("#logs", "tick-4", 20).await.unwrap();
-    assert!(!early.contains("tick-4"), "lines arrive one by one, not at the end: {early:?}");
+    d.wait_text("#logs", "first-line", 20).await.unwrap();
+    d.wait_text("#job-state", "RUNNING", 20).await.unwrap();
+    assert!(!d.text("#logs").await.contains("second-line"));
+    std::fs::write(&flag, b"").unwrap();
+    d.wait_text("#logs", "second-line", 20).await.unwrap();
+    let _ = std::fs::remove_file(&flag);
     d.wait_text("#job-state", "RUNNING", 20).await.unwrap();
     assert_eq!(d.text("#logs-status").await, "live");
     d.wait_text("#events", "JobStarted", 20).await.unwrap();
@@ -90,7 +104,9 @@ async fn the_dashboard_lists_follows_and_cancels_jobs() {
     d.wait_text("#job-state", "CANCELLED", 20).await.unwrap();
     d.wait_text("#logs-status", "complete", 20).await.unwrap();
     d.wait_text("#events", "JobCancelled", 20).await.unwrap();
-    d.wait_text("#job-details", "cancelled by ui-user", 20).await.unwrap();
+    d.wait_text("#job-details", "cancelled by ui-user", 20)
+        .await
+        .unwrap();
     d.screenshot("job-cancelled").await;
     let job = s.cp.job(id.parse().unwrap()).await.unwrap();
     assert_eq!(job.state(), hodei_core::job::JobState::Cancelled);
@@ -98,7 +114,9 @@ async fn the_dashboard_lists_follows_and_cancels_jobs() {
     // Back to the list: both jobs, and the state filter.
     d.click("nav a[data-nav=jobs]").await;
     let ui_row = format!("#jobs-table tr[data-job-id=\"{id}\"]");
-    d.wait_text(&format!("{ui_row} .state"), "CANCELLED", 20).await.unwrap();
+    d.wait_text(&format!("{ui_row} .state"), "CANCELLED", 20)
+        .await
+        .unwrap();
     d.wait_text(&row, "from-api", 20).await.unwrap();
     d.click("#state-filter option[value=CANCELLED]").await;
     d.wait_absent(&row, 20).await;
@@ -111,27 +129,63 @@ async fn the_dashboard_lists_follows_and_cancels_jobs() {
 
     // Workers, providers, audit.
     d.click("nav a[data-nav=workers]").await;
-    d.wait_text("#workers-table tbody", "local", 20).await.unwrap();
+    d.wait_text("#workers-table tbody", "local", 20)
+        .await
+        .unwrap();
     d.screenshot("workers").await;
     d.click("nav a[data-nav=providers]").await;
-    d.wait_text("#providers-table tr[data-provider=local]", "healthy", 20).await.unwrap();
+    d.wait_text("#providers-table tr[data-provider=local]", "healthy", 20)
+        .await
+        .unwrap();
     d.screenshot("providers").await;
     // The submission's flow by its correlation id (linked from the job page);
     // the cancellation was another request, found by type and actor.
-    d.goto(&s.url(&format!("/#/audit?correlation_id={}", job.correlation_id))).await;
-    d.wait_text("#audit-table tbody", "JobStarted", 20).await.unwrap();
-    d.wait_text("#audit-total", "matching event", 20).await.unwrap();
+    d.goto(&s.url(&format!("/#/audit?correlation_id={}", job.correlation_id)))
+        .await;
+    d.wait_text("#audit-table tbody", "JobStarted", 20)
+        .await
+        .unwrap();
+    d.wait_text("#audit-total", "matching event", 20)
+        .await
+        .unwrap();
     d.screenshot("audit").await;
     d.click("nav a[data-nav=audit]").await;
-    d.click("#audit-event-type option[value=JobCancelled]").await;
+    d.click("#audit-event-type option[value=JobCancelled]")
+        .await;
     d.type_into("#audit-actor", "ui-user").await;
     d.click("#audit-search").await;
-    d.wait_text("#audit-total", "1 matching event", 20).await.unwrap();
-    d.wait_text("#audit-table tbody", &id[..8], 20).await.unwrap();
+    d.wait_text("#audit-total", "1 matching event", 20)
+        .await
+        .unwrap();
+    d.wait_text("#audit-table tbody", &id[..8], 20)
+        .await
+        .unwrap();
     // A bad timestamp shows the server's message.
     d.type_into("#audit-since", "yesterday").await;
     d.click("#audit-search").await;
     d.wait_text("#audit-error", "RFC 3339", 20).await.unwrap();
+
+    // A command line is split like a shell would; server errors are shown.
+    d.click("nav a[data-nav=submit]").await;
+    d.type_into("#spec-command", "sh -c 'echo \"quoted words\"; exit 4'")
+        .await;
+    d.type_into("#spec-env", "1BAD=x").await;
+    d.click("#submit-button").await;
+    d.wait_text(
+        "#submit-error",
+        "`env.1BAD` is not a valid variable name",
+        20,
+    )
+    .await
+    .unwrap();
+    d.type_into("#spec-env", "GOOD=x").await;
+    d.click("#submit-button").await;
+    d.wait_text("#logs", "quoted words", 20).await.unwrap();
+    d.wait_text("#job-state", "FAILED", 20).await.unwrap();
+    d.wait_text("#job-details", "non_zero_exit", 20)
+        .await
+        .unwrap();
+    d.screenshot("job-failed").await;
 
     d.quit().await;
 }
@@ -146,7 +200,11 @@ struct Tools {
 fn browser_tools() -> Option<Tools> {
     let chromium = std::env::var_os("HODEI_TEST_CHROMIUM")
         .map(PathBuf::from)
-        .or_else(|| ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|c| which(c)));
+        .or_else(|| {
+            ["chromium", "chromium-browser", "google-chrome"]
+                .iter()
+                .find_map(|c| which(c))
+        });
     let chromedriver = std::env::var_os("HODEI_TEST_CHROMEDRIVER")
         .map(PathBuf::from)
         .or_else(|| which("chromedriver"));
@@ -158,13 +216,25 @@ fn browser_tools() -> Option<Tools> {
         (chromium, chromedriver) => {
             let missing = format!(
                 "chromium {} and chromedriver {}",
-                if chromium.is_some() { "found" } else { "missing" },
-                if chromedriver.is_some() { "found" } else { "missing" }
+                if chromium.is_some() {
+                    "found"
+                } else {
+                    "missing"
+                },
+                if chromedriver.is_some() {
+                    "found"
+                } else {
+                    "missing"
+                }
             );
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{missing}: the dashboard test needs them in CI (apt-get install chromium chromium-driver)");
+                panic!(
+                    "{missing}: the dashboard test needs them in CI (apt-get install chromium chromium-driver)"
+                );
             }
-            eprintln!("SKIPPED the dashboard test: {missing} (apt-get install chromium chromium-driver)");
+            eprintln!(
+                "SKIPPED the dashboard test: {missing} (apt-get install chromium chromium-driver)"
+            );
             None
         }
     }
@@ -215,7 +285,8 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
-        let profile = TempDir(std::env::temp_dir().join(format!("hodei-ui-{}-{port}", std::process::id())));
+        let profile =
+            TempDir(std::env::temp_dir().join(format!("hodei-ui-{}-{port}", std::process::id())));
         let mut d = Driver {
             child,
             base: format!("http://127.0.0.1:{port}"),
@@ -242,7 +313,13 @@ impl Driver {
                 ],
             },
         }}});
-        let r = d.http.post(format!("{}/session", d.base)).json(&caps).send().await.unwrap();
+        let r = d
+            .http
+            .post(format!("{}/session", d.base))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap();
         let v: Value = r.json().await.unwrap();
         let session = v["value"]["sessionId"]
             .as_str()
@@ -252,7 +329,12 @@ impl Driver {
         d
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.json(&b);
@@ -260,7 +342,11 @@ impl Driver {
         let r = req.send().await.map_err(|e| e.to_string())?;
         let ok = r.status().is_success();
         let v: Value = r.json().await.map_err(|e| e.to_string())?;
-        if ok { Ok(v["value"].clone()) } else { Err(v["value"].to_string()) }
+        if ok {
+            Ok(v["value"].clone())
+        } else {
+            Err(v["value"].to_string())
+        }
     }
 
     async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
@@ -272,12 +358,19 @@ impl Driver {
     }
 
     async fn current_url(&self) -> String {
-        self.call(reqwest::Method::GET, "/url", None).await.unwrap().as_str().unwrap_or_default().to_owned()
+        self.call(reqwest::Method::GET, "/url", None)
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     async fn element(&self, css: &str) -> String {
         let v = eventually(20, css, || async {
-            self.post("/element", json!({"using": "css selector", "value": css})).await.ok()
+            self.post("/element", json!({"using": "css selector", "value": css}))
+                .await
+                .ok()
         })
         .await;
         v[ELEMENT].as_str().unwrap().to_owned()
@@ -289,25 +382,36 @@ impl Driver {
 
     async fn click(&self, css: &str) {
         let e = self.element(css).await;
-        self.post(&format!("/element/{e}/click"), json!({})).await.unwrap_or_else(|err| panic!("click {css}: {err}"));
+        self.post(&format!("/element/{e}/click"), json!({}))
+            .await
+            .unwrap_or_else(|err| panic!("click {css}: {err}"));
     }
 
     async fn type_into(&self, css: &str, text: &str) {
         let e = self.element(css).await;
-        self.post(&format!("/element/{e}/clear"), json!({})).await.ok();
+        self.post(&format!("/element/{e}/clear"), json!({}))
+            .await
+            .ok();
         self.post(&format!("/element/{e}/value"), json!({"text": text}))
             .await
             .unwrap_or_else(|err| panic!("type into {css}: {err}"));
     }
 
     async fn accept_alert(&self) {
-        eventually(10, "the confirm dialog", || async { self.post("/alert/accept", json!({})).await.ok() }).await;
+        eventually(10, "the confirm dialog", || async {
+            self.post("/alert/accept", json!({})).await.ok()
+        })
+        .await;
     }
 
     /// `textContent` of the first match, or "" when there is none.
     async fn text(&self, css: &str) -> String {
-        let script = "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;";
-        let v = self.post("/execute/sync", json!({"script": script, "args": [css]})).await.unwrap();
+        let script =
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;";
+        let v = self
+            .post("/execute/sync", json!({"script": script, "args": [css]}))
+            .await
+            .unwrap();
         v.as_str().unwrap_or_default().to_owned()
     }
 
@@ -320,7 +424,9 @@ impl Driver {
             }
             if tokio::time::Instant::now() > deadline {
                 self.screenshot("failure").await;
-                return Err(format!("{css} never contained {needle:?}; last text: {t:?}"));
+                return Err(format!(
+                    "{css} never contained {needle:?}; last text: {t:?}"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -329,7 +435,10 @@ impl Driver {
     async fn wait_absent(&self, css: &str, secs: u64) {
         let script = "return document.querySelector(arguments[0]) === null;";
         eventually(secs, &format!("{css} to go away"), || async {
-            let v = self.post("/execute/sync", json!({"script": script, "args": [css]})).await.ok()?;
+            let v = self
+                .post("/execute/sync", json!({"script": script, "args": [css]}))
+                .await
+                .ok()?;
             v.as_bool().filter(|gone| *gone)
         })
         .await;

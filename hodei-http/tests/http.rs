@@ -20,7 +20,13 @@ async fn body(r: reqwest::Response) -> (StatusCode, Value) {
 }
 
 async fn submit(s: &Server, spec: Value) -> Value {
-    let r = s.http.post(s.url("/api/v1/jobs")).json(&spec).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
     let (status, v) = body(r).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     v
@@ -39,11 +45,19 @@ async fn wait_state(s: &Server, id: &str, pred: impl Fn(&str) -> bool) -> Value 
 }
 
 async fn wait_terminal(s: &Server, id: &str) -> Value {
-    wait_state(s, id, |st| ["SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"].contains(&st)).await
+    wait_state(s, id, |st| {
+        ["SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"].contains(&st)
+    })
+    .await
 }
 
 /// Asserts a JSON error: status, code, and that the message contains each of `needles`.
-async fn assert_error(r: reqwest::Response, status: StatusCode, code: &str, needles: &[&str]) -> String {
+async fn assert_error(
+    r: reqwest::Response,
+    status: StatusCode,
+    code: &str,
+    needles: &[&str],
+) -> String {
     let (got, v) = body(r).await;
     assert_eq!(got, status, "{v}");
     assert_eq!(v["error"]["code"], code, "{v}");
@@ -80,7 +94,10 @@ async fn a_submitted_job_runs_and_every_read_route_shows_it() {
     assert_eq!(job["max_attempts"], 1);
     assert_eq!(job["correlation_id"], "corr-happy");
     assert_eq!(job["submitted_by"], "anonymous");
-    assert_eq!(job["spec"]["command"], json!(["sh", "-c", "echo hello; echo oops >&2"]));
+    assert_eq!(
+        job["spec"]["command"],
+        json!(["sh", "-c", "echo hello; echo oops >&2"])
+    );
     assert_eq!(job["spec"]["labels"]["team"], "ci");
     assert_eq!(job["attempts"], json!([]));
     assert!(job.get("exit_code").is_none());
@@ -96,7 +113,11 @@ async fn a_submitted_job_runs_and_every_read_route_shows_it() {
     let lines = logs["lines"].as_array().unwrap();
     let texts: BTreeSet<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
     assert_eq!(texts, BTreeSet::from(["hello", "oops"]));
-    assert!(lines.iter().any(|l| l["stream"] == "stderr" && l["text"] == "oops"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["stream"] == "stderr" && l["text"] == "oops")
+    );
     assert_eq!(logs["next_after"], 2);
     assert_eq!(logs["job_state"], "SUCCEEDED");
     let (_, page) = get(&s, &format!("/api/v1/jobs/{id}/logs?after=1&limit=5")).await;
@@ -112,7 +133,14 @@ async fn a_submitted_job_runs_and_every_read_route_shows_it() {
         .iter()
         .map(|e| e["event_type"].as_str().unwrap())
         .collect();
-    for t in ["JobCreated", "JobQueued", "JobScheduled", "JobAssigned", "JobStarted", "JobSucceeded"] {
+    for t in [
+        "JobCreated",
+        "JobQueued",
+        "JobScheduled",
+        "JobAssigned",
+        "JobStarted",
+        "JobSucceeded",
+    ] {
         assert!(types.contains(&t), "{t} missing from {types:?}");
     }
     for e in events["events"].as_array().unwrap() {
@@ -125,9 +153,21 @@ async fn a_submitted_job_runs_and_every_read_route_shows_it() {
 
     // List, with and without a state filter (case-insensitive).
     let (_, list) = get(&s, "/api/v1/jobs").await;
-    assert!(list["jobs"].as_array().unwrap().iter().any(|j| j["id"] == id.as_str()));
+    assert!(
+        list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == id.as_str())
+    );
     let (_, ok) = get(&s, "/api/v1/jobs?state=succeeded").await;
-    assert!(ok["jobs"].as_array().unwrap().iter().any(|j| j["id"] == id.as_str()));
+    assert!(
+        ok["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == id.as_str())
+    );
     let (_, failed) = get(&s, "/api/v1/jobs?state=FAILED").await;
     assert!(failed["jobs"].as_array().unwrap().is_empty());
 
@@ -148,16 +188,31 @@ async fn a_submitted_job_runs_and_every_read_route_shows_it() {
     let total = audit["total"].as_u64().unwrap();
     assert!(total >= 6, "{audit}");
     assert_eq!(audit["events"].as_array().unwrap().len() as u64, total);
-    let (_, created) = get(&s, "/api/v1/audit?correlation_id=corr-happy&event_type=JobCreated").await;
+    let (_, created) = get(
+        &s,
+        "/api/v1/audit?correlation_id=corr-happy&event_type=JobCreated",
+    )
+    .await;
     assert_eq!(created["total"], 1);
     assert_eq!(created["events"][0]["actor"], "anonymous");
     let (_, by_actor) = get(&s, "/api/v1/audit?actor=anonymous&event_type=JobCreated").await;
     assert_eq!(by_actor["total"], 1);
-    let (_, paged) = get(&s, "/api/v1/audit?correlation_id=corr-happy&limit=2&offset=1").await;
+    let (_, paged) = get(
+        &s,
+        "/api/v1/audit?correlation_id=corr-happy&limit=2&offset=1",
+    )
+    .await;
     assert_eq!(paged["events"].as_array().unwrap().len(), 2);
     assert_eq!(paged["total"].as_u64().unwrap(), total);
-    assert_eq!(paged["events"][0]["sequence"], audit["events"][1]["sequence"]);
-    let (_, future) = get(&s, "/api/v1/audit?correlation_id=corr-happy&since=2999-01-01T00:00:00Z").await;
+    assert_eq!(
+        paged["events"][0]["sequence"],
+        audit["events"][1]["sequence"]
+    );
+    let (_, future) = get(
+        &s,
+        "/api/v1/audit?correlation_id=corr-happy&since=2999-01-01T00:00:00Z",
+    )
+    .await;
     assert_eq!(future["total"], 0);
     let (_, past) = get(
         &s,
@@ -176,11 +231,21 @@ async fn jobs_are_listed_newest_first_in_pages() {
         ids.push(job["id"].as_str().unwrap().to_owned());
     }
     let (_, first) = get(&s, "/api/v1/jobs?limit=2").await;
-    let page1: Vec<&str> = first["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let page1: Vec<&str> = first["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(page1, vec![ids[2].as_str(), ids[1].as_str()]);
     let cursor = first["next_cursor"].as_str().expect("a next page");
     let (_, second) = get(&s, &format!("/api/v1/jobs?limit=2&cursor={cursor}")).await;
-    let page2: Vec<&str> = second["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let page2: Vec<&str> = second["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(page2, vec![ids[0].as_str()]);
     assert!(second.get("next_cursor").is_none(), "{second}");
 }
@@ -188,7 +253,11 @@ async fn jobs_are_listed_newest_first_in_pages() {
 #[tokio::test]
 async fn scripts_run_and_failures_are_reported() {
     let s = Server::start(HttpConfig::default()).await;
-    let job = submit(&s, json!({"script": "#!/bin/sh\necho from-script\nexit 3\n"})).await;
+    let job = submit(
+        &s,
+        json!({"script": "#!/bin/sh\necho from-script\nexit 3\n"}),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
     let done = wait_terminal(&s, id).await;
     assert_eq!(done["state"], "FAILED", "{done}");
@@ -205,13 +274,29 @@ async fn a_running_job_is_cancelled_once() {
     let job = submit(&s, json!({"command": ["sleep", "30"]})).await;
     let id = job["id"].as_str().unwrap();
     wait_state(&s, id, |st| st == "RUNNING").await;
-    let r = s.http.post(s.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
     let (status, cancelled) = body(r).await;
     assert_eq!(status, StatusCode::OK, "{cancelled}");
     assert_eq!(cancelled["state"], "CANCELLED");
     assert_eq!(cancelled["cancel_reason"], "cancelled by anonymous");
-    let r = s.http.post(s.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
-    assert_error(r, StatusCode::CONFLICT, "failed_precondition", &["CANCELLED"]).await;
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        StatusCode::CONFLICT,
+        "failed_precondition",
+        &["CANCELLED"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -221,16 +306,30 @@ async fn a_busy_worker_is_drained() {
     let id = job["id"].as_str().unwrap();
     let running = wait_state(&s, id, |st| st == "RUNNING").await;
     let worker = running["worker_id"].as_str().unwrap();
-    let r = s.http.post(s.url(&format!("/api/v1/workers/{worker}/drain"))).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/workers/{worker}/drain")))
+        .send()
+        .await
+        .unwrap();
     let (status, v) = body(r).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["worker_id"], worker);
     assert_eq!(v["state"], "DRAINING");
     let (_, workers) = get(&s, "/api/v1/workers").await;
-    let w = workers["workers"].as_array().unwrap().iter().find(|w| w["id"] == worker).unwrap();
+    let w = workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == worker)
+        .unwrap();
     assert_eq!(w["state"], "DRAINING");
     assert_eq!(w["jobs"][0], id);
-    s.http.post(s.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    s.http
+        .post(s.url(&format!("/api/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -247,15 +346,35 @@ async fn the_dashboard_is_served_with_a_strict_policy() {
     let s = Server::start(HttpConfig::default()).await;
     let r = s.http.get(s.url("/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
-    assert!(r.headers()["content-security-policy"].to_str().unwrap().contains("script-src 'self'"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
     let html = r.text().await.unwrap();
     assert!(html.contains("/ui/app.js") && html.contains("/ui/app.css"));
     let js = s.http.get(s.url("/ui/app.js")).send().await.unwrap();
-    assert!(js.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
     assert!(js.text().await.unwrap().contains("EventSource"));
     let css = s.http.get(s.url("/ui/app.css")).send().await.unwrap();
-    assert!(css.headers()["content-type"].to_str().unwrap().starts_with("text/css"));
+    assert!(
+        css.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/css")
+    );
 }
 
 // ---------------------------------------------------------------- bad input
@@ -275,29 +394,57 @@ async fn bad_job_specs_are_refused_with_what_is_accepted() {
             .send()
     };
     let bad = StatusCode::BAD_REQUEST;
-    let m = assert_error(post("{\"command\": [").await.unwrap(), bad, "invalid_argument", &["not valid JSON"]).await;
+    let m = assert_error(
+        post("{\"command\": [").await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["not valid JSON"],
+    )
+    .await;
     assert!(m.contains("accepted"), "{m}");
-    assert_error(post("").await.unwrap(), bad, "invalid_argument", &["body is empty", "accepted"]).await;
-    assert_error(post("[1]").await.unwrap(), bad, "invalid_argument", &["not a JSON object", "command"]).await;
     assert_error(
-        post(r#"{"command": ["true"], "colour": "red"}"#).await.unwrap(),
+        post("").await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["body is empty", "accepted"],
+    )
+    .await;
+    assert_error(
+        post("[1]").await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["not a JSON object", "command"],
+    )
+    .await;
+    assert_error(
+        post(r#"{"command": ["true"], "colour": "red"}"#)
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["unknown field `colour`", "accepted fields", "timeout_secs"],
     )
     .await;
     assert_error(
-        post(r#"{"command": ["true"], "resources": {"gpus": 1}}"#).await.unwrap(),
+        post(r#"{"command": ["true"], "resources": {"gpus": 1}}"#)
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["unknown field `resources.gpus`", "memory_mb"],
     )
     .await;
     assert_error(
-        post(r#"{"command": ["true"], "timeout_secs": "ten"}"#).await.unwrap(),
+        post(r#"{"command": ["true"], "timeout_secs": "ten"}"#)
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
-        &["`timeout_secs`", "invalid type", "accepted: a whole number of seconds"],
+        &[
+            "`timeout_secs`",
+            "invalid type",
+            "accepted: a whole number of seconds",
+        ],
     )
     .await;
     assert_error(
@@ -316,22 +463,34 @@ async fn bad_job_specs_are_refused_with_what_is_accepted() {
     .await;
     // Rules of the core's JobSpec::parse.
     assert_error(
-        post(r#"{"command": ["true"], "timeout_secs": 0}"#).await.unwrap(),
+        post(r#"{"command": ["true"], "timeout_secs": 0}"#)
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["`timeout_secs` is 0", "accepted: 1..="],
     )
     .await;
     assert_error(
-        post(r#"{"command": ["true"], "script": "true"}"#).await.unwrap(),
+        post(r#"{"command": ["true"], "script": "true"}"#)
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["`command`", "exactly one of"],
     )
     .await;
-    assert_error(post("{}").await.unwrap(), bad, "invalid_argument", &["`command` is missing"]).await;
     assert_error(
-        post(r#"{"command": ["true"], "provider": "mars"}"#).await.unwrap(),
+        post("{}").await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["`command` is missing"],
+    )
+    .await;
+    assert_error(
+        post(r#"{"command": ["true"], "provider": "mars"}"#)
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["mars", "local"],
@@ -339,9 +498,26 @@ async fn bad_job_specs_are_refused_with_what_is_accepted() {
     .await;
     // Too large: 413, whether the length is announced or not.
     let big = format!(r#"{{"script": "{}"}}"#, "x".repeat(8000));
-    let r = s.http.post(s.url("/api/v1/jobs")).body(big.clone()).send().await.unwrap();
-    assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &["4096 bytes"]).await;
-    let chunks = futures::stream::iter(big.into_bytes().chunks(1000).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>());
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &["4096 bytes"],
+    )
+    .await;
+    let chunks = futures::stream::iter(
+        big.into_bytes()
+            .chunks(1000)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
     let r = s
         .http
         .post(s.url("/api/v1/jobs"))
@@ -349,7 +525,13 @@ async fn bad_job_specs_are_refused_with_what_is_accepted() {
         .send()
         .await
         .unwrap();
-    assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &["4096 bytes"]).await;
+    assert_error(
+        r,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &["4096 bytes"],
+    )
+    .await;
     // Nothing was stored.
     let (_, list) = get(&s, "/api/v1/jobs").await;
     assert_eq!(list["jobs"], json!([]));
@@ -362,16 +544,54 @@ async fn bad_ids_filters_and_timestamps_are_refused() {
     let unknown = "0f8fad5b-d9cb-469f-a165-70867728950e";
     let g = |p: String| s.http.get(s.url(&p)).send();
     // Invalid ids vs unknown ids.
-    for path in ["/api/v1/jobs/nope", "/api/v1/jobs/nope/logs", "/api/v1/jobs/nope/events"] {
-        assert_error(g(path.into()).await.unwrap(), bad, "invalid_argument", &["invalid job id \"nope\"", "expected a UUID"]).await;
+    for path in [
+        "/api/v1/jobs/nope",
+        "/api/v1/jobs/nope/logs",
+        "/api/v1/jobs/nope/events",
+    ] {
+        assert_error(
+            g(path.into()).await.unwrap(),
+            bad,
+            "invalid_argument",
+            &["invalid job id \"nope\"", "expected a UUID"],
+        )
+        .await;
     }
-    let r = s.http.post(s.url("/api/v1/jobs/123/cancel")).send().await.unwrap();
-    assert_error(r, bad, "invalid_argument", &["invalid job id \"123\": expected a UUID"]).await;
-    let r = s.http.post(s.url("/api/v1/workers/abc/drain")).send().await.unwrap();
-    assert_error(r, bad, "invalid_argument", &["invalid worker id \"abc\": expected a UUID"]).await;
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs/123/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        bad,
+        "invalid_argument",
+        &["invalid job id \"123\": expected a UUID"],
+    )
+    .await;
+    let r = s
+        .http
+        .post(s.url("/api/v1/workers/abc/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        bad,
+        "invalid_argument",
+        &["invalid worker id \"abc\": expected a UUID"],
+    )
+    .await;
     let nf = StatusCode::NOT_FOUND;
     for path in ["", "/logs", "/events"] {
-        assert_error(g(format!("/api/v1/jobs/{unknown}{path}")).await.unwrap(), nf, "not_found", &[unknown]).await;
+        assert_error(
+            g(format!("/api/v1/jobs/{unknown}{path}")).await.unwrap(),
+            nf,
+            "not_found",
+            &[unknown],
+        )
+        .await;
     }
     let r = s
         .http
@@ -381,20 +601,45 @@ async fn bad_ids_filters_and_timestamps_are_refused() {
         .await
         .unwrap();
     assert_error(r, nf, "not_found", &[unknown]).await;
-    let r = s.http.post(s.url(&format!("/api/v1/jobs/{unknown}/cancel"))).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/jobs/{unknown}/cancel")))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, nf, "not_found", &[unknown]).await;
-    let r = s.http.post(s.url(&format!("/api/v1/workers/{unknown}/drain"))).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/workers/{unknown}/drain")))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, nf, "not_found", &[unknown]).await;
     // Filters.
     assert_error(
         g("/api/v1/jobs?state=DONE".into()).await.unwrap(),
         bad,
         "invalid_argument",
-        &["unknown job state \"DONE\"", "PENDING, SCHEDULED, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT"],
+        &[
+            "unknown job state \"DONE\"",
+            "PENDING, SCHEDULED, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT",
+        ],
     )
     .await;
-    assert_error(g("/api/v1/jobs?limit=0".into()).await.unwrap(), bad, "invalid_argument", &["`limit`", "1..=1000"]).await;
-    assert_error(g("/api/v1/jobs?limit=many".into()).await.unwrap(), bad, "invalid_argument", &["`limit`", "1..=1000"]).await;
+    assert_error(
+        g("/api/v1/jobs?limit=0".into()).await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["`limit`", "1..=1000"],
+    )
+    .await;
+    assert_error(
+        g("/api/v1/jobs?limit=many".into()).await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["`limit`", "1..=1000"],
+    )
+    .await;
     assert_error(
         g("/api/v1/jobs?status=RUNNING".into()).await.unwrap(),
         bad,
@@ -410,7 +655,9 @@ async fn bad_ids_filters_and_timestamps_are_refused() {
     )
     .await;
     assert_error(
-        g(format!("/api/v1/jobs/{unknown}/logs?after=-1")).await.unwrap(),
+        g(format!("/api/v1/jobs/{unknown}/logs?after=-1"))
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["`after`"],
@@ -443,7 +690,9 @@ async fn bad_ids_filters_and_timestamps_are_refused() {
     )
     .await;
     assert_error(
-        g("/api/v1/audit?since=2025-02-01T00:00:00Z&until=2025-01-01T00:00:00Z".into()).await.unwrap(),
+        g("/api/v1/audit?since=2025-02-01T00:00:00Z&until=2025-01-01T00:00:00Z".into())
+            .await
+            .unwrap(),
         bad,
         "invalid_argument",
         &["since <= until"],
@@ -456,12 +705,36 @@ async fn bad_ids_filters_and_timestamps_are_refused() {
         &["unknown event_type \"JobDone\"", "JobSucceeded"],
     )
     .await;
-    assert_error(g("/api/v1/audit?limit=5000".into()).await.unwrap(), bad, "invalid_argument", &["`limit`", "1..=1000"]).await;
-    assert_error(g("/api/v1/audit?offset=x".into()).await.unwrap(), bad, "invalid_argument", &["`offset`"]).await;
+    assert_error(
+        g("/api/v1/audit?limit=5000".into()).await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["`limit`", "1..=1000"],
+    )
+    .await;
+    assert_error(
+        g("/api/v1/audit?offset=x".into()).await.unwrap(),
+        bad,
+        "invalid_argument",
+        &["`offset`"],
+    )
+    .await;
     // Unknown routes and methods.
-    assert_error(g("/api/v1/nothing".into()).await.unwrap(), nf, "not_found", &["no route /api/v1/nothing"]).await;
+    assert_error(
+        g("/api/v1/nothing".into()).await.unwrap(),
+        nf,
+        "not_found",
+        &["no route /api/v1/nothing"],
+    )
+    .await;
     let r = s.http.delete(s.url("/api/v1/jobs")).send().await.unwrap();
-    assert_error(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &["DELETE"]).await;
+    assert_error(
+        r,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &["DELETE"],
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------- auth, correlation, idempotency
@@ -477,11 +750,35 @@ async fn tokens_guard_the_api_and_name_the_actor() {
     let r = s.http.get(s.url("/api/v1/jobs")).send().await.unwrap();
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"hodei\"");
     assert_error(r, unauth, "unauthenticated", &["missing bearer token"]).await;
-    let r = s.http.get(s.url("/api/v1/jobs")).bearer_auth("wrong").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/api/v1/jobs"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     assert_error(r, unauth, "unauthenticated", &["invalid bearer token"]).await;
-    let r = s.http.get(s.url("/api/v1/jobs")).header("authorization", "Basic abc").send().await.unwrap();
-    assert_error(r, unauth, "unauthenticated", &["malformed Authorization header"]).await;
-    let r = s.http.post(s.url("/api/v1/jobs")).json(&json!({"command": ["true"]})).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/api/v1/jobs"))
+        .header("authorization", "Basic abc")
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        unauth,
+        "unauthenticated",
+        &["malformed Authorization header"],
+    )
+    .await;
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .json(&json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, unauth, "unauthenticated", &[]).await;
     let r = s.http.get(s.url("/api/v1/unknown")).send().await.unwrap();
     assert_eq!(r.status(), unauth, "unknown /api/v1 routes are guarded too");
@@ -498,13 +795,26 @@ async fn tokens_guard_the_api_and_name_the_actor() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(job["submitted_by"], "alice");
     let id = job["id"].as_str().unwrap();
-    let r = s.http.post(s.url(&format!("/api/v1/jobs/{id}/cancel"))).bearer_auth("other").send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/jobs/{id}/cancel")))
+        .bearer_auth("other")
+        .send()
+        .await
+        .unwrap();
     let (_, cancelled) = body(r).await;
     if cancelled["state"] == "CANCELLED" {
         assert_eq!(cancelled["cancel_reason"], "cancelled by bob");
     }
     // The query parameter, for EventSource.
-    let (status, _) = body(s.http.get(s.url("/api/v1/jobs?access_token=s3cret")).send().await.unwrap()).await;
+    let (status, _) = body(
+        s.http
+            .get(s.url("/api/v1/jobs?access_token=s3cret"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let (status, audit) = body(
         s.http
@@ -518,31 +828,77 @@ async fn tokens_guard_the_api_and_name_the_actor() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(audit["total"], 1);
     // Outside /api/v1: no token needed.
-    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/ui/app.js"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/",
+        "/ui/app.js",
+    ] {
         let r = s.http.get(s.url(path)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
-    let r = s.http.get(s.url("/api/v1/openapi.json")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), unauth);
 }
 
 #[tokio::test]
 async fn correlation_ids_are_echoed_or_generated_and_flow_into_events() {
     let s = Server::start(HttpConfig::default()).await;
-    let r = s.http.get(s.url("/healthz")).header("x-correlation-id", "trace-42").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/healthz"))
+        .header("x-correlation-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-correlation-id"], "trace-42");
-    let r = s.http.get(s.url("/api/v1/jobs/nope")).header("x-correlation-id", "trace-43").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/api/v1/jobs/nope"))
+        .header("x-correlation-id", "trace-43")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(r.headers()["x-correlation-id"], "trace-43", "errors echo it too");
+    assert_eq!(
+        r.headers()["x-correlation-id"],
+        "trace-43",
+        "errors echo it too"
+    );
     let r = s.http.get(s.url("/api/v1/workers")).send().await.unwrap();
     let generated = r.headers()["x-correlation-id"].to_str().unwrap().to_owned();
     assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
-    let r = s.http.get(s.url("/healthz")).header("x-correlation-id", "has space").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/healthz"))
+        .header("x-correlation-id", "has space")
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().contains_key("x-correlation-id"));
-    assert_error(r, StatusCode::BAD_REQUEST, "invalid_argument", &["x-correlation-id", "accepted"]).await;
+    assert_error(
+        r,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        &["x-correlation-id", "accepted"],
+    )
+    .await;
 
     // Without a header, the generated id is the job's and its events'.
-    let r = s.http.post(s.url("/api/v1/jobs")).json(&json!({"command": ["true"]})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .json(&json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
     let corr = r.headers()["x-correlation-id"].to_str().unwrap().to_owned();
     let (_, job) = body(r).await;
     assert_eq!(job["correlation_id"], corr.as_str());
@@ -557,21 +913,35 @@ async fn correlation_ids_are_echoed_or_generated_and_flow_into_events() {
         .unwrap();
     assert_eq!(r.headers()["x-correlation-id"], "cancel-1");
     let (_, events) = get(&s, &format!("/api/v1/jobs/{id}/events")).await;
-    assert!(events["events"].as_array().unwrap().iter().all(|e| e["correlation_id"] == corr.as_str()));
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["correlation_id"] == corr.as_str())
+    );
 }
 
 #[tokio::test]
 async fn the_idempotency_key_returns_the_first_job() {
     let s = Server::start(HttpConfig::default()).await;
     let post = |key: &'static str, spec: Value| {
-        s.http.post(s.url("/api/v1/jobs")).header("idempotency-key", key).json(&spec).send()
+        s.http
+            .post(s.url("/api/v1/jobs"))
+            .header("idempotency-key", key)
+            .json(&spec)
+            .send()
     };
-    let r = post("deploy-7", json!({"command": ["true"]})).await.unwrap();
+    let r = post("deploy-7", json!({"command": ["true"]}))
+        .await
+        .unwrap();
     assert!(r.headers().get("idempotent-replayed").is_none());
     let (status, first) = body(r).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(first["spec"]["idempotency_key"], "deploy-7");
-    let r = post("deploy-7", json!({"command": ["true"]})).await.unwrap();
+    let r = post("deploy-7", json!({"command": ["true"]}))
+        .await
+        .unwrap();
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     let (status, second) = body(r).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -588,8 +958,19 @@ async fn the_idempotency_key_returns_the_first_job() {
     .await;
     assert_eq!(third["id"], first["id"]);
     // Header and body must agree.
-    let r = post("deploy-8", json!({"command": ["true"], "idempotency_key": "deploy-9"})).await.unwrap();
-    assert_error(r, StatusCode::BAD_REQUEST, "invalid_argument", &["Idempotency-Key", "differ"]).await;
+    let r = post(
+        "deploy-8",
+        json!({"command": ["true"], "idempotency_key": "deploy-9"}),
+    )
+    .await
+    .unwrap();
+    assert_error(
+        r,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        &["Idempotency-Key", "differ"],
+    )
+    .await;
     let (_, list) = get(&s, "/api/v1/jobs").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
 }
@@ -599,10 +980,16 @@ async fn the_idempotency_key_returns_the_first_job() {
 #[tokio::test]
 async fn live_logs_stream_history_then_live_lines_and_resume() {
     let s = Server::start(HttpConfig::default()).await;
+    let flag = std::env::temp_dir().join(format!("hodei-sse-flag-{}", uuid::Uuid::new_v4()));
     // Two lines, a pause, two more: the stream opens in the pause.
     let job = submit(
         &s,
-        json!({"command": ["sh", "-c", "echo one; echo two; sleep 1.5; echo three; echo four"]}),
+        // Two lines, then it waits for the test to create $FLAG, then two more:
+        // the last two can only reach the stream live.
+        json!({
+            "command": ["sh", "-c", "echo one; echo two; while [ ! -e \"$FLAG\" ]; do sleep 0.05; done; echo three; echo four"],
+            "env": {"FLAG": flag.to_str().unwrap()},
+        }),
     )
     .await;
     let id = job["id"].as_str().unwrap().to_owned();
@@ -612,13 +999,27 @@ async fn live_logs_stream_history_then_live_lines_and_resume() {
         (page["lines"].as_array().unwrap().len() == 2).then_some(())
     })
     .await;
-    let r = s.http.get(s.url(&logs)).header("accept", "text/event-stream").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&logs))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut sse = SseReader::new(r);
     let mut got = Vec::new();
     loop {
-        let ev = sse.next_within(20).await.expect("the stream ends with `end`, not before");
+        let ev = sse
+            .next_within(20)
+            .await
+            .expect("the stream ends with `end`, not before");
         if ev.event == "end" {
             let end: Value = serde_json::from_str(&ev.data).unwrap();
             assert_eq!(end["state"], "SUCCEEDED");
@@ -627,9 +1028,21 @@ async fn live_logs_stream_history_then_live_lines_and_resume() {
         }
         assert_eq!(ev.event, "log");
         let line: Value = serde_json::from_str(&ev.data).unwrap();
-        assert_eq!(ev.id.as_deref(), Some(line["seq"].to_string().as_str()), "SSE id = seq");
-        got.push((line["seq"].as_u64().unwrap(), line["text"].as_str().unwrap().to_owned()));
+        assert_eq!(
+            ev.id.as_deref(),
+            Some(line["seq"].to_string().as_str()),
+            "SSE id = seq"
+        );
+        got.push((
+            line["seq"].as_u64().unwrap(),
+            line["text"].as_str().unwrap().to_owned(),
+        ));
+        if got.len() == 2 {
+            // History delivered; only now may the job go on.
+            std::fs::write(&flag, b"").unwrap();
+        }
     }
+    let _ = std::fs::remove_file(&flag);
     let want: Vec<(u64, String)> = ["one", "two", "three", "four"]
         .iter()
         .enumerate()
@@ -668,14 +1081,21 @@ async fn live_logs_stream_history_then_live_lines_and_resume() {
         .unwrap();
     let mut sse = SseReader::new(r);
     let first = sse.next_within(10).await.unwrap();
-    assert_eq!((first.event.as_str(), first.id.as_deref()), ("log", Some("4")));
+    assert_eq!(
+        (first.event.as_str(), first.id.as_deref()),
+        ("log", Some("4"))
+    );
     assert_eq!(sse.next_within(10).await.unwrap().event, "end");
 }
 
 #[tokio::test]
 async fn a_stream_of_a_cancelled_job_ends() {
     let s = Server::start(HttpConfig::default()).await;
-    let job = submit(&s, json!({"command": ["sh", "-c", "echo started; sleep 30"]})).await;
+    let job = submit(
+        &s,
+        json!({"command": ["sh", "-c", "echo started; sleep 30"]}),
+    )
+    .await;
     let id = job["id"].as_str().unwrap().to_owned();
     let r = s
         .http
@@ -688,7 +1108,11 @@ async fn a_stream_of_a_cancelled_job_ends() {
     let first = sse.next_within(20).await.unwrap();
     assert_eq!(first.event, "log");
     assert!(first.data.contains("started"));
-    s.http.post(s.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    s.http
+        .post(s.url(&format!("/api/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
     let end = sse.next_within(10).await.unwrap();
     assert_eq!(end.event, "end");
     assert!(end.data.contains("CANCELLED"), "{}", end.data);
@@ -708,7 +1132,9 @@ async fn the_openapi_document_and_the_router_have_the_same_routes() {
 
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
-        for method in ["get", "post", "put", "delete", "patch", "head", "options", "trace"] {
+        for method in [
+            "get", "post", "put", "delete", "patch", "head", "options", "trace",
+        ] {
             if item.get(method).is_some() {
                 documented.insert((method.to_uppercase(), path.clone()));
             }
@@ -720,8 +1146,14 @@ async fn the_openapi_document_and_the_router_have_the_same_routes() {
         .collect();
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "routes missing from the OpenAPI document: {undocumented:?}");
-    assert!(unserved.is_empty(), "documented routes the router does not serve: {unserved:?}");
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from the OpenAPI document: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "documented routes the router does not serve: {unserved:?}"
+    );
     for required in [
         ("POST", "/api/v1/jobs"),
         ("GET", "/api/v1/jobs"),
@@ -739,7 +1171,10 @@ async fn the_openapi_document_and_the_router_have_the_same_routes() {
         ("GET", "/readyz"),
         ("GET", "/"),
     ] {
-        assert!(served.contains(&(required.0.to_owned(), required.1.to_owned())), "{required:?}");
+        assert!(
+            served.contains(&(required.0.to_owned(), required.1.to_owned())),
+            "{required:?}"
+        );
     }
 
     // And the router really answers each of them (not its 404/405 fallbacks).
@@ -755,18 +1190,35 @@ async fn the_openapi_document_and_the_router_have_the_same_routes() {
             .unwrap();
         let status = r.status();
         let text = r.text().await.unwrap();
-        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {text}");
+        assert_ne!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {text}"
+        );
         assert!(!text.contains("no route"), "{method} {path}: {text}");
     }
 
     // The schemas the handlers send are in the document.
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for name in ["JobDto", "JobSpecDto", "ErrorBody", "LogLineDto", "EventDto", "WorkerDto", "ProviderDto", "AuditPageDto"] {
+    for name in [
+        "JobDto",
+        "JobSpecDto",
+        "ErrorBody",
+        "LogLineDto",
+        "EventDto",
+        "WorkerDto",
+        "ProviderDto",
+        "AuditPageDto",
+    ] {
         assert!(schemas.contains_key(name), "{name}");
     }
     // The documented spec fields are the core's RawJobSpec fields.
-    let documented_fields: BTreeSet<&str> =
-        schemas["JobSpecDto"]["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+    let documented_fields: BTreeSet<&str> = schemas["JobSpecDto"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     let full = hodei_core::spec::RawJobSpec {
         name: Some("n".into()),
         command: Some(vec!["c".into()]),
@@ -780,12 +1232,20 @@ async fn the_openapi_document_and_the_router_have_the_same_routes() {
         priority: Some(1),
         labels: BTreeMap::from([("k".into(), "v".into())]),
         provider: Some("p".into()),
-        resources: Some(hodei_core::spec::RawResources { cpu: Some(1.0), memory_mb: Some(1) }),
+        resources: Some(hodei_core::spec::RawResources {
+            cpu: Some(1.0),
+            memory_mb: Some(1),
+        }),
         idempotency_key: Some("k".into()),
         retry_on_failure: Some(true),
     };
     let raw = serde_json::to_value(full).unwrap();
-    let core_fields: BTreeSet<&str> = raw.as_object().unwrap().keys().map(String::as_str).collect();
+    let core_fields: BTreeSet<&str> = raw
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     assert_eq!(documented_fields, core_fields);
     // Every /api/v1 operation declares the bearer scheme.
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -816,23 +1276,33 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
         };
         let name = series.split('{').next().unwrap();
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
             .unwrap_or(name);
-        assert!(declared.contains(family), "sample before its # TYPE: {line}");
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-            }
-        }
-        assert!(samples.insert(series.to_owned(), value).is_none(), "duplicate series {series}");
+        assert!(
+            declared.contains(family),
+            "sample before its # TYPE: {line}"
+        );
+        let labels = &series[name.len()..];
+        assert!(
+            labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+            "{line}"
+        );
+        assert!(
+            samples.insert(series.to_owned(), value).is_none(),
+            "duplicate series {series}"
+        );
     }
     samples
 }
@@ -845,7 +1315,12 @@ async fn metrics_move_when_jobs_run() {
     let scrape = || async {
         let r = s.http.get(s.url("/metrics")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
         parse_metrics(&r.text().await.unwrap())
     };
     let before = scrape().await;
@@ -867,7 +1342,11 @@ async fn metrics_move_when_jobs_run() {
     assert_eq!(before["hodei_jobs_submitted_total"], 0.0);
     assert_eq!(before["hodei_log_lines_dropped_total"], 0.0);
 
-    let job = submit(&s, json!({"command": ["sh", "-c", "echo a; echo bb; sleep 0.2"]})).await;
+    let job = submit(
+        &s,
+        json!({"command": ["sh", "-c", "echo a; echo bb; sleep 0.2"]}),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
     wait_terminal(&s, id).await;
     let failing = submit(&s, json!({"command": ["false"]})).await;
@@ -890,30 +1369,52 @@ async fn metrics_move_when_jobs_run() {
     assert_eq!(after["hodei_job_start_latency_seconds_count"], 2.0);
     assert!(after["hodei_job_start_latency_seconds_sum"] > 0.0);
     let succeeded_secs = after["hodei_job_duration_seconds_sum{state=\"SUCCEEDED\"}"];
-    assert!(succeeded_secs >= 0.2, "the job slept 0.2 s: {succeeded_secs}");
-    assert_eq!(after["hodei_job_duration_seconds_bucket{state=\"SUCCEEDED\",le=\"+Inf\"}"], 1.0);
+    assert!(
+        succeeded_secs >= 0.2,
+        "the job slept 0.2 s: {succeeded_secs}"
+    );
+    assert_eq!(
+        after["hodei_job_duration_seconds_bucket{state=\"SUCCEEDED\",le=\"+Inf\"}"],
+        1.0
+    );
     assert_eq!(after["hodei_queue_depth"], 0.0);
     assert_eq!(after["hodei_provider_healthy{provider=\"local\"}"], 1.0);
     assert!(after["hodei_event_bus_events_total"] > before["hodei_event_bus_events_total"]);
-    let workers: f64 = after.iter().filter(|(k, _)| k.starts_with("hodei_workers{")).map(|(_, v)| v).sum();
+    let workers: f64 = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("hodei_workers{"))
+        .map(|(_, v)| v)
+        .sum();
     assert!(workers >= 1.0);
     assert_eq!(
         after["hodei_http_requests_total{method=\"POST\",route=\"/api/v1/jobs\",status=\"201\"}"],
         2.0
     );
-    assert!(after["hodei_http_requests_total{method=\"GET\",route=\"/api/v1/jobs/{id}\",status=\"200\"}"] >= 2.0);
-    assert!(after["hodei_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/jobs\"}"] >= 2.0);
+    assert!(
+        after["hodei_http_requests_total{method=\"GET\",route=\"/api/v1/jobs/{id}\",status=\"200\"}"]
+            >= 2.0
+    );
+    assert!(
+        after["hodei_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/jobs\"}"]
+            >= 2.0
+    );
     assert!(after.contains_key("hodei_http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/v1/jobs\",le=\"+Inf\"}"));
     assert_eq!(
         after["hodei_grpc_requests_total{method=\"/hodei.v1.JobService/GetJob\",code=\"NOT_FOUND\"}"],
         1.0
     );
-    assert_eq!(after["hodei_grpc_request_duration_seconds_count{method=\"/hodei.v1.JobService/GetJob\"}"], 1.0);
+    assert_eq!(
+        after["hodei_grpc_request_duration_seconds_count{method=\"/hodei.v1.JobService/GetJob\"}"],
+        1.0
+    );
     // Unknown paths are one series, not one per path.
     s.http.get(s.url("/nope/1")).send().await.unwrap();
     s.http.get(s.url("/nope/2")).send().await.unwrap();
     let m = scrape().await;
-    assert_eq!(m["hodei_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"}"], 2.0);
+    assert_eq!(
+        m["hodei_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"}"],
+        2.0
+    );
 }
 
 #[tokio::test]

@@ -355,7 +355,7 @@ function submitPage() {
   const name = h("input", { id: "spec-name", placeholder: "defaults to the program name" });
   const modeCommand = h("input", { type: "radio", name: "mode", id: "mode-command", value: "command", checked: true });
   const modeScript = h("input", { type: "radio", name: "mode", id: "mode-script", value: "script" });
-  const command = h("input", { id: "spec-command", class: "mono", style: "width:100%", placeholder: "sh -c 'echo hello'" });
+  const command = h("input", { id: "spec-command", class: "mono full", placeholder: "sh -c 'echo hello'" });
   const script = h("textarea", { id: "spec-script", rows: 8, placeholder: "#!/bin/sh\necho hello" });
   const env = h("textarea", { id: "spec-env", rows: 3, placeholder: "KEY=value (one per line)" });
   const labels = h("textarea", { id: "spec-labels", rows: 2, placeholder: "team=ci (one per line)" });

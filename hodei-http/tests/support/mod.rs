@@ -118,7 +118,11 @@ async fn agent(cp: ControlPlane, launch: WorkerLaunch) -> String {
     let heartbeat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(welcome.heartbeat_interval).await;
-            if beat_cp.worker_message(w, FromWorker::Heartbeat).await.is_err() {
+            if beat_cp
+                .worker_message(w, FromWorker::Heartbeat)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -147,7 +151,12 @@ async fn agent(cp: ControlPlane, launch: WorkerLaunch) -> String {
 }
 
 /// Runs one attempt; returns whether the agent was asked to drain meanwhile.
-async fn run_job(cp: &ControlPlane, w: WorkerId, run: RunJob, rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> bool {
+async fn run_job(
+    cp: &ControlPlane,
+    w: WorkerId,
+    run: RunJob,
+    rx: &mut mpsc::UnboundedReceiver<ToWorker>,
+) -> bool {
     let mut drain = false;
     let job = run.job;
     let (id, attempt) = (job.id, job.attempt);
@@ -170,16 +179,29 @@ async fn run_job(cp: &ControlPlane, w: WorkerId, run: RunJob, rx: &mut mpsc::Unb
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let _ = cp.worker_message(w, FromWorker::Ack { job: id, attempt }).await;
+            let _ = cp
+                .worker_message(w, FromWorker::Ack { job: id, attempt })
+                .await;
             let report = AttemptReport {
                 start_error: Some(format!("could not start {:?}: {e}", argv[0])),
                 ..AttemptReport::default()
             };
-            let _ = cp.worker_message(w, FromWorker::Result { job: id, attempt, report }).await;
+            let _ = cp
+                .worker_message(
+                    w,
+                    FromWorker::Result {
+                        job: id,
+                        attempt,
+                        report,
+                    },
+                )
+                .await;
             return drain;
         }
     };
-    let _ = cp.worker_message(w, FromWorker::Ack { job: id, attempt }).await;
+    let _ = cp
+        .worker_message(w, FromWorker::Ack { job: id, attempt })
+        .await;
     let pgid = child.id();
     let (line_tx, mut lines) = mpsc::unbounded_channel();
     let readers = [
@@ -216,13 +238,11 @@ async fn run_job(cp: &ControlPlane, w: WorkerId, run: RunJob, rx: &mut mpsc::Unb
             // The whole group: `sh -c` children hold the pipes open. Not
             // with the `kill` binary: procps-ng 4.0.2 turns `kill -KILL
             // -181` into kill(-1, SIGKILL), i.e. every process.
-            if let Ok(pgid) = i32::try_from(pid) {
-                if pgid > 1 {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pgid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+            if let Some(pgid) = i32::try_from(pid).ok().filter(|p| *p > 1) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         for r in readers {
@@ -249,7 +269,16 @@ async fn run_job(cp: &ControlPlane, w: WorkerId, run: RunJob, rx: &mut mpsc::Unb
             ..AttemptReport::default()
         },
     };
-    let _ = cp.worker_message(w, FromWorker::Result { job: id, attempt, report }).await;
+    let _ = cp
+        .worker_message(
+            w,
+            FromWorker::Result {
+                job: id,
+                attempt,
+                report,
+            },
+        )
+        .await;
     drain
 }
 
