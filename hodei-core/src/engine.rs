@@ -19,7 +19,9 @@
 //! connected to it. Every job change goes out as [`Effect::UpdateJob`]
 //! with the version it was based on; when the store reports that someone
 //! else changed the job, the shell calls [`Engine::handle_job_changed`]
-//! and the engine falls in line (stops the attempt on its worker).
+//! and the engine falls in line (stops the attempt on its worker). The
+//! simplest shell drains every effect of one input before taking the next;
+//! see [`Effect::UpdateJob`] for what a shell that batches inputs must do.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -227,6 +229,15 @@ pub enum Effect {
     /// Store a job change and its events atomically, if the stored version
     /// is `expected_version`; on a conflict call
     /// [`Engine::handle_job_changed`].
+    ///
+    /// A shell that drains the effects of each input before the next input
+    /// sees at most one update per job in flight. A shell that feeds
+    /// several inputs before draining may hold several updates of one job,
+    /// each based on the one before: once one conflicts, it must skip the
+    /// updates of that job it had already polled (their base version lost;
+    /// another writer may hold that very version number, so the store's
+    /// check alone would not stop them). Effects polled after the
+    /// [`Engine::handle_job_changed`] call are based on the stored version.
     UpdateJob {
         /// The job after the change. Its version is above
         /// `expected_version`, by more than one when several transitions

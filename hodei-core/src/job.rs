@@ -204,7 +204,7 @@ pub enum JobStatus {
     },
     /// Cancelled.
     Cancelled {
-        /// Why (user reason or "cancelled by <actor>").
+        /// Why (user reason or `cancelled by <actor>`).
         reason: String,
     },
     /// Timed out.
@@ -479,7 +479,14 @@ impl Job {
         };
         let (status, events) = match (&self.status, &command) {
             // -- PENDING ---------------------------------------------------
-            (JobStatus::Pending { .. }, JobCommand::Schedule { provider, worker, deadline }) => (
+            (
+                JobStatus::Pending { .. },
+                JobCommand::Schedule {
+                    provider,
+                    worker,
+                    deadline,
+                },
+            ) => (
                 JobStatus::Scheduled {
                     provider: provider.clone(),
                     worker: *worker,
@@ -561,7 +568,8 @@ impl Job {
             }
             (JobStatus::Assigned { worker, .. }, JobCommand::Fail(failure)) => {
                 let worker = *worker;
-                let (status, mut events) = self.fail_attempt(Some(worker), None, failure.clone(), ctx);
+                let (status, mut events) =
+                    self.fail_attempt(Some(worker), None, failure.clone(), ctx);
                 if failure.kind == FailureKind::DispatchFailed {
                     events.insert(
                         0,
@@ -581,7 +589,8 @@ impl Job {
                     FailureKind::DispatchFailed,
                     "the worker did not acknowledge the job before its deadline",
                 );
-                let (status, mut events) = self.fail_attempt(Some(worker), None, failure.clone(), ctx);
+                let (status, mut events) =
+                    self.fail_attempt(Some(worker), None, failure.clone(), ctx);
                 events.insert(
                     0,
                     EventBody::JobDispatchFailed {
@@ -601,8 +610,15 @@ impl Job {
                 return Err(refuse(&self.status, &command));
             }
             (
-                JobStatus::Running { worker, started_at, .. },
-                JobCommand::Exit { exit_code, signal, oom_killed, timed_out },
+                JobStatus::Running {
+                    worker, started_at, ..
+                },
+                JobCommand::Exit {
+                    exit_code,
+                    signal,
+                    oom_killed,
+                    timed_out,
+                },
             ) => {
                 let (worker, started_at) = (*worker, *started_at);
                 if *timed_out {
@@ -630,12 +646,18 @@ impl Job {
                     self.fail_attempt(Some(worker), Some(started_at), failure, ctx)
                 }
             }
-            (JobStatus::Running { worker, started_at, .. }, JobCommand::Fail(failure)) => {
-                self.fail_attempt(Some(*worker), Some(*started_at), failure.clone(), ctx)
-            }
-            (JobStatus::Running { worker, started_at, .. }, JobCommand::Expire) => {
-                self.time_out(JobState::Running, Some(*worker), Some(*started_at), ctx)
-            }
+            (
+                JobStatus::Running {
+                    worker, started_at, ..
+                },
+                JobCommand::Fail(failure),
+            ) => self.fail_attempt(Some(*worker), Some(*started_at), failure.clone(), ctx),
+            (
+                JobStatus::Running {
+                    worker, started_at, ..
+                },
+                JobCommand::Expire,
+            ) => self.time_out(JobState::Running, Some(*worker), Some(*started_at), ctx),
 
             // -- CANCEL from any non-terminal state ------------------------
             (

@@ -1210,16 +1210,36 @@ impl Sim {
     }
 
     /// Carries out every effect the engine asked for, in order.
+    ///
+    /// Effects are taken in batches (everything polled so far). The step may
+    /// have fed several inputs before draining (a reconnecting agent
+    /// flushes its acks and results at once), so a batch may hold several
+    /// updates of one job, each based on the previous one: once one of
+    /// them conflicts, the rest of that job's updates in the batch are
+    /// skipped, as `Effect::UpdateJob` asks of such shells.
     fn drain(&mut self) -> Result<(), String> {
         let mut n = 0usize;
-        while let Some(effect) = self.engine.poll_effect() {
-            n += 1;
-            if n > MAX_EFFECTS_PER_STEP {
-                return Err(format!(
-                    "the engine produced more than {MAX_EFFECTS_PER_STEP} effects in one step \
-                     (last: {effect:?})"
-                ));
+        loop {
+            let batch: Vec<Effect> = std::iter::from_fn(|| self.engine.poll_effect()).collect();
+            if batch.is_empty() {
+                return Ok(());
             }
+            let mut lost: BTreeSet<JobId> = BTreeSet::new();
+            for effect in batch {
+                n += 1;
+                if n > MAX_EFFECTS_PER_STEP {
+                    return Err(format!(
+                        "the engine produced more than {MAX_EFFECTS_PER_STEP} effects in one step \
+                         (last: {effect:?})"
+                    ));
+                }
+                self.execute(effect, &mut lost)?;
+            }
+        }
+    }
+
+    fn execute(&mut self, effect: Effect, lost: &mut BTreeSet<JobId>) -> Result<(), String> {
+        {
             if self.trace {
                 self.log(|| format!("  -> {}", short(&effect)));
             }
@@ -1230,12 +1250,17 @@ impl Sim {
                     expected_version,
                     events,
                 } => {
+                    if lost.contains(&job.id) {
+                        self.log(|| format!("  skipped: builds on a lost update of {}", job.id));
+                        return Ok(());
+                    }
                     self.count_outcome(&events);
                     match self.store.update(job, expected_version, events)? {
                         Update::Stored => {}
                         Update::Conflict(current) => {
                             self.stats.conflicts += 1;
                             self.log(|| format!("  conflict on {}", current.id));
+                            lost.insert(current.id);
                             self.engine.handle_job_changed(self.now, *current);
                         }
                     }
