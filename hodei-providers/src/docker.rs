@@ -544,11 +544,16 @@ impl WorkerProvider for DockerProvider {
             ),
             Err(e) => return unhealthy(e.to_string()),
         };
+        let agent = match (&config.command_override, &config.agent_binary) {
+            (Some(_), _) => "entrypoint overridden".to_owned(),
+            (None, Some(agent)) => format!("agent {} mounted read-only", agent.display()),
+            (None, None) => "agent from the image".to_owned(),
+        };
         ProviderHealth {
             healthy: true,
             message: format!(
-                "docker engine reachable (API {}.{}); {image}",
-                version.major_version, version.minor_version
+                "docker engine reachable (API {}.{}); {image}; network {}; {agent}",
+                version.major_version, version.minor_version, config.network
             ),
         }
     }

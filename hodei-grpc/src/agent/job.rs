@@ -266,26 +266,42 @@ fn to_proto(line: exec::LogLine, attempt: u32) -> proto::LogLine {
     }
 }
 
-/// The cgroup v2 `memory.events` file of the agent's own cgroup, else the
-/// one at the cgroup root (what a container sees), when readable.
+/// The file holding the `oom_kill` counter of the agent's memory cgroup,
+/// when readable: cgroup v2 `memory.events` of the agent's own cgroup, else
+/// the one at the cgroup root (what a container sees); on cgroup v1 hosts
+/// the memory controller's `memory.oom_control` (same `oom_kill N` line,
+/// Linux 4.13+), of the agent's own cgroup, else the one a container sees.
 pub(crate) fn find_memory_events() -> Option<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
-        })
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own_v2 = cgroups
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
         .map(|rel| {
             Path::new("/sys/fs/cgroup")
                 .join(rel.trim_start_matches('/'))
                 .join("memory.events")
         });
-    own.into_iter()
+    // v1 lines are `N:controllers:/path`, the memory controller possibly
+    // sharing its line with others.
+    let own_v1 = cgroups.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, rel) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == "memory").then(|| {
+            Path::new("/sys/fs/cgroup/memory")
+                .join(rel.trim_start_matches('/'))
+                .join("memory.oom_control")
+        })
+    });
+    own_v2
+        .into_iter()
         .chain([PathBuf::from("/sys/fs/cgroup/memory.events")])
+        .chain(own_v1)
+        .chain([PathBuf::from("/sys/fs/cgroup/memory/memory.oom_control")])
         .find(|path| oom_kills(path).is_some())
 }
 
-/// The `oom_kill` counter of a cgroup v2 `memory.events` file.
+/// The `oom_kill` counter of a cgroup v2 `memory.events` file (or of a
+/// cgroup v1 `memory.oom_control` file).
 pub(crate) fn oom_kills(path: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines().find_map(|line| {
@@ -383,6 +399,9 @@ mod tests {
         let path = dir.path().join("memory.events");
         std::fs::write(&path, "low 0\nhigh 0\nmax 3\noom 2\noom_kill 1\n").unwrap();
         assert_eq!(oom_kills(&path), Some(1));
+        // cgroup v1 `memory.oom_control` has the same line.
+        std::fs::write(&path, "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n").unwrap();
+        assert_eq!(oom_kills(&path), Some(7));
         std::fs::write(&path, "low 0\n").unwrap();
         assert_eq!(oom_kills(&path), None);
         assert_eq!(oom_kills(&dir.path().join("missing")), None);

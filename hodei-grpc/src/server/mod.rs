@@ -493,6 +493,40 @@ fn build_provider(
             ))),
         }
     };
+    let known: &[&str] = match s.kind {
+        ProviderKind::Local => &["state_dir", "output", "stop_grace"],
+        ProviderKind::Docker => &[
+            "image",
+            "agent_binary",
+            "network",
+            "docker_host",
+            "stop_grace",
+            "call_timeout",
+            "labels",
+        ],
+        ProviderKind::Kubernetes | ProviderKind::Inprocess => &[],
+    };
+    // (kubernetes is refused below, whatever its keys)
+    if s.kind != ProviderKind::Kubernetes
+        && let Some(key) = s.extra.keys().find(|k| !known.contains(&k.as_str()))
+    {
+        let accepted = ["kind", "name", "max_workers", "warm_pool", "ephemeral"]
+            .iter()
+            .chain(if s.kind == ProviderKind::Docker {
+                &["default_image"][..]
+            } else {
+                &[][..]
+            })
+            .chain(known)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(fail(format!(
+            "unknown key `{key}` for a {} provider; accepted: {accepted}",
+            s.kind
+        )));
+    }
+    let mut default_image = s.default_image.clone();
     let (provider, runs_images): (Arc<dyn WorkerProvider>, bool) = match s.kind {
         ProviderKind::Local => {
             use hodei_providers::local::{LocalConfig, LocalOutput, LocalProvider};
@@ -548,6 +582,28 @@ fn build_provider(
             if let Some(g) = extra_duration("stop_grace")? {
                 dc.stop_grace = g;
             }
+            if let Some(t) = extra_duration("call_timeout")? {
+                dc.call_timeout = t;
+            }
+            match s.extra.get("labels") {
+                None => {}
+                Some(toml::Value::Table(t)) => {
+                    for (k, v) in t {
+                        let toml::Value::String(v) = v else {
+                            return Err(fail(format!("`labels.{k}` must be a string, not {v}")));
+                        };
+                        dc.extra_labels.insert(k.clone(), v.clone());
+                    }
+                }
+                Some(other) => {
+                    return Err(fail(format!(
+                        "`labels` must be a table of strings such as {{ team = \"ci\" }}, not {other}"
+                    )));
+                }
+            }
+            // What workers run when a job names no image: shown in the
+            // provider's record, used for warm-pool workers.
+            default_image = Some(dc.image.clone());
             (Arc::new(DockerProvider::new(dc)), true)
         }
         ProviderKind::Kubernetes => {
@@ -566,7 +622,7 @@ fn build_provider(
             max_workers: s.max_workers,
             warm_pool: s.warm_pool,
             ephemeral: s.ephemeral,
-            default_image: s.default_image.clone(),
+            default_image,
         },
         provider,
     })
@@ -590,6 +646,47 @@ mod tests {
             worker_url("10.1.2.3:5000".parse().unwrap()),
             "http://10.1.2.3:5000"
         );
+    }
+
+    #[test]
+    fn unknown_provider_keys_are_refused() {
+        let mut docker = ProviderSettings::new(ProviderKind::Docker);
+        docker
+            .extra
+            .insert("stop_grase".into(), toml::Value::String("2s".into()));
+        let config = ServerConfig {
+            providers: vec![docker],
+            ..Default::default()
+        };
+        let err = build_providers(&config).err().unwrap().to_string();
+        assert!(err.contains("unknown key `stop_grase`"), "{err}");
+        assert!(err.contains("stop_grace"), "{err}");
+    }
+
+    #[test]
+    fn docker_settings_are_wired() {
+        let mut docker = ProviderSettings::new(ProviderKind::Docker);
+        let extra: toml::Table = toml::from_str(
+            "image = \"img:1\"\ncall_timeout = \"3s\"\nlabels = { team = \"ci\" }\n",
+        )
+        .unwrap();
+        docker.extra = extra.into_iter().collect();
+        let config = ServerConfig {
+            providers: vec![docker],
+            ..Default::default()
+        };
+        let setups = build_providers(&config).unwrap();
+        assert_eq!(setups[0].config.default_image.as_deref(), Some("img:1"));
+        assert!(setups[0].config.runs_images);
+        let mut bad = ProviderSettings::new(ProviderKind::Docker);
+        bad.extra
+            .insert("labels".into(), toml::Value::String("team=ci".into()));
+        let config = ServerConfig {
+            providers: vec![bad],
+            ..Default::default()
+        };
+        let err = build_providers(&config).err().unwrap().to_string();
+        assert!(err.contains("`labels` must be a table"), "{err}");
     }
 
     #[test]
