@@ -277,6 +277,10 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         .any(|v| v.trim().starts_with("text/event-stream"))
 }
 
+/// How long a live log stream waits for a line before checking whether its
+/// job ended.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
 fn log_stream(st: AppState, id: JobId, after: u64) -> impl IntoResponse {
     let lines = st.cp.follow_logs(id, after).map(|r| match r {
         Ok(line) => {
@@ -293,6 +297,9 @@ fn log_stream(st: AppState, id: JobId, after: u64) -> impl IntoResponse {
         }
     });
     // Stop after an error; otherwise, once the log is complete, send `end`.
+    // A log the store never marked complete (its job ended while no server
+    // could say so) would keep the stream open for ever: when no line has
+    // come for a while and the job is terminal, the stream ends anyway.
     let cp = st.cp.clone();
     let events = stream::unfold((Box::pin(lines), false), move |(mut lines, done)| {
         let cp = cp.clone();
@@ -300,7 +307,16 @@ fn log_stream(st: AppState, id: JobId, after: u64) -> impl IntoResponse {
             if done {
                 return None;
             }
-            match lines.next().await {
+            let next = loop {
+                match tokio::time::timeout(IDLE_CHECK, lines.next()).await {
+                    Ok(next) => break next,
+                    Err(_) => match cp.job(id).await {
+                        Ok(job) if job.is_terminal() => break None,
+                        _ => continue,
+                    },
+                }
+            };
+            match next {
                 Some((event, failed)) => Some((event, (lines, failed))),
                 None => {
                     let end = match cp.job(id).await {

@@ -1453,3 +1453,134 @@ async fn serve_returns_after_shutdown_even_with_a_stream_open() {
     drop(r);
     cp.shutdown().await;
 }
+
+/// A queue that answers everything but `depth`, as a store that is half down.
+struct NoDepth(std::sync::Arc<dyn hodei_core::ports::JobQueue>);
+
+#[async_trait::async_trait]
+impl hodei_core::ports::JobQueue for NoDepth {
+    async fn claim(
+        &self,
+        owner: &str,
+        now: hodei_core::time::Timestamp,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<hodei_core::ports::Claim, hodei_core::ports::StoreError> {
+        self.0.claim(owner, now, limit, lease).await
+    }
+    async fn release(
+        &self,
+        id: hodei_core::ids::JobId,
+        owner: &str,
+    ) -> Result<(), hodei_core::ports::StoreError> {
+        self.0.release(id, owner).await
+    }
+    async fn depth(&self) -> Result<u64, hodei_core::ports::StoreError> {
+        Err(hodei_core::ports::StoreError::Unavailable(
+            "connection refused".into(),
+        ))
+    }
+    async fn overdue(
+        &self,
+        now: hodei_core::time::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<hodei_core::job::Job>, hodei_core::ports::StoreError> {
+        self.0.overdue(now, limit).await
+    }
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_a_store_does_not_answer() {
+    let mut stores = hodei_core::runtime::Stores::memory();
+    stores.queue = std::sync::Arc::new(NoDepth(stores.queue.clone()));
+    let cp = hodei_core::runtime::ControlPlane::start(Default::default(), stores, Vec::new())
+        .await
+        .unwrap();
+    let s = Server::start_with(cp, HttpConfig::default()).await;
+    let r = s.http.get(s.url("/readyz")).send().await.unwrap();
+    assert_error(
+        r,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &["connection refused"],
+    )
+    .await;
+    let (status, _) = get(&s, "/healthz").await;
+    assert_eq!(status, StatusCode::OK, "the process is still alive");
+    // Metrics still render, without the gauge that cannot be read.
+    let text = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = parse_metrics(&text);
+    assert!(!m.contains_key("hodei_queue_depth"));
+    assert!(m.contains_key("hodei_jobs_submitted_total"));
+}
+
+/// A log store that never marks a log complete, as after a crash between a
+/// job's end and the mark.
+struct NeverFinished(std::sync::Arc<dyn hodei_core::ports::LogStore>);
+
+#[async_trait::async_trait]
+impl hodei_core::ports::LogStore for NeverFinished {
+    async fn append(
+        &self,
+        job: hodei_core::ids::JobId,
+        attempt: u32,
+        lines: Vec<hodei_core::ports::NewLogLine>,
+    ) -> Result<u64, hodei_core::ports::StoreError> {
+        self.0.append(job, attempt, lines).await
+    }
+    async fn read(
+        &self,
+        job: hodei_core::ids::JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<hodei_core::ports::LogLine>, hodei_core::ports::StoreError> {
+        self.0.read(job, after, limit).await
+    }
+    async fn finish(
+        &self,
+        _job: hodei_core::ids::JobId,
+    ) -> Result<(), hodei_core::ports::StoreError> {
+        Ok(())
+    }
+    fn follow(
+        &self,
+        job: hodei_core::ids::JobId,
+        after: u64,
+    ) -> futures::stream::BoxStream<
+        'static,
+        Result<hodei_core::ports::LogLine, hodei_core::ports::StoreError>,
+    > {
+        self.0.follow(job, after)
+    }
+}
+
+#[tokio::test]
+async fn a_stream_ends_for_a_terminal_job_whose_log_was_never_marked_complete() {
+    let mut stores = hodei_core::runtime::Stores::memory();
+    stores.logs = std::sync::Arc::new(NeverFinished(stores.logs.clone()));
+    let cp = support::control_plane_on(stores, 8).await;
+    let s = Server::start_with(cp, HttpConfig::default()).await;
+    let job = submit(&s, json!({"command": ["echo", "only"]})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    wait_terminal(&s, &id).await;
+    let r = s
+        .http
+        .get(s.url(&format!("/api/v1/jobs/{id}/logs")))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseReader::new(r);
+    assert_eq!(sse.next_within(10).await.unwrap().id.as_deref(), Some("1"));
+    let end = sse.next_within(15).await.unwrap();
+    assert_eq!(end.event, "end");
+    assert!(sse.next_within(5).await.is_none());
+}

@@ -308,6 +308,11 @@ pub async fn control_plane() -> ControlPlane {
 
 /// The same with at most `max_workers` agents (0: jobs stay queued).
 pub async fn control_plane_with(max_workers: u32) -> ControlPlane {
+    control_plane_on(Stores::memory(), max_workers).await
+}
+
+/// The same on `stores`.
+pub async fn control_plane_on(stores: Stores, max_workers: u32) -> ControlPlane {
     let slot = Arc::new(OnceLock::new());
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let provider = Arc::new(ProcessProvider {
@@ -322,7 +327,7 @@ pub async fn control_plane_with(max_workers: u32) -> ControlPlane {
     config.heartbeat_interval = Duration::from_secs(1);
     let cp = ControlPlane::start(
         config,
-        Stores::memory(),
+        stores,
         vec![ProviderSetup {
             config: ProviderConfig::ephemeral("local", "local", false, max_workers),
             provider,
