@@ -560,6 +560,12 @@ impl Sim {
                 self.now = self.now.max(d);
                 self.heartbeats();
                 self.log(|| "tick".into());
+                // The shell reads the queue's depth now and then; pools
+                // are sized by it.
+                if self.rng.chance(0.3) {
+                    let depth = self.store.queue_len() as u64;
+                    self.engine.handle_queue_depth(self.now, depth);
+                }
                 self.engine.handle_tick(self.now);
             } else {
                 let Reverse(s) = self.events.pop().expect("peeked");
@@ -737,8 +743,14 @@ impl Sim {
                 Ok(())
             }
             Ev::ProviderExit(worker) => {
-                self.engine
-                    .handle_worker_exited(self.now, worker, "exit status 137");
+                // Sometimes the container was OOM-killed: its job's fault.
+                if self.faults && self.rng.chance(0.2) {
+                    self.engine
+                        .handle_worker_exit(self.now, worker, "OOMKilled", true);
+                } else {
+                    self.engine
+                        .handle_worker_exited(self.now, worker, "exit status 137");
+                }
                 Ok(())
             }
             Ev::Unfreeze(worker) => {
