@@ -56,6 +56,9 @@ enum Op {
     },
     Tick,
     QueueHint,
+    QueueDepth {
+        depth: u8,
+    },
     FailNextClaim,
     Provisioned {
         worker: u8,
@@ -77,6 +80,7 @@ enum Op {
     },
     Exited {
         worker: u8,
+        oom: bool,
     },
     Drain {
         worker: u8,
@@ -245,6 +249,7 @@ impl Shell {
             }
             Op::Tick => self.engine.handle_tick(now),
             Op::QueueHint => self.engine.handle_queue_hint(),
+            Op::QueueDepth { depth } => self.engine.handle_queue_depth(now, u64::from(depth)),
             Op::FailNextClaim => self.fail_claim = true,
             Op::Provisioned { worker } => {
                 if let Some(w) = self.worker(worker) {
@@ -320,9 +325,9 @@ impl Shell {
                     self.engine.handle_disconnected(now, w, "fuzzed disconnect");
                 }
             }
-            Op::Exited { worker } => {
+            Op::Exited { worker, oom } => {
                 if let Some(w) = self.worker(worker) {
-                    self.engine.handle_worker_exited(now, w, "fuzzed exit");
+                    self.engine.handle_worker_exit(now, w, "fuzzed exit", oom);
                 }
             }
             Op::Drain { worker, by_user } => {
