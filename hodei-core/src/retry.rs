@@ -53,9 +53,9 @@ impl RetryPolicy {
     /// left is the caller's business).
     pub fn is_retryable(&self, failure: &Failure, spec: &JobSpec) -> bool {
         match failure.kind {
-            FailureKind::WorkerLost | FailureKind::DispatchFailed | FailureKind::ProvisioningFailed => {
-                true
-            }
+            FailureKind::WorkerLost
+            | FailureKind::DispatchFailed
+            | FailureKind::ProvisioningFailed => true,
             FailureKind::NonZeroExit | FailureKind::Signaled | FailureKind::OomKilled => {
                 spec.retry_on_failure()
             }
