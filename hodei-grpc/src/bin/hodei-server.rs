@@ -55,7 +55,10 @@ async fn serve(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             _ = int.recv() => {}
         }
     };
+    // One registry for HTTP and gRPC request metrics, served at /metrics.
+    let metrics = hodei_http::metrics::Metrics::new();
     let http_config = hodei_http::HttpConfig {
+        metrics: metrics.clone(),
         api_tokens: config
             .api_tokens
             .iter()
@@ -81,6 +84,7 @@ async fn serve(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
                 Ok(Stores::from_store(Arc::new(store)))
             })
         })),
+        metrics: Some(metrics),
     };
     server::run_with(Listeners { grpc, http }, config, options, shutdown).await?;
     Ok(())

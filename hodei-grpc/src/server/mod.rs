@@ -16,7 +16,10 @@
 
 mod api;
 mod auth;
+mod metrics;
 mod session;
+
+pub use metrics::GrpcMetricsLayer;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,6 +69,9 @@ pub struct ServerOptions {
     /// Opens the stores of [`StoreBackend::Postgres`]. Without it a
     /// database URL is refused with [`ServerError::StoreNotConfigured`].
     pub postgres: Option<StoreOpener>,
+    /// Registry that counts gRPC requests (shared with the HTTP API's
+    /// `/metrics`).
+    pub metrics: Option<hodei_http::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -267,6 +273,7 @@ pub async fn start_with(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(GrpcMetricsLayer(options.metrics.clone()))
         .add_service(InterceptedService::new(
             JobServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE),
             auth.clone(),
