@@ -49,7 +49,7 @@ use hodei_core::event::DomainEvent;
 use hodei_core::ports::{EventSubscription, StoreError};
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgNotification, PgPoolOptions};
-use tokio::sync::{Notify, broadcast, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 use crate::error::{store_err, to_u64};
 use crate::events::{EVENTS_CHANNEL, read_range};
@@ -61,6 +61,10 @@ const PAGE: usize = 500;
 /// Candidates kept while waiting for open transactions; beyond it the
 /// newest is replaced (that only delays it).
 const MAX_CANDIDATES: usize = 64;
+/// Longest wait for the `LISTEN` connection to come up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest horizon poll before it counts as failed.
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A wake-up for log followers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,14 +75,14 @@ pub(crate) enum LogWake {
     All,
 }
 
-/// Handle on the store's bus task. Dropping it (with the store) stops the
-/// task.
+/// Handle on the store's bus tasks (the listener and the horizon).
+/// Dropping it (with the store) stops them.
 pub(crate) struct Bus {
     horizon: watch::Receiver<u64>,
     logs: broadcast::Sender<LogWake>,
     wake: Arc<Notify>,
     stats: Arc<Counters>,
-    _shutdown: oneshot::Sender<()>,
+    _shutdown: watch::Sender<()>,
 }
 
 #[derive(Default)]
@@ -93,15 +97,16 @@ impl Bus {
         let (logs, _) = broadcast::channel(1024);
         let wake = Arc::new(Notify::new());
         let stats = Arc::new(Counters::default());
-        let (shutdown_tx, shutdown) = oneshot::channel();
+        let (shutdown_tx, shutdown) = watch::channel(());
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .max_lifetime(None)
             .idle_timeout(None)
+            .acquire_timeout(CONNECT_TIMEOUT)
             .connect_lazy_with((*pool.connect_options()).clone());
-        let task = Task {
+        let (notes_tx, notes) = mpsc::unbounded_channel();
+        let horizon_task = Horizon {
             pool,
-            listen_pool,
             busy_poll: options.bus_busy_poll.max(Duration::from_millis(1)),
             idle_poll: options.bus_idle_poll.max(Duration::from_millis(1)),
             horizon_tx,
@@ -111,7 +116,13 @@ impl Bus {
             candidates: VecDeque::new(),
             horizon: 0,
         };
-        tokio::spawn(task.run(shutdown));
+        tokio::spawn(listen(
+            listen_pool,
+            notes_tx,
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(horizon_task.run(notes, shutdown));
         Self {
             horizon,
             logs,
@@ -219,9 +230,95 @@ impl Subscriber {
     }
 }
 
-struct Task {
-    pool: PgPool,
+/// What the listener task tells the horizon task.
+enum Note {
+    /// Events committed, up to this sequence (if the payload parsed).
+    Events(Option<u64>),
+    /// Log lines or the end of a log.
+    Log(LogWake),
+    /// The `LISTEN` connection is (again) up: notifications may have been
+    /// missed meanwhile.
+    Connected,
+    /// The `LISTEN` connection is down.
+    Lost,
+}
+
+/// Keeps the `LISTEN` connection up and forwards what arrives. A task of
+/// its own, so that a slow or failing connection never delays the horizon
+/// polls, and `try_recv` is never cancelled half-way (only at shutdown).
+async fn listen(
     listen_pool: PgPool,
+    notes: mpsc::UnboundedSender<Note>,
+    stats: Arc<Counters>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut listener = PgListener::connect_with(&listen_pool).await?;
+            listener.ignore_pool_close_event(true);
+            listener.listen_all([EVENTS_CHANNEL, LOGS_CHANNEL]).await?;
+            Ok::<_, sqlx::Error>(listener)
+        });
+        let connected = tokio::select! {
+            _ = shutdown.changed() => return,
+            c = connect => c,
+        };
+        match connected {
+            Ok(Ok(mut listener)) => {
+                backoff.reset();
+                stats.connects.fetch_add(1, Ordering::Relaxed);
+                if notes.send(Note::Connected).is_err() {
+                    return;
+                }
+                loop {
+                    let got = tokio::select! {
+                        _ = shutdown.changed() => return,
+                        got = listener.try_recv() => got,
+                    };
+                    let note = match got {
+                        Ok(Some(n)) => note_of(&n),
+                        // Lost, and already re-established by sqlx.
+                        Ok(None) => {
+                            stats.connects.fetch_add(1, Ordering::Relaxed);
+                            Note::Connected
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event bus: listener connection lost");
+                            break;
+                        }
+                    };
+                    if notes.send(note).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "event bus: LISTEN failed"),
+            Err(_) => tracing::warn!("event bus: LISTEN timed out"),
+        }
+        if notes.send(Note::Lost).is_err() {
+            return;
+        }
+        let wait = backoff.next();
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn note_of(n: &PgNotification) -> Note {
+    if n.channel() == LOGS_CHANNEL {
+        let job = n.payload().split(':').next().unwrap_or_default();
+        Note::Log(uuid::Uuid::parse_str(job).map_or(LogWake::All, LogWake::Job))
+    } else {
+        Note::Events(n.payload().parse().ok())
+    }
+}
+
+/// Computes the safe horizon and publishes it.
+struct Horizon {
+    pool: PgPool,
     busy_poll: Duration,
     idle_poll: Duration,
     horizon_tx: watch::Sender<u64>,
@@ -233,93 +330,61 @@ struct Task {
     horizon: u64,
 }
 
-impl Task {
-    async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
-        let mut listener: Option<PgListener> = None;
-        let mut reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut reconnect_at = tokio::time::Instant::now();
-        let mut poll_errors = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+impl Horizon {
+    async fn run(
+        mut self,
+        mut notes: mpsc::UnboundedReceiver<Note>,
+        mut shutdown: watch::Receiver<()>,
+    ) {
+        let mut listening = false;
+        let mut errors = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            if listener.is_none() && tokio::time::Instant::now() >= reconnect_at {
-                match self.listen().await {
-                    Ok(l) => {
-                        listener = Some(l);
-                        reconnect.reset();
-                        self.connected();
+            match tokio::time::timeout(POLL_TIMEOUT, self.poll()).await {
+                Ok(Ok(())) => errors.reset(),
+                failed => {
+                    let wait = errors.next();
+                    match failed {
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, retry_in = ?wait, "event bus: horizon poll failed")
+                        }
+                        _ => tracing::warn!(retry_in = ?wait, "event bus: horizon poll timed out"),
                     }
-                    Err(e) => {
-                        let wait = reconnect.next();
-                        tracing::warn!(error = %e, retry_in = ?wait, "event bus: LISTEN failed");
-                        reconnect_at = tokio::time::Instant::now() + wait;
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(wait) => {}
                     }
+                    continue;
                 }
-            } else {
-                // Without a listener, poll briskly: delivery stays live.
-                let period = if self.candidates.is_empty() && listener.is_some() {
+            }
+            // Wait for a reason to poll again. Without a listener, or while
+            // a candidate waits for open transactions, poll briskly.
+            loop {
+                let period = if self.candidates.is_empty() && listening {
                     self.idle_poll
                 } else {
                     self.busy_poll
                 };
                 tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(period) => {}
-                    got = recv(&mut listener) => match got {
-                        Ok(Some(note)) => {
-                            if !self.on_notification(&note) {
-                                continue;
-                            }
+                    _ = shutdown.changed() => return,
+                    _ = self.wake.notified() => break,
+                    _ = tokio::time::sleep(period) => break,
+                    note = notes.recv() => match note {
+                        None => return,
+                        Some(Note::Events(Some(seq))) if seq <= self.horizon => {}
+                        Some(Note::Events(_)) => break,
+                        Some(Note::Log(wake)) => {
+                            let _ = self.logs.send(wake);
                         }
-                        // Lost and already re-established by sqlx.
-                        Ok(None) => self.connected(),
-                        Err(e) => {
-                            let wait = reconnect.next();
-                            tracing::warn!(error = %e, retry_in = ?wait, "event bus: listener connection lost");
-                            listener = None;
-                            reconnect_at = tokio::time::Instant::now() + wait;
+                        Some(Note::Connected) => {
+                            listening = true;
+                            let _ = self.logs.send(LogWake::All);
+                            break;
                         }
+                        Some(Note::Lost) => listening = false,
                     },
                 }
             }
-            match self.poll().await {
-                Ok(()) => poll_errors.reset(),
-                Err(e) => {
-                    let wait = poll_errors.next();
-                    tracing::warn!(error = %e, retry_in = ?wait, "event bus: horizon poll failed");
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
         }
-    }
-
-    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
-        let mut listener = PgListener::connect_with(&self.listen_pool).await?;
-        listener.ignore_pool_close_event(true);
-        listener.listen_all([EVENTS_CHANNEL, LOGS_CHANNEL]).await?;
-        Ok(listener)
-    }
-
-    /// After every (re)connection: notifications may have been missed.
-    fn connected(&self) {
-        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        let _ = self.logs.send(LogWake::All);
-    }
-
-    /// Handles a notification; whether the horizon should be polled.
-    fn on_notification(&self, note: &PgNotification) -> bool {
-        if note.channel() == LOGS_CHANNEL {
-            let job = note.payload().split(':').next().unwrap_or_default();
-            let wake = uuid::Uuid::parse_str(job).map_or(LogWake::All, LogWake::Job);
-            let _ = self.logs.send(wake);
-            return false;
-        }
-        // Already safe: nothing to learn.
-        note.payload()
-            .parse::<u64>()
-            .map_or(true, |seq| seq > self.horizon)
     }
 
     /// One step of the horizon (see the module documentation).
@@ -395,14 +460,6 @@ struct Candidate {
     xmax: u64,
     /// Transactions writing to `events` at that time (virtual ids).
     writers: BTreeSet<String>,
-}
-
-/// The next notification, or never without a listener.
-async fn recv(listener: &mut Option<PgListener>) -> Result<Option<PgNotification>, sqlx::Error> {
-    match listener {
-        Some(l) => l.try_recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Exponential backoff: `initial`, doubling, capped at `max`.

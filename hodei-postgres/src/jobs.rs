@@ -236,10 +236,15 @@ impl JobQueue for PgStore {
         }
         // Earliest time a waiting, unclaimed job is claimable: `now` when
         // ready ones are left over (the limit was reached), else the
-        // earliest retry time.
+        // earliest retry time. Both halves stop at the first index hit.
         let next_ready_at: Option<Timestamp> = sqlx::query_scalar(
-            "SELECT min(GREATEST(coalesce(not_before, $1), $1)) FROM jobs \
-             WHERE state = 'PENDING' AND (claim_owner IS NULL OR claim_until <= $1)",
+            "SELECT CASE WHEN EXISTS ( \
+                 SELECT 1 FROM jobs WHERE state = 'PENDING' \
+                   AND (not_before IS NULL OR not_before <= $1) \
+                   AND (claim_owner IS NULL OR claim_until <= $1)) \
+             THEN $1 \
+             ELSE (SELECT min(not_before) FROM jobs \
+                   WHERE state = 'PENDING' AND not_before > $1) END",
         )
         .bind(now)
         .fetch_one(&self.inner.pool)

@@ -739,7 +739,7 @@ async fn take<T: std::fmt::Debug>(
             Ok(Some(Ok(item))) => out.push(item),
             Ok(Some(Err(e))) => panic!("stream error after {} items: {e}", out.len()),
             Ok(None) => panic!("stream ended after {} of {n} items", out.len()),
-            Err(_) => panic!("stream stalled after {} of {n} items", out.len()),
+            Err(_) => panic!("stream stalled after {} of {n} items: {out:?}", out.len()),
         }
     }
     out
