@@ -38,7 +38,7 @@ use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
 use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, JobStatus, TransitionContext};
 use crate::ports::{
     AuditFilter, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobQueue, JobStore,
-    LogLine, LogStore, LogStream, NewLogLine, ProviderRecord, ProviderStore, SecretStore,
+    Leases, LogLine, LogStore, LogStream, NewLogLine, ProviderRecord, ProviderStore, SecretStore,
     StoreError, TokenRejection, WorkerRegistry,
 };
 use crate::retry::RetryPolicy;
@@ -57,6 +57,7 @@ pub trait Store:
     + SecretStore
     + WorkerRegistry
     + ProviderStore
+    + Leases
     + Send
     + Sync
     + 'static
@@ -73,6 +74,7 @@ impl<T> Store for T where
         + SecretStore
         + WorkerRegistry
         + ProviderStore
+        + Leases
         + Send
         + Sync
         + 'static
@@ -101,6 +103,8 @@ pub const CHECKS: &[&str] = &[
     "workers_upsert_get_list",
     "worker_tokens_are_one_time",
     "providers_upsert_and_list",
+    "leases_are_exclusive_until_they_expire",
+    "leases_have_one_winner_under_contention",
 ];
 
 /// Declares one `#[tokio::test]` per conformance check.
@@ -130,6 +134,8 @@ macro_rules! store_conformance_tests {
             workers_upsert_get_list,
             worker_tokens_are_one_time,
             providers_upsert_and_list,
+            leases_are_exclusive_until_they_expire,
+            leases_have_one_winner_under_contention,
         );
     };
     (@each $fixture:path; $($check:ident),* $(,)?) => {
@@ -1135,6 +1141,71 @@ pub async fn providers_upsert_and_list<S: Store + ?Sized>(store: Arc<S>) {
         list,
         vec![record("docker", false, 2_000), record("local", true, 1_000)]
     );
+}
+
+/// One holder per duty until its lease ends; renewing extends it; release
+/// frees it at once, but only by its holder; duties are independent.
+pub async fn leases_are_exclusive_until_they_expire<S: Store + ?Sized>(store: Arc<S>) {
+    let s = &*store;
+    let ttl = Duration::from_secs(10);
+    let acquire = |duty: &'static str, holder: &'static str, ms: i64| async move {
+        Leases::try_acquire(s, duty, holder, ttl, at(ms))
+            .await
+            .expect("try_acquire")
+    };
+    assert!(acquire("sweep", "a", 0).await, "a free duty is taken");
+    assert!(!acquire("sweep", "b", 1_000).await, "a's lease runs");
+    assert!(acquire("sweep", "a", 5_000).await, "the holder renews");
+    assert!(
+        !acquire("sweep", "b", 12_000).await,
+        "the renewal moved the expiry to 15 s"
+    );
+    assert!(
+        acquire("other", "b", 12_000).await,
+        "duties are independent"
+    );
+    assert!(
+        acquire("sweep", "b", 15_000).await,
+        "b takes it over when a's lease ends"
+    );
+    assert!(!acquire("sweep", "a", 16_000).await, "a lost it to b");
+
+    // Only the holder releases.
+    Leases::release(s, "sweep", "a").await.expect("release");
+    assert!(!acquire("sweep", "a", 17_000).await, "b still holds it");
+    Leases::release(s, "sweep", "b").await.expect("release");
+    assert!(acquire("sweep", "a", 17_000).await, "free again at once");
+    Leases::release(s, "never-held", "a")
+        .await
+        .expect("releasing an unknown duty is a no-op");
+}
+
+/// Of many replicas asking for one free duty at once, exactly one gets it.
+pub async fn leases_have_one_winner_under_contention<S: Store + ?Sized>(store: Arc<S>) {
+    for round in 0..5 {
+        let duty: &'static str = ["d0", "d1", "d2", "d3", "d4"][round];
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    Leases::try_acquire(
+                        &*store,
+                        duty,
+                        &format!("replica-{i}"),
+                        Duration::from_secs(30),
+                        at(0),
+                    )
+                    .await
+                    .expect("try_acquire")
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.expect("task"));
+        }
+        assert_eq!(winners, 1, "round {round}: {winners} holders of {duty}");
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -16,8 +16,8 @@ use crate::ids::{JobId, WorkerId};
 use crate::job::{Job, JobStatus};
 use crate::ports::{
     AuditFilter, AuditPage, AuditQuery, Claim, Created, EventLog, EventSubscription, JobFilter,
-    JobPage, JobQueue, JobStore, LogLine, LogStore, NewLogLine, ProviderRecord, ProviderStore,
-    SecretMeta, SecretStore, StoreError, TokenRejection, WorkerRegistry,
+    JobPage, JobQueue, JobStore, Leases, LogLine, LogStore, NewLogLine, ProviderRecord,
+    ProviderStore, SecretMeta, SecretStore, StoreError, TokenRejection, WorkerRegistry,
 };
 use crate::time::{Timestamp, add};
 use crate::worker::Worker;
@@ -58,6 +58,8 @@ struct State {
     workers: HashMap<WorkerId, Worker>,
     tokens: HashMap<String, (WorkerId, Timestamp, bool)>,
     providers: BTreeMap<String, ProviderRecord>,
+    /// Duty -> (holder, expires at).
+    leases: HashMap<String, (String, Timestamp)>,
 }
 
 #[derive(Default)]
@@ -164,10 +166,10 @@ fn page_limit(limit: usize) -> usize {
 impl JobStore for MemoryStore {
     async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
         let mut st = self.state();
-        if let Some(key) = job.spec.idempotency_key() {
-            if let Some(existing) = st.idempotency.get(key).and_then(|id| st.jobs.get(id)) {
-                return Ok(Created::Existing(Box::new(existing.clone())));
-            }
+        if let Some(key) = job.spec.idempotency_key()
+            && let Some(existing) = st.idempotency.get(key).and_then(|id| st.jobs.get(id))
+        {
+            return Ok(Created::Existing(Box::new(existing.clone())));
         }
         if st.jobs.contains_key(&job.id) {
             return Err(StoreError::AlreadyExists(format!("job {}", job.id)));
@@ -257,16 +259,16 @@ impl JobQueue for MemoryStore {
         let ids: Vec<JobId> = st.queue.values().copied().collect();
         for id in ids {
             let job = &st.jobs[&id];
-            if let Some(nb) = not_before(job) {
-                if nb > now {
-                    next_ready_at = Some(next_ready_at.map_or(nb, |t| t.min(nb)));
-                    continue;
-                }
+            if let Some(nb) = not_before(job)
+                && nb > now
+            {
+                next_ready_at = Some(next_ready_at.map_or(nb, |t| t.min(nb)));
+                continue;
             }
-            if let Some((_, until)) = st.claims.get(&id) {
-                if *until > now {
-                    continue;
-                }
+            if let Some((_, until)) = st.claims.get(&id)
+                && *until > now
+            {
+                continue;
             }
             if claimed.len() >= limit {
                 next_ready_at = Some(next_ready_at.map_or(now, |t| t.min(now)));
@@ -395,10 +397,10 @@ impl AuditQuery for MemoryStore {
                 Some(e) if e.occurred_at < before => {
                     let e = st.events.pop_front().expect("front exists");
                     st.purged += 1;
-                    if let Some(job) = e.job_id() {
-                        if let Some(seqs) = st.job_events.get_mut(&job) {
-                            seqs.retain(|s| *s != e.sequence);
-                        }
+                    if let Some(job) = e.job_id()
+                        && let Some(seqs) = st.job_events.get_mut(&job)
+                    {
+                        seqs.retain(|s| *s != e.sequence);
                     }
                     n += 1;
                 }
@@ -597,5 +599,35 @@ impl ProviderStore for MemoryStore {
 
     async fn list(&self) -> Result<Vec<ProviderRecord>, StoreError> {
         Ok(self.state().providers.values().cloned().collect())
+    }
+}
+
+#[async_trait]
+impl Leases for MemoryStore {
+    async fn try_acquire(
+        &self,
+        duty: &str,
+        holder: &str,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let mut st = self.state();
+        let free = st
+            .leases
+            .get(duty)
+            .is_none_or(|(h, until)| h == holder || *until <= now);
+        if free {
+            st.leases
+                .insert(duty.to_owned(), (holder.to_owned(), add(now, ttl)));
+        }
+        Ok(free)
+    }
+
+    async fn release(&self, duty: &str, holder: &str) -> Result<(), StoreError> {
+        let mut st = self.state();
+        if st.leases.get(duty).is_some_and(|(h, _)| h == holder) {
+            st.leases.remove(duty);
+        }
+        Ok(())
     }
 }

@@ -324,6 +324,35 @@ pub trait WorkerRegistry: Send + Sync {
     ) -> Result<Result<WorkerId, TokenRejection>, StoreError>;
 }
 
+/// Leases on singleton duties (deadline sweeps, retention, orphan
+/// reconciliation): of the replicas sharing a store, one holds a duty at a
+/// time, and another takes it over once the holder stops renewing it
+/// (it died, hangs, or lost the store).
+///
+/// A lease is held until `now + ttl` of the last successful
+/// [`Leases::try_acquire`]; renewing is acquiring again by the same holder.
+/// Like the queue, the store never decides what time it is: expiry compares
+/// the stored expiry with the caller's `now`, so replicas' clocks must
+/// agree to well within the TTL.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// Takes or renews the lease on `duty` for `holder` until `now + ttl`.
+    /// Succeeds (`true`) when nobody holds it, when its lease ended at or
+    /// before `now`, or when `holder` already holds it; `false` when
+    /// another holder's lease is still running. Atomic: of concurrent
+    /// callers for one free duty, exactly one succeeds.
+    async fn try_acquire(
+        &self,
+        duty: &str,
+        holder: &str,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+    /// Gives the lease up if `holder` holds it, so that another replica can
+    /// take it at once; a no-op otherwise.
+    async fn release(&self, duty: &str, holder: &str) -> Result<(), StoreError>;
+}
+
 /// A configured provider, as stored and listed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProviderRecord {

@@ -27,7 +27,7 @@ use crate::job::{Job, JobCommand, JobState, TransitionContext};
 use crate::memory::MemoryStore;
 use crate::ports::{
     AuditFilter, AuditPage, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobPage,
-    JobQueue, JobStore, LogLine, LogStore, NewLogLine, ProviderRecord, ProviderStore,
+    JobQueue, JobStore, Leases, LogLine, LogStore, NewLogLine, ProviderRecord, ProviderStore,
     RequestContext, RunJob, SecretMeta, SecretStore, StoreError, ToWorker, WorkerLaunch,
     WorkerLink, WorkerProvider, WorkerRegistry,
 };
@@ -111,6 +111,8 @@ pub struct Stores {
     pub workers: Arc<dyn WorkerRegistry>,
     /// Provider records.
     pub providers: Arc<dyn ProviderStore>,
+    /// Leases on singleton duties.
+    pub leases: Arc<dyn Leases>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -137,6 +139,7 @@ impl Stores {
             + SecretStore
             + WorkerRegistry
             + ProviderStore
+            + Leases
             + 'static,
     {
         Stores {
@@ -148,7 +151,8 @@ impl Stores {
             logs: s.clone(),
             secrets: s.clone(),
             workers: s.clone(),
-            providers: s,
+            providers: s.clone(),
+            leases: s,
         }
     }
 }
@@ -162,7 +166,11 @@ pub struct RuntimeConfig {
     pub limits: SpecLimits,
     /// gRPC URL workers connect to.
     pub server_url: String,
-    /// Identity of this server (labels on workers it creates).
+    /// Identity of this server (labels on workers it creates, the
+    /// leftovers it may remove). Stable across restarts so that a restarted
+    /// server finds its predecessor's workers; distinct for servers sharing
+    /// a provider backend. Unlike `engine.replica_id` it may be shared by
+    /// two processes over time (an old and a new one during a restart).
     pub server_id: String,
     /// How often workers heartbeat.
     pub heartbeat_interval: Duration,
@@ -373,6 +381,9 @@ enum Cmd {
     Reconcile {
         provider: ProviderId,
         found: Vec<crate::ports::ProvisionedWorker>,
+        /// This replica holds the orphan lease of its server id: it may
+        /// remove leftovers.
+        owner: bool,
     },
     Workers {
         reply: oneshot::Sender<Vec<Worker>>,
@@ -383,6 +394,15 @@ impl ControlPlane {
     /// Starts the control plane: registers providers, starts the driver
     /// and the background duties (health checks, exits, sweeps, orphan
     /// reconciliation, retention).
+    ///
+    /// Replicas sharing the stores run the deadline sweep
+    /// ([`SWEEP_DUTY`]), the retention purge ([`RETENTION_DUTY`]) and the
+    /// removal of a server id's leftover workers ([`orphan_duty`]) one at a
+    /// time: each is gated on a lease ([`Leases`]) held by
+    /// `config.engine.replica_id`, which must therefore be unique per
+    /// process. A holder that dies stops renewing; another replica takes
+    /// the duty over once the lease ends. [`ControlPlane::shutdown`]
+    /// releases them at once.
     pub async fn start(
         config: RuntimeConfig,
         stores: Stores,
@@ -444,6 +464,7 @@ impl ControlPlane {
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        self.release_duties().await;
     }
 
     /// Spec limits in force.
@@ -819,6 +840,10 @@ impl ControlPlane {
     fn spawn_duties(&self, stop: watch::Receiver<bool>, start_seq: u64) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         let cfg = &self.inner.config;
+        let orphans = self.duty(
+            &orphan_duty(&cfg.server_id),
+            (cfg.reconcile_interval * 2).max(Duration::from_secs(10)),
+        );
         for setup in &self.inner.providers {
             // Exits observed by the provider.
             let tx = self.inner.tx.clone();
@@ -866,10 +891,14 @@ impl ControlPlane {
                 }
             }));
             // Orphans: first pass after the reconnect grace, so that workers
-            // of a previous run can come back first.
+            // of a previous run can come back first. Removing leftovers of
+            // this server id is a singleton duty: a process started with
+            // the same server id while another still runs (a rolling
+            // restart) must not take that one's workers for leftovers.
             let tx = self.inner.tx.clone();
             let provider = setup.provider.clone();
             let first = cfg.engine.reconnect_grace + Duration::from_secs(1);
+            let duty = orphans.clone();
             tasks.push(periodic(
                 stop.clone(),
                 cfg.reconcile_interval,
@@ -877,13 +906,16 @@ impl ControlPlane {
                 move || {
                     let tx = tx.clone();
                     let provider = provider.clone();
+                    let duty = duty.clone();
                     async move {
+                        let owner = duty.hold().await;
                         if let Ok(Ok(list)) =
                             tokio::time::timeout(Duration::from_secs(30), provider.list()).await
                         {
                             let _ = tx.send(Cmd::Reconcile {
                                 provider: provider.id().clone(),
                                 found: list,
+                                owner,
                             });
                         }
                     }
@@ -940,27 +972,39 @@ impl ControlPlane {
                 }
             }
         }));
-        // Deadline sweep of jobs whose replica is gone.
+        // Deadline sweep of jobs whose replica is gone: one replica at a
+        // time.
         let tx = self.inner.tx.clone();
+        let sweep = self.duty(SWEEP_DUTY, SWEEP_LEASE);
         tasks.push(periodic(
             stop.clone(),
-            Duration::from_secs(5),
-            Duration::from_secs(5),
+            SWEEP_EVERY,
+            SWEEP_EVERY,
             move || {
-                let _ = tx.send(Cmd::Sweep);
-                async {}
+                let tx = tx.clone();
+                let duty = sweep.clone();
+                async move {
+                    if duty.hold().await {
+                        let _ = tx.send(Cmd::Sweep);
+                    }
+                }
             },
         ));
-        // Retention.
+        // Retention: one replica at a time.
         if let Some(keep) = cfg.retention {
             let audit = self.inner.stores.audit.clone();
+            let retention = self.duty(RETENTION_DUTY, RETENTION_LEASE);
             tasks.push(periodic(
                 stop,
-                Duration::from_secs(3600),
+                RETENTION_EVERY,
                 Duration::from_secs(60),
                 move || {
                     let audit = audit.clone();
+                    let duty = retention.clone();
                     async move {
+                        if !duty.hold().await {
+                            return;
+                        }
                         let before = crate::time::add(now_utc(), Duration::ZERO)
                             - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
                         while let Ok(n) = audit.purge_before(before, 10_000).await {
@@ -973,6 +1017,83 @@ impl ControlPlane {
             ));
         }
         tasks
+    }
+
+    fn duty(&self, name: &str, ttl: Duration) -> Arc<Duty> {
+        Arc::new(Duty {
+            name: name.to_owned(),
+            holder: self.inner.config.engine.replica_id.clone(),
+            ttl,
+            leases: self.inner.stores.leases.clone(),
+            held: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Gives up this replica's leases on singleton duties, so that another
+    /// replica takes them over at once.
+    async fn release_duties(&self) {
+        let holder = &self.inner.config.engine.replica_id;
+        let orphans = orphan_duty(&self.inner.config.server_id);
+        for duty in [SWEEP_DUTY, RETENTION_DUTY, orphans.as_str()] {
+            let release = self.inner.stores.leases.release(duty, holder);
+            let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
+        }
+    }
+}
+
+/// Lease of the deadline sweep of jobs whose replica is gone.
+pub const SWEEP_DUTY: &str = "sweep";
+/// Lease of the retention purge.
+pub const RETENTION_DUTY: &str = "retention";
+/// How often the holder of [`SWEEP_DUTY`] sweeps (and renews it).
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Lease of [`SWEEP_DUTY`]: a dead holder's sweep moves within this.
+const SWEEP_LEASE: Duration = Duration::from_secs(15);
+/// How often the retention purge runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Lease of [`RETENTION_DUTY`].
+const RETENTION_LEASE: Duration = Duration::from_secs(2 * 3600);
+
+/// Lease of the removal of leftover workers of a server id.
+pub fn orphan_duty(server_id: &str) -> String {
+    format!("orphans/{server_id}")
+}
+
+/// A singleton duty: held through a lease in the shared store.
+struct Duty {
+    name: String,
+    holder: String,
+    ttl: Duration,
+    leases: Arc<dyn Leases>,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Duty {
+    /// Takes or renews the lease; `false` when another replica holds it
+    /// or the store cannot say (the duty is skipped this time).
+    async fn hold(&self) -> bool {
+        let attempt = self
+            .leases
+            .try_acquire(&self.name, &self.holder, self.ttl, now_utc());
+        let held = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                tracing::warn!(duty = %self.name, error = %e, "cannot renew the lease of a duty");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(duty = %self.name, "the lease of a duty timed out");
+                false
+            }
+        };
+        if self.held.swap(held, Ordering::Relaxed) != held {
+            if held {
+                tracing::info!(duty = %self.name, replica = %self.holder, "this replica now runs the duty");
+            } else {
+                tracing::info!(duty = %self.name, replica = %self.holder, "the duty is no longer run here");
+            }
+        }
+        held
     }
 }
 
@@ -1268,7 +1389,11 @@ impl Driver {
                 _ => {}
             },
             Cmd::Sweep => self.sweep(now).await,
-            Cmd::Reconcile { provider, found } => {
+            Cmd::Reconcile {
+                provider,
+                found,
+                owner,
+            } => {
                 for pw in found {
                     let worker = pw.worker;
                     if self.engine.worker(worker).is_some() {
@@ -1284,9 +1409,11 @@ impl Driver {
                         }
                         continue;
                     }
-                    // Only this server's leftovers: other servers sharing the
-                    // backend own theirs.
-                    if pw.server_id == self.config.server_id
+                    // Only this server's leftovers (other servers sharing the
+                    // backend own theirs), and only by the holder of its
+                    // orphan lease.
+                    if owner
+                        && pw.server_id == self.config.server_id
                         && !self.links.contains_key(&worker)
                         && let Some(p) = self.providers.get(&provider).cloned()
                     {

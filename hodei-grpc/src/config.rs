@@ -213,20 +213,40 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        let mut runtime = RuntimeConfig {
+            // Empty: derived from the gRPC listener's address.
+            server_url: String::new(),
+            ..RuntimeConfig::default()
+        };
+        runtime.engine.replica_id = unique_replica_id(&runtime.server_id);
         Self {
             store: StoreBackend::Memory,
             providers: Vec::new(),
-            // Empty: derived from the gRPC listener's address.
-            runtime: RuntimeConfig {
-                server_url: String::new(),
-                ..RuntimeConfig::default()
-            },
+            runtime,
             api_tokens: Vec::new(),
             insecure: false,
             worker_bin: None,
             drain_grace: Duration::from_secs(30),
         }
     }
+}
+
+/// A replica id unique to this process: `<server_id>-<host>-<pid>-<random>`.
+/// Queue claims and the leases of singleton duties are held under it, so
+/// two processes must never share one, even with the same server id (an
+/// old and a new process during a restart).
+pub fn unique_replica_id(server_id: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!(
+        "{server_id}-{host}-{}-{:06x}",
+        std::process::id(),
+        fastrand::u32(..0x0100_0000)
+    )
 }
 
 /// The `hodei-server` command line.
@@ -262,6 +282,15 @@ pub struct ServerArgs {
     /// URL workers use to reach this server [default: derived from --grpc-addr].
     #[arg(long, env = "HODEI_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Stable name of this server: labels on the workers it creates, its
+    /// local state dir, the leftovers it removes [default: hodei].
+    #[arg(long, env = "HODEI_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// Unique id of this process among replicas sharing a database (queue
+    /// claims, leases of singleton duties) [default:
+    /// <server-id>-<host>-<pid>-<random>].
+    #[arg(long, env = "HODEI_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 /// Addresses to bind, resolved from flags and file.
@@ -329,6 +358,20 @@ impl ServerArgs {
         }
         if let Some(url) = &self.advertise_url {
             config.runtime.server_url = url.clone();
+        }
+        if let Some(id) = &self.server_id {
+            check_id("--server-id", id)?;
+            config.runtime.server_id = id.clone();
+        }
+        match (&self.replica_id, &file.replica_id) {
+            (Some(id), _) => {
+                check_id("--replica-id", id)?;
+                config.runtime.engine.replica_id = id.clone();
+            }
+            (None, Some(_)) => {}
+            (None, None) => {
+                config.runtime.engine.replica_id = unique_replica_id(&config.runtime.server_id);
+            }
         }
         if let Some(text) = api_tokens_env {
             config.api_tokens.extend(parse_api_tokens(text)?);
@@ -400,6 +443,24 @@ pub fn parse_api_tokens(text: &str) -> Result<Vec<ApiToken>, ConfigError> {
         .collect()
 }
 
+/// Server and replica ids end up in labels, file names and leases.
+fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{id:?} is empty, too long or has other characters"),
+            "1 to 128 characters among A-Z a-z 0-9 - _ .",
+        ))
+    }
+}
+
 fn check_tokens(tokens: &[ApiToken]) -> Result<(), ConfigError> {
     for t in tokens {
         if t.name.is_empty() || t.name.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -454,8 +515,12 @@ pub struct FileConfig {
     /// Allow a non-loopback address without API tokens.
     #[serde(default)]
     pub insecure: bool,
-    /// Name of this server (container labels, queue claims).
+    /// Stable name of this server (worker labels, local state dir,
+    /// leftovers it removes).
     pub server_id: Option<String>,
+    /// Unique id of this process among replicas (queue claims, leases);
+    /// generated per process when absent.
+    pub replica_id: Option<String>,
     /// URL workers use to reach this server.
     pub advertise_url: Option<String>,
     /// The hodei-worker binary for the local provider.
@@ -672,9 +737,16 @@ impl FileConfig {
 
         let rt = &mut config.runtime;
         if let Some(id) = &self.server_id {
+            check_id("server_id", id)?;
             rt.server_id = id.clone();
-            rt.engine.replica_id = id.clone();
         }
+        rt.engine.replica_id = match &self.replica_id {
+            Some(id) => {
+                check_id("replica_id", id)?;
+                id.clone()
+            }
+            None => unique_replica_id(&rt.server_id),
+        };
         if let Some(url) = &self.advertise_url {
             rt.server_url = url.clone();
         }
@@ -818,6 +890,45 @@ mod tests {
         assert_eq!(c.runtime.engine.retry.base, Duration::from_millis(100));
         assert_eq!(c.runtime.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(c.runtime.limits.max_timeout_secs, 60);
+    }
+
+    #[test]
+    fn replica_ids_are_unique_per_process_unless_configured() {
+        let c = FileConfig::parse("server_id = \"s1\"")
+            .unwrap()
+            .to_server_config()
+            .unwrap();
+        let other = FileConfig::parse("server_id = \"s1\"")
+            .unwrap()
+            .to_server_config()
+            .unwrap();
+        let id = &c.runtime.engine.replica_id;
+        assert!(id.starts_with("s1-"), "{id}");
+        assert!(id.contains(&format!("-{}-", std::process::id())), "{id}");
+        assert_ne!(id, &other.runtime.engine.replica_id, "random suffix");
+        assert_ne!(
+            ServerConfig::default().runtime.engine.replica_id,
+            ServerConfig::default().runtime.engine.replica_id
+        );
+        let c = FileConfig::parse("replica_id = \"r-1\"")
+            .unwrap()
+            .to_server_config()
+            .unwrap();
+        assert_eq!(c.runtime.engine.replica_id, "r-1");
+        assert_eq!(c.runtime.server_id, "hodei");
+        let args = ServerArgs {
+            server_id: Some("s2".into()),
+            ..Default::default()
+        };
+        let (_, c) = args.resolve(None).unwrap();
+        assert_eq!(c.runtime.server_id, "s2");
+        assert!(c.runtime.engine.replica_id.starts_with("s2-"));
+        let args = ServerArgs {
+            replica_id: Some("bad id".into()),
+            ..Default::default()
+        };
+        let err = args.resolve(None).unwrap_err().to_string();
+        assert!(err.contains("--replica-id"), "{err}");
     }
 
     #[test]

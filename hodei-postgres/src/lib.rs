@@ -2,8 +2,8 @@
 //!
 //! PostgreSQL adapters of every store port of [`hodei_core::ports`]:
 //! [`JobStore`], [`JobQueue`], [`EventLog`], [`EventSubscription`],
-//! [`AuditQuery`], [`LogStore`], [`SecretStore`], [`WorkerRegistry`] and
-//! [`ProviderStore`], all implemented by one cloneable [`PgStore`] over a
+//! [`AuditQuery`], [`LogStore`], [`SecretStore`], [`WorkerRegistry`],
+//! [`ProviderStore`] and [`Leases`], all implemented by one cloneable [`PgStore`] over a
 //! [`sqlx::PgPool`]. Several Hodei replicas can share one database: the
 //! database arbitrates between them.
 //!
@@ -62,6 +62,10 @@
 //!   [`StoreError::Invalid`] and `list`/`delete` still work.
 //! - **Workers** are stored as JSON records; their one-time registration
 //!   tokens only as SHA-256 digests, consumed by one atomic `UPDATE`.
+//! - **Leases** on singleton duties (deadline sweep, retention, removal of
+//!   leftover workers) are one row per duty, taken or renewed by one
+//!   conditional upsert (`ON CONFLICT (duty) DO UPDATE … WHERE` the lease
+//!   ended or is the caller's own), so one replica at a time runs each.
 //!
 //! Timestamps are stored as `timestamptz`, i.e. with microsecond precision.
 //! The store never decides what time it is for the queue: `claim` and
@@ -83,6 +87,7 @@ mod bus;
 mod error;
 mod events;
 mod jobs;
+mod lease;
 mod logs;
 mod migrate;
 mod secrets;
@@ -101,7 +106,7 @@ pub use secrets::{SecretKey, SecretKeySource};
 
 #[allow(unused_imports)] // for the links of the crate documentation
 use hodei_core::ports::{
-    AuditQuery, EventLog, EventSubscription, JobQueue, JobStore, LogStore, ProviderStore,
+    AuditQuery, EventLog, EventSubscription, JobQueue, JobStore, Leases, LogStore, ProviderStore,
     SecretStore, StoreError, WorkerRegistry,
 };
 
