@@ -250,7 +250,9 @@ impl JobSpec {
         let name = match raw.name {
             Some(name) => {
                 let trimmed = name.trim();
-                if trimmed.is_empty() || trimmed.len() > 256 || trimmed.chars().any(char::is_control)
+                if trimmed.is_empty()
+                    || trimmed.len() > 256
+                    || trimmed.chars().any(char::is_control)
                 {
                     return Err(SpecError::new(
                         "name",
@@ -430,23 +432,23 @@ impl JobSpec {
 
         let resources = match raw.resources {
             Some(r) => {
-                if let Some(cpu) = r.cpu {
-                    if !(cpu.is_finite() && cpu > 0.0 && cpu <= 1024.0) {
-                        return Err(SpecError::new(
-                            "resources.cpu",
-                            format!("is {cpu}"),
-                            "a number of CPUs > 0 and <= 1024, e.g. 0.5",
-                        ));
-                    }
+                if let Some(cpu) = r.cpu
+                    && !(cpu.is_finite() && cpu > 0.0 && cpu <= 1024.0)
+                {
+                    return Err(SpecError::new(
+                        "resources.cpu",
+                        format!("is {cpu}"),
+                        "a number of CPUs > 0 and <= 1024, e.g. 0.5",
+                    ));
                 }
-                if let Some(mem) = r.memory_mb {
-                    if mem == 0 || mem > 4 * 1024 * 1024 {
-                        return Err(SpecError::new(
-                            "resources.memory_mb",
-                            format!("is {mem}"),
-                            "1..=4194304 MiB",
-                        ));
-                    }
+                if let Some(mem) = r.memory_mb
+                    && (mem == 0 || mem > 4 * 1024 * 1024)
+                {
+                    return Err(SpecError::new(
+                        "resources.memory_mb",
+                        format!("is {mem}"),
+                        "1..=4194304 MiB",
+                    ));
                 }
                 Resources {
                     cpu: r.cpu,
@@ -710,7 +712,8 @@ fn is_label_key(key: &str) -> bool {
 }
 
 fn raw_size(raw: &RawJobSpec) -> usize {
-    let strs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let strs =
+        |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
     raw.name.as_ref().map_or(0, String::len)
         + raw
             .command
