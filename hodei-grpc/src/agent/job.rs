@@ -184,7 +184,12 @@ async fn execute(
         exec::execute(req, tx, cancel),
         batch_logs(key, rx, &ctx.outbox, &ctx.settings),
     );
-    let oom_killed = outcome.signal == Some(Signal::SIGKILL as i32)
+    // Killed by SIGKILL, or a shell reporting a child's SIGKILL (128 + 9,
+    // e.g. `set -e` or the script's last command): with the cgroup's OOM
+    // counter up, that was the OOM killer.
+    let killed = outcome.signal == Some(Signal::SIGKILL as i32)
+        || outcome.exit_code == Some(128 + Signal::SIGKILL as i32);
+    let oom_killed = killed
         && match (
             oom_before,
             ctx.memory_events.as_deref().and_then(|p| oom_kills(p)),
@@ -431,6 +436,27 @@ mod tests {
         );
         let (_, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
         assert!(!oom, "counter did not rise");
+
+        // A shell whose child was OOM-killed exits 137.
+        let script = format!(
+            "echo 'oom_kill 6' > {}; sh -c 'kill -KILL $$'; exit $?",
+            path.display()
+        );
+        let req = ExecRequest::new(
+            ExecProgram::Command(vec!["sh".into(), "-c".into(), script]),
+            Duration::from_secs(10),
+        );
+        let (outcome, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
+        assert_eq!(outcome.exit_code, Some(137));
+        assert!(oom);
+        // Other failures are not OOM kills, counter or not.
+        let script = format!("echo 'oom_kill 7' > {}; exit 1", path.display());
+        let req = ExecRequest::new(
+            ExecProgram::Command(vec!["sh".into(), "-c".into(), script]),
+            Duration::from_secs(10),
+        );
+        let (_, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
+        assert!(!oom);
     }
 
     #[tokio::test]
