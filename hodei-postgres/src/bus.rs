@@ -176,6 +176,7 @@ impl EventSubscription for PgStore {
         let state = Subscriber {
             store: self.clone(),
             cursor: after,
+            scanned: after,
             buffer: VecDeque::new(),
             horizon: bus.horizon.clone(),
             retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
@@ -190,7 +191,13 @@ impl EventSubscription for PgStore {
 
 struct Subscriber {
     store: PgStore,
+    /// Last sequence delivered (or the subscription's `after`).
     cursor: u64,
+    /// Horizon up to which the table has been read. Reads start at the
+    /// cursor, not here: an empty range is not skipped for good, so even a
+    /// horizon that were ever too optimistic would delay an event rather
+    /// than lose it.
+    scanned: u64,
     buffer: VecDeque<(u64, Result<DomainEvent, StoreError>)>,
     horizon: watch::Receiver<u64>,
     retry: Backoff,
@@ -205,15 +212,17 @@ impl Subscriber {
                 return Some(event);
             }
             let horizon = *self.horizon.borrow_and_update();
-            if horizon > self.cursor {
+            if horizon > self.scanned.max(self.cursor) {
                 match read_range(&self.store, self.cursor, Some(horizon), PAGE).await {
-                    // Nothing committed in (cursor, horizon]: rolled-back
-                    // sequences or purged events. The range is final.
-                    Ok(events) if events.is_empty() => self.cursor = horizon,
                     // An undecodable event (written by a newer version?)
                     // is reported in its place and passed, not retried.
                     Ok(events) => {
                         self.retry.reset();
+                        if events.len() < PAGE {
+                            // All of (cursor, horizon] that is visible;
+                            // the rest are rolled-back or purged sequences.
+                            self.scanned = horizon;
+                        }
                         self.buffer.extend(events);
                     }
                     Err(e) => {
