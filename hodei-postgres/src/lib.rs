@@ -33,9 +33,10 @@
 //!   `NOTIFY hodei_events` carrying only the sequence. The audit trail is a
 //!   query over the same table.
 //! - **The event bus never skips an event.** Sequences are allocated before
-//!   commit, so sequence 11 can become visible before 10. One background
-//!   task per store (started by the first subscriber) maintains a *safe
-//!   horizon*: it reads the last allocated sequence `S`, then a snapshot
+//!   commit, so sequence 11 can become visible before 10. A background
+//!   task per store (started by the first subscriber, beside a second one
+//!   that owns the `LISTEN` connection) maintains a *safe horizon*: it
+//!   reads the last allocated sequence `S`, then a snapshot
 //!   whose `xmax` bounds every transaction that could have allocated a
 //!   sequence up to `S`; once `pg_snapshot_xmin` of a later snapshot passes
 //!   that `xmax` — or, sooner, once every transaction that held a write
