@@ -1,0 +1,484 @@
+//! Durable throughput on PostgreSQL (needs `HODEI_TEST_DATABASE_URL`;
+//! skipped without it).
+//!
+//! 1. **Jobs.** An embedded server on a fresh database with 8 warm
+//!    reusable in-process workers runs 5,000 no-op jobs (`true`) submitted
+//!    by 8 concurrent clients through `ControlPlane::submit`: jobs/s from
+//!    the first submission to the last terminal state stored, and commits
+//!    per job (`pg_stat_database.xact_commit` delta / jobs). Beside it, the
+//!    ceiling of the same PostgreSQL measured in the same run by `pgbench`
+//!    with the same client count, running a script that does what a queue
+//!    minimally must per job: insert, claim (`UPDATE … WHERE id = (SELECT …
+//!    FOR UPDATE SKIP LOCKED LIMIT 1)`) and complete, three commits, on a
+//!    scratch table.
+//! 2. **Event bus.** Events/s delivered to a `PgStore` subscriber while
+//!    another task appends events in batches of 100, with the `LISTEN`
+//!    connection killed (`pg_terminate_backend`) half way through; every
+//!    appended event must arrive exactly once, in sequence order.
+//!
+//! `cargo bench -p hodei-grpc --bench durable_throughput`
+//! (`HODEI_BENCH_JOBS`, `HODEI_BENCH_EVENTS`, `HODEI_BENCH_PGBENCH_SECS`);
+//! without `--bench` a smoke pass.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use hodei_core::event::{DomainEvent, EventBody};
+use hodei_core::ids::{Actor, CorrelationId, EventId, ProviderId};
+use hodei_core::job::JobState;
+use hodei_core::ports::{EventLog, EventSubscription};
+use hodei_core::runtime::{Stores, now_utc};
+use hodei_grpc::config::ProviderKind;
+use sqlx::Connection;
+
+const CLIENTS: usize = 8;
+/// The subscriber gives up after this long without an event.
+const STALL: Duration = Duration::from_secs(10);
+
+fn main() {
+    support::main_with(run());
+}
+
+async fn run() -> Result<()> {
+    support::print_header("durable_throughput");
+    if support::pg_base_url().is_none() {
+        println!("skipped: HODEI_TEST_DATABASE_URL is not set");
+        return Ok(());
+    }
+    let jobs = support::size("HODEI_BENCH_JOBS", 5000, 100);
+    let events = support::size("HODEI_BENCH_EVENTS", 200_000, 2_000);
+    let pgbench_secs = support::size("HODEI_BENCH_PGBENCH_SECS", 15, 2);
+    println!("goals: jobs/s >= half the pgbench ceiling; event bus >= 20,000 events/s with 0 lost");
+
+    let hodei = durable_jobs(jobs).await?;
+    let ceiling = pgbench_ceiling(pgbench_secs).await;
+    println!();
+    println!(
+        "durable no-op jobs, {CLIENTS} clients, {CLIENTS} warm workers, {} jobs:",
+        hodei.jobs
+    );
+    println!(
+        "  hodei:   {:>8.0} jobs/s  ({:.2} s; {:.1} commits/job; {} succeeded, {} other)",
+        hodei.jobs as f64 / hodei.secs,
+        hodei.secs,
+        hodei.commits as f64 / hodei.jobs as f64,
+        hodei.succeeded,
+        hodei.jobs - hodei.succeeded
+    );
+    match &ceiling {
+        Ok(c) => {
+            println!(
+                "  pgbench: {:>8.0} jobs/s  (insert + claim + complete, 3 commits/job, {CLIENTS} clients, {} s, {} jobs)",
+                c.tps, pgbench_secs, c.transactions
+            );
+            println!(
+                "  ratio:   {:.2} of the ceiling (goal >= 0.50)",
+                hodei.jobs as f64 / hodei.secs / c.tps
+            );
+        }
+        Err(e) => println!("  pgbench: not measured: {e:#}"),
+    }
+
+    let bus = bus_throughput(events).await?;
+    println!();
+    println!("event bus (PgStore subscriber, appends of 100 events, LISTEN killed half way):");
+    println!(
+        "  {:>8.0} events/s delivered  ({} events in {:.2} s; appends alone {:.0} events/s); \
+         lost {}, duplicated {}, out of order {}; LISTEN backends killed {}, listener connects {}",
+        bus.events as f64 / bus.secs,
+        bus.events,
+        bus.secs,
+        bus.events as f64 / bus.append_secs,
+        bus.lost,
+        bus.duplicates,
+        bus.out_of_order,
+        bus.killed,
+        bus.listener_connects
+    );
+    if bus.lost > 0 {
+        println!(
+            "  LOST sequences: {} (last appended {}, bus horizon at the end {})",
+            bus.missing_ranges, bus.last_appended, bus.horizon
+        );
+    }
+    Ok(())
+}
+
+struct Durable {
+    jobs: usize,
+    secs: f64,
+    commits: i64,
+    succeeded: usize,
+}
+
+async fn xact_commit(conn: &mut sqlx::PgConnection) -> Result<i64> {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(n)
+}
+
+async fn durable_jobs(jobs: usize) -> Result<Durable> {
+    let db = support::fresh_database("jobs")
+        .await?
+        .ok_or_else(|| anyhow!("no database"))?;
+    let store = support::pg_store(&db.url).await?;
+    let result = async {
+        let probed = support::probe(Stores::from_store(Arc::new(store.clone())));
+        let settings = support::provider(
+            ProviderKind::Inprocess,
+            CLIENTS as u32,
+            CLIENTS as u32,
+            false,
+            None,
+        );
+        let server = support::start_server(probed.stores.clone(), vec![settings], None).await?;
+        let cp = server.control_plane().clone();
+        support::wait_ready(&cp, CLIENTS, Duration::from_secs(60)).await?;
+        // Warm-up.
+        let warm = (jobs / 50).max(CLIENTS);
+        submit_all(&cp, warm).await?;
+        probed
+            .jobs
+            .wait("the warm-up jobs", Duration::from_secs(300), |p| {
+                (p.terminal_count() >= warm).then_some(())
+            })
+            .await?;
+        let mut stats = sqlx::PgConnection::connect(&db.url).await?;
+        // Idle backends flush their statistics within 10 s (PostgreSQL 15).
+        tokio::time::sleep(if support::full() {
+            Duration::from_secs(11)
+        } else {
+            Duration::from_secs(1)
+        })
+        .await;
+        let before = xact_commit(&mut stats).await?;
+        let t0 = Instant::now();
+        submit_all(&cp, jobs).await?;
+        probed
+            .jobs
+            .wait("the jobs", Duration::from_secs(1800), |p| {
+                (p.terminal_count() >= warm + jobs).then_some(())
+            })
+            .await?;
+        let end = probed.jobs.last_terminal().unwrap_or_else(Instant::now);
+        let secs = end.saturating_duration_since(t0).as_secs_f64();
+        let succeeded = probed
+            .jobs
+            .terminal_counts()
+            .get(&JobState::Succeeded)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(warm);
+        server
+            .stop()
+            .await
+            .map_err(|e| anyhow!("server stop: {e}"))?;
+        // Backends flush their statistics when they exit.
+        store.close().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = xact_commit(&mut stats).await?;
+        stats.close().await.ok();
+        Ok(Durable {
+            jobs,
+            secs,
+            commits: after - before,
+            succeeded,
+        })
+    }
+    .await;
+    store.close().await;
+    db.drop_db().await;
+    result
+}
+
+/// Submits `n` jobs from [`CLIENTS`] concurrent clients.
+async fn submit_all(cp: &hodei_core::runtime::ControlPlane, n: usize) -> Result<()> {
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let cp = cp.clone();
+        let mine = n / CLIENTS + usize::from(c < n % CLIENTS);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..mine {
+                cp.submit(support::command(&["true"]), &support::ctx())
+                    .await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+struct Ceiling {
+    tps: f64,
+    transactions: u64,
+}
+
+/// The pgbench binary: `$PG_BINDIR`, `pg_config --bindir`,
+/// `/usr/lib/postgresql/*/bin`, else `PATH`.
+fn pgbench() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("PG_BINDIR") {
+        dirs.push(d.into());
+    }
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
+        dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        dirs.extend(versions.into_iter().rev());
+    }
+    dirs.into_iter()
+        .map(|d| d.join("pgbench"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "pgbench".into())
+}
+
+const SCRATCH: &str = "
+CREATE TABLE bench_queue (
+    id bigserial PRIMARY KEY,
+    state text NOT NULL,
+    spec jsonb NOT NULL,
+    claimed_by int,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX bench_queue_pending ON bench_queue (id) WHERE state = 'PENDING';
+";
+
+/// One job of the queue ceiling: three autocommitted statements.
+const SCRIPT: &str = r#"INSERT INTO bench_queue (state, spec) VALUES ('PENDING', '{"command": ["true"]}');
+WITH c AS (UPDATE bench_queue SET state = 'RUNNING', claimed_by = :client_id, updated_at = now() WHERE id = (SELECT id FROM bench_queue WHERE state = 'PENDING' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id) SELECT coalesce((SELECT id FROM c), 0) AS claimed \gset
+UPDATE bench_queue SET state = 'SUCCEEDED', updated_at = now() WHERE id = :claimed;
+"#;
+
+async fn pgbench_ceiling(secs: usize) -> Result<Ceiling> {
+    let db = support::fresh_database("pgbench")
+        .await?
+        .ok_or_else(|| anyhow!("no database"))?;
+    let result = async {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+        sqlx::raw_sql(SCRATCH).execute(&mut conn).await?;
+        conn.close().await.ok();
+        let dir = tempfile::tempdir()?;
+        let script = dir.path().join("queue.sql");
+        std::fs::write(&script, SCRIPT)?;
+        let bin = pgbench();
+        let out = tokio::process::Command::new(&bin)
+            .args([
+                "-n",
+                "-c",
+                &CLIENTS.to_string(),
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+                "-f",
+            ])
+            .arg(&script)
+            .arg(&db.url)
+            .output()
+            .await
+            .with_context(|| format!("running {}", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}{}",
+                bin.display(),
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let tps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("no tps in pgbench output:\n{text}"))?;
+        let transactions = text
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split(['/', ' ']).next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(Ceiling { tps, transactions })
+    }
+    .await;
+    db.drop_db().await;
+    result
+}
+
+struct Bus {
+    events: usize,
+    secs: f64,
+    append_secs: f64,
+    lost: usize,
+    duplicates: usize,
+    out_of_order: usize,
+    killed: i64,
+    listener_connects: u64,
+    horizon: u64,
+    last_appended: u64,
+    missing_ranges: String,
+}
+
+/// `1-3, 7, 9-10` for sorted numbers (at most 10 ranges).
+fn ranges(v: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() && out.len() < 10 {
+        let start = v[i];
+        while i + 1 < v.len() && v[i + 1] == v[i] + 1 {
+            i += 1;
+        }
+        out.push(if v[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", v[i])
+        });
+        i += 1;
+    }
+    out.join(", ")
+}
+
+fn bus_event(i: usize) -> DomainEvent {
+    DomainEvent::new(
+        EventId::from_uuid(uuid::Uuid::new_v4()),
+        now_utc(),
+        CorrelationId::new("bench-bus"),
+        Actor::system("bench"),
+        EventBody::ProviderHealthChanged {
+            provider: ProviderId::new("bench"),
+            healthy: i % 2 == 0,
+            message: format!("event {i}"),
+        },
+    )
+}
+
+async fn bus_throughput(total: usize) -> Result<Bus> {
+    const BATCH: usize = 100;
+    let db = support::fresh_database("bus")
+        .await?
+        .ok_or_else(|| anyhow!("no database"))?;
+    let store = support::pg_store(&db.url).await?;
+    let result = async {
+        let start_after = store
+            .read_after(0, usize::MAX)
+            .await?
+            .last()
+            .map_or(0, |e| e.sequence);
+        // The subscriber: every event after `start_after`, in order.
+        let mut stream = store.subscribe(start_after);
+        let (half_tx, half_rx) = tokio::sync::oneshot::channel::<()>();
+        let subscriber = tokio::spawn(async move {
+            let mut received = Vec::with_capacity(total);
+            let mut half_tx = Some(half_tx);
+            while received.len() < total {
+                match tokio::time::timeout(STALL, stream.next()).await {
+                    Ok(Some(Ok(e))) => received.push((e.sequence, e.event_id)),
+                    Ok(Some(Err(e))) => return Err(anyhow!("subscription error: {e}")),
+                    Ok(None) => return Err(anyhow!("subscription ended")),
+                    Err(_) => break,
+                }
+                if received.len() >= total / 2 {
+                    if let Some(tx) = half_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+            Ok((received, Instant::now()))
+        });
+        // Let the bus connect its LISTEN connection first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let t0 = Instant::now();
+        let appender = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::with_capacity(total);
+                let mut i = 0;
+                while i < total {
+                    let n = BATCH.min(total - i);
+                    let batch: Vec<DomainEvent> = (i..i + n).map(bus_event).collect();
+                    let stored = store.append(batch).await?;
+                    ids.extend(stored.into_iter().map(|e| (e.sequence, e.event_id)));
+                    i += n;
+                }
+                Ok::<_, anyhow::Error>((ids, Instant::now()))
+            })
+        };
+        // Half way: kill the LISTEN connection.
+        let killed = match half_rx.await {
+            Ok(()) => {
+                let mut admin = sqlx::PgConnection::connect(&db.url).await?;
+                let killed: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                     AND query LIKE 'LISTEN%') AS k",
+                )
+                .fetch_one(&mut admin)
+                .await?;
+                admin.close().await.ok();
+                killed
+            }
+            Err(_) => 0,
+        };
+        let (ids, appended_at) = appender.await??;
+        let (received, done_at) = subscriber.await??;
+        let appended: HashSet<EventId> = ids.iter().map(|(_, id)| *id).collect();
+        let mut seen = HashSet::with_capacity(received.len());
+        let mut duplicates = 0;
+        let mut out_of_order = 0;
+        let mut last = 0;
+        for (seq, id) in &received {
+            if !seen.insert(*id) {
+                duplicates += 1;
+            }
+            if *seq <= last {
+                out_of_order += 1;
+            }
+            last = *seq;
+        }
+        let lost = appended.difference(&seen).count();
+        let missing: Vec<u64> = ids
+            .iter()
+            .filter(|(_, id)| !seen.contains(id))
+            .map(|(seq, _)| *seq)
+            .collect();
+        let missing_ranges = ranges(&missing);
+        Ok(Bus {
+            events: received.len(),
+            secs: done_at.saturating_duration_since(t0).as_secs_f64(),
+            append_secs: appended_at.saturating_duration_since(t0).as_secs_f64(),
+            lost,
+            duplicates,
+            out_of_order,
+            killed,
+            listener_connects: store.bus_stats().listener_connects,
+            horizon: store.bus_stats().horizon,
+            last_appended: ids.last().map_or(0, |(seq, _)| *seq),
+            missing_ranges,
+        })
+    }
+    .await;
+    store.close().await;
+    db.drop_db().await;
+    result
+}
