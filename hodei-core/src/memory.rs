@@ -323,6 +323,10 @@ impl EventLog for MemoryStore {
         Ok(st.events_after(after, limit))
     }
 
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        Ok(self.state().next_seq)
+    }
+
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
         let st = self.state();
         Ok(st

@@ -148,6 +148,19 @@ pub trait EventLog: Send + Sync {
     async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError>;
     /// Every event of one job, in order.
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError>;
+    /// The highest sequence stored so far (0 when empty), used to start
+    /// live subscriptions "from now". The default pages through the log;
+    /// adapters override it with a cheap lookup.
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        let mut after = 0;
+        loop {
+            let batch = self.read_after(after, 10_000).await?;
+            match batch.last() {
+                Some(e) => after = e.sequence,
+                None => return Ok(after),
+            }
+        }
+    }
 }
 
 /// Live subscription to the event log.

@@ -160,6 +160,14 @@ impl EventLog for PgStore {
             .collect()
     }
 
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM events")
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        Ok(to_u64(last))
+    }
+
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE job_id = $1 ORDER BY sequence"
