@@ -22,8 +22,10 @@ use hodei::grpc::server::{Listeners, start};
 async fn main() -> anyhow::Result<()> {
     // 1. An embedded control plane: in-memory store, workers that are
     //    in-process agents talking gRPC to it over loopback.
-    let mut config = ServerConfig::default();
-    config.providers = vec![ProviderSettings::new(ProviderKind::Inprocess)];
+    let mut config = ServerConfig {
+        providers: vec![ProviderSettings::new(ProviderKind::Inprocess)],
+        ..ServerConfig::default()
+    };
     config.runtime.engine.retry.base = Duration::from_millis(500);
     let listeners = Listeners {
         grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
