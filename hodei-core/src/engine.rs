@@ -890,9 +890,14 @@ impl Engine {
     }
 
     /// A worker registered (first time, or back after a disconnect).
-    /// `adoptable` are stored jobs it reports running that this engine
-    /// does not own yet (after a restart or a replica's death): those
-    /// still assigned to it in that attempt are taken over.
+    /// `adoptable` are stored jobs this engine may not own yet (after a
+    /// restart or a replica's death): those it reports running, and those
+    /// the store says it holds. Jobs still `ASSIGNED` or `RUNNING` on it
+    /// are taken over: in the attempt it reports, they go on (an
+    /// `ASSIGNED` one counts as acknowledged); not reported at all, they
+    /// are decided as lost with it, like the jobs this engine gave it. A
+    /// `SCHEDULED` job it was provisioned for is taken over and handed to
+    /// it (it stays ephemeral, reserved for that job).
     pub fn handle_registered(
         &mut self,
         now: Timestamp,
@@ -900,11 +905,23 @@ impl Engine {
         adoptable: Vec<Job>,
     ) -> Result<(), EngineError> {
         let id = reg.worker;
+        // A SCHEDULED job waiting for this worker: it was provisioned for
+        // it (ephemeral) by an engine that is gone.
+        let mut reserved = None;
         for job in adoptable {
+            let reported = reg.running.iter().find(|(j, _)| *j == job.id);
             let held_here = job.status.worker() == Some(id)
-                && reg.running.contains(&(job.id, job.attempt))
-                && matches!(job.state(), JobState::Assigned | JobState::Running);
+                && match job.state() {
+                    JobState::Assigned | JobState::Running => {
+                        reported.is_none_or(|(_, attempt)| *attempt == job.attempt)
+                    }
+                    JobState::Scheduled => reported.is_none(),
+                    _ => false,
+                };
             if held_here && !self.jobs.contains_key(&job.id) {
+                if job.state() == JobState::Scheduled && !self.workers.contains_key(&id) {
+                    reserved = Some(job.id);
+                }
                 self.jobs.insert(job.id, job);
             }
         }
@@ -931,8 +948,8 @@ impl Engine {
                 image: None,
                 capacity: 1,
                 jobs: Vec::new(),
-                ephemeral: false,
-                reserved_for: None,
+                ephemeral: reserved.is_some(),
+                reserved_for: reserved,
                 connected: false,
                 last_seen: now,
                 created_at: now,
@@ -987,6 +1004,20 @@ impl Engine {
             .filter(|j| !reg.running.iter().any(|(r, _)| r == j))
             .collect();
 
+        // The worker runs an attempt we still see as ASSIGNED: its
+        // acknowledgement was lost with a connection (or a server).
+        let unacked: Vec<JobId> = entry
+            .worker
+            .jobs
+            .iter()
+            .copied()
+            .filter(|j| {
+                self.jobs
+                    .get(j)
+                    .is_some_and(|j| j.state() == JobState::Assigned)
+            })
+            .collect();
+        let entry = self.workers.get_mut(&id).expect("inserted above");
         if reconnect {
             let running = entry.worker.jobs.clone();
             let draining = entry.worker.state == WorkerState::Draining;
@@ -1018,6 +1049,9 @@ impl Engine {
             };
             self.wrap_record(now, &corr, &actor, body);
             self.wrap_record(now, &corr, &actor, EventBody::WorkerReady { worker_id: id });
+        }
+        for job in unacked {
+            let _ = self.apply(now, job, JobCommand::Start, By::Actor(actor.clone()));
         }
         for job in lost {
             // The worker came back without the attempt we gave it: the

@@ -774,9 +774,20 @@ impl ControlPlane {
                 "registration rejected: {reason}"
             )));
         }
+        // What it runs, and what the store says it holds (a previous
+        // server may have died before hearing of a result the worker
+        // already sent): the engine takes over what it does not own yet.
+        let mut ids: Vec<JobId> = hello.running.iter().map(|(j, _)| *j).collect();
+        if let Some(record) = stores.workers.get(hello.worker).await? {
+            for job in record.reserved_for.into_iter().chain(record.jobs) {
+                if !ids.contains(&job) {
+                    ids.push(job);
+                }
+            }
+        }
         let mut adoptable = Vec::new();
-        for (job, _) in &hello.running {
-            if let Some(j) = stores.jobs.get(*job).await? {
+        for job in ids {
+            if let Some(j) = stores.jobs.get(job).await? {
                 adoptable.push(j);
             }
         }

@@ -585,3 +585,115 @@ fn fake_store_claims_by_priority_then_fifo() {
     assert_eq!(on_time.jobs.len(), 1);
     assert_eq!(on_time.jobs[0].id, ids[2]);
 }
+
+/// Regression: after a restart (or a replica's death) a reconnecting
+/// worker was only adopted with the attempts it reported. An attempt
+/// whose result was lost with the old server stayed RUNNING until its
+/// deadline and ended TIMED_OUT; an ASSIGNED one whose acknowledgement was
+/// lost was failed at its dispatch deadline while the worker ran it. Now
+/// the store's record of what the worker holds is adopted too: unreported
+/// attempts are lost (and retried) at once, reported ASSIGNED ones count
+/// as acknowledged.
+#[test]
+fn a_restarted_engine_adopts_what_a_reconnecting_worker_holds() {
+    let pool = ProviderConfig {
+        ephemeral: false,
+        ..ProviderConfig::ephemeral("pool", "local", false, 2)
+    };
+    let mut s = Shell::new(EngineConfig::default(), vec![pool.clone()]);
+    let (a, b) = (w(1), w(2));
+    s.register(a, "pool", Vec::new());
+    s.register(b, "pool", Vec::new());
+    let j1 = s.submit(spec(3, 30, false, 0, None, None));
+    let j2 = s.submit(spec(3, 30, false, 0, None, None));
+    let on = |s: &Shell, job: JobId| {
+        s.dispatches
+            .iter()
+            .find(|(_, j, _)| *j == job)
+            .map(|(w, _, _)| *w)
+            .expect("dispatched")
+    };
+    let (wa, wb) = (on(&s, j1), on(&s, j2));
+    assert_ne!(wa, wb);
+    s.engine.handle_ack(s.now, wa, j1, 1).unwrap();
+    s.drain();
+    assert_eq!(s.job(j1).state(), JobState::Running);
+    assert_eq!(s.job(j2).state(), JobState::Assigned);
+
+    // The server dies; a new engine starts on the same store. wa's result
+    // for j1 was lost with the old server; wb runs j2, its ack lost.
+    s.engine = Engine::new(
+        EngineConfig::default(),
+        vec![pool],
+        Box::new(SeededEntropy::new(7)),
+    );
+    let submitted = std::mem::take(&mut s.submitted);
+    s.advance(Duration::from_secs(6));
+    for (worker, running, holds) in [(wa, vec![], j1), (wb, vec![(j2, 1)], j2)] {
+        let reg = Registration {
+            worker,
+            provider: ProviderId::new("pool"),
+            labels: BTreeMap::new(),
+            image: None,
+            capacity: 1,
+            running,
+        };
+        let adoptable = vec![s.job(holds).clone()];
+        s.engine
+            .handle_registered(s.now, reg, adoptable)
+            .expect("registration accepted");
+        s.drain();
+    }
+    s.submitted = submitted;
+    s.check();
+    let j2_now = s.job(j2);
+    assert_eq!(j2_now.state(), JobState::Running, "the report acknowledges");
+    assert_eq!(j2_now.attempt, 1);
+    let j1_now = s.job(j1);
+    assert_eq!(j1_now.attempt, 2, "retried at once, not at its deadline");
+    assert!(s.events_of(j1).contains(&"JobRetryScheduled"));
+    // Past j2's old dispatch deadline nothing more happens to it.
+    s.advance(Duration::from_secs(20));
+    assert_eq!(s.job(j2).state(), JobState::Running);
+    assert_eq!(s.job(j2).attempt, 1);
+}
+
+/// After a restart, the worker provisioned for a SCHEDULED job by the old
+/// engine registers: the job is handed to it at once (not failed at its
+/// provisioning deadline), and the worker stays ephemeral.
+#[test]
+fn a_restarted_engine_hands_a_scheduled_job_to_its_worker() {
+    let mut s = Shell::eph(1);
+    let job = s.submit(spec(3, 30, false, 0, None, None));
+    assert_eq!(s.job(job).state(), JobState::Scheduled);
+    let worker = s.provisions[0].1;
+    s.engine = Engine::new(
+        EngineConfig::default(),
+        vec![ProviderConfig::ephemeral("eph", "local", false, 1)],
+        Box::new(SeededEntropy::new(7)),
+    );
+    let submitted = std::mem::take(&mut s.submitted);
+    s.advance(Duration::from_secs(2));
+    let reg = Registration {
+        worker,
+        provider: ProviderId::new("eph"),
+        labels: BTreeMap::new(),
+        image: None,
+        capacity: 1,
+        running: Vec::new(),
+    };
+    let adoptable = vec![s.job(job).clone()];
+    s.engine
+        .handle_registered(s.now, reg, adoptable)
+        .expect("registration accepted");
+    s.drain();
+    s.submitted = submitted;
+    s.check();
+    assert_eq!(s.job(job).state(), JobState::Assigned);
+    assert_eq!(s.dispatches.last(), Some(&(worker, job, 1)));
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    s.succeed(worker, job, 1);
+    assert_eq!(s.job(job).state(), JobState::Succeeded);
+    assert_eq!(s.destroyed, vec![worker], "still ephemeral");
+}
