@@ -811,7 +811,30 @@ impl ControlPlane {
         {
             let n = lines.len() as u64;
             let bytes: u64 = lines.iter().map(|l| l.text.len() as u64).sum();
-            self.inner.stores.logs.append(job, attempt, lines).await?;
+            // A batch the store could not take while it was unavailable
+            // (the database restarts) is retried here, holding the
+            // worker's stream back, rather than dropped: the agent does not
+            // resend what its stream took. Appends are idempotent (lines
+            // are de-duplicated by attempt and agent sequence).
+            let mut backoff = Duration::from_millis(50);
+            let since = std::time::Instant::now();
+            loop {
+                match self
+                    .inner
+                    .stores
+                    .logs
+                    .append(job, attempt, lines.clone())
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(StoreError::Unavailable(m)) if since.elapsed() < LOG_APPEND_PATIENCE => {
+                        tracing::warn!(%worker, %job, error = %m, "log append failed, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let c = &self.inner.counters;
             c.log_lines.fetch_add(n, Ordering::Relaxed);
             c.log_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -1051,6 +1074,10 @@ impl ControlPlane {
         }
     }
 }
+
+/// How long a log append is retried while the store is unavailable
+/// before the worker's session is given up.
+const LOG_APPEND_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Lease of the deadline sweep of jobs whose replica is gone.
 pub const SWEEP_DUTY: &str = "sweep";

@@ -1,0 +1,340 @@
+//! End to end on PostgreSQL, over real processes: `hodei-server
+//! --database-url` with the local provider spawning `hodei-worker` agents.
+//!
+//! - A server SIGKILLed while jobs are pending, assigned and running, then
+//!   started again on the same database, address and provider state dir:
+//!   agents reconnect with their resume tokens and are adopted, jobs whose
+//!   worker is gone are decided by their deadlines, and no job is lost or
+//!   runs twice.
+//! - The database restarted (`pg_ctl -m fast`) while jobs are submitted:
+//!   the server keeps serving once it is back and every acknowledged
+//!   submission exists and ends.
+//!
+//! Each test has a database of its own (or, to restart it, a cluster of its
+//! own). Without `HODEI_TEST_DATABASE_URL` they print a notice and pass,
+//! except under `CI=true`.
+
+mod e2e_support;
+mod pg_support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e_support::wait_for;
+use hodei_grpc::proto;
+use pg_support::*;
+use proto::JobState;
+
+/// A config for one server of these tests: short deadlines so that
+/// recovery by deadline fits in a test.
+fn config(server_id: &str, state_dir: &std::path::Path, provider: &str) -> String {
+    format!(
+        r#"server_id = "{server_id}"
+drain_grace = "10s"
+
+[[providers]]
+kind = "local"
+name = "local"
+state_dir = "{state}"
+{provider}
+
+[engine]
+provision_timeout = "20s"
+dispatch_timeout = "5s"
+heartbeat_timeout = "5s"
+reconnect_grace = "10s"
+claim_interval = "200ms"
+retry_base = "200ms"
+retry_cap = "1s"
+retry_jitter = 0.0
+
+[runtime]
+heartbeat_interval = "1s"
+health_interval = "2s"
+reconcile_interval = "5s"
+"#,
+        state = state_dir.display()
+    )
+}
+
+/// The test's temp dir (kept with `HODEI_E2E_KEEP=1`, for post-mortems).
+fn test_dir() -> tempfile::TempDir {
+    let keep = std::env::var_os("HODEI_E2E_KEEP").is_some();
+    let dir = tempfile::Builder::new()
+        .prefix("hodei-e2e-pg-")
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    if keep {
+        eprintln!("test dir: {}", dir.path().display());
+    }
+    dir
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+/// Counts jobs per state over the first 1000 (enough here).
+async fn states(client: &e2e_support::Client) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    if let Ok(Ok(r)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.jobs().list(proto::ListJobsRequest {
+            limit: 1000,
+            ..Default::default()
+        }),
+    )
+    .await
+    {
+        for j in r.into_inner().jobs {
+            *out.entry(state_name(j.state)).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
+    let Some(db) = test_db().await else { return };
+    let started = Instant::now();
+    let dir = test_dir();
+    let id = short_id();
+    let marker = format!("E2E_PG_RUN={id}");
+    let ledger = dir.path().join("ledger");
+    let mut spec = ReplicaSpec {
+        server_id: format!("recovery-{id}"),
+        database_url: db.url.clone(),
+        port: free_port(),
+        dir: dir.path().join("server"),
+        toml: String::new(),
+    };
+    spec.toml = config(&spec.server_id, &spec.state_dir(), "max_workers = 6");
+    let state_dirs = vec![spec.state_dir()];
+    let mut server = Replica::start(&spec);
+    let client = server.client().await;
+
+    // 24 jobs of 2 s each, 6 workers at most: at any moment some are
+    // pending, some being provisioned or assigned, some running.
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let mut job = ledger_job(&ledger, "2", &marker, &format!("{id}-{i}"));
+        job.max_attempts = Some(4);
+        job.timeout_secs = Some(30);
+        ids.push(client.submit(job).await.job_id);
+    }
+    let mut kills = Vec::new();
+    for round in 0..2 {
+        // Kill while work is in flight: some running, some pending, and
+        // if the moment comes within 20 s, some being provisioned or
+        // assigned too.
+        let looking = Instant::now();
+        let seen = wait_for(
+            "running and pending jobs",
+            Duration::from_secs(90),
+            || async {
+                let s = states(&client).await;
+                let n = |k: &str| s.get(k).copied().unwrap_or(0);
+                let between = n("JOB_STATE_SCHEDULED") + n("JOB_STATE_ASSIGNED");
+                let enough = n("JOB_STATE_RUNNING") >= 2 && n("JOB_STATE_PENDING") >= 1;
+                (enough && (between >= 1 || looking.elapsed() > Duration::from_secs(20)))
+                    .then_some(s)
+            },
+        )
+        .await;
+        server.kill9();
+        kills.push(seen);
+        // Agents (own process groups) survive their server.
+        std::thread::sleep(Duration::from_millis(500));
+        server = Replica::start(&spec);
+        if round == 0 {
+            // The restarted server has its predecessor's work to finish
+            // before the next kill.
+            wait_for(
+                "a job finished after the restart",
+                Duration::from_secs(90),
+                || async {
+                    let s = states(&client).await;
+                    (s.get("JOB_STATE_SUCCEEDED").copied().unwrap_or(0) >= 8).then_some(())
+                },
+            )
+            .await;
+        }
+    }
+    let jobs = wait_all_terminal(&client, &ids, Duration::from_secs(150)).await;
+    let elapsed = started.elapsed();
+    let by_state = check_jobs(&client, &jobs, Some(&ledger)).await;
+    let runs = read_ledger(&ledger);
+    let adopted = count_events(&client, "WorkerRegistered").await;
+    eprintln!(
+        "sigkill recovery: {} jobs, states at the kills {kills:?}, final {by_state:?}, {} runs \
+         in the ledger, {adopted} worker registrations, {:.1}s",
+        ids.len(),
+        runs.len(),
+        elapsed.as_secs_f64()
+    );
+    for line in retried(&jobs) {
+        eprintln!("  retried: {line}");
+    }
+    // Every job ran to the end at least once: worker losses were retried.
+    for (id, job) in &jobs {
+        assert_eq!(
+            job.state,
+            JobState::Succeeded as i32,
+            "job {id} ended {}: {job:?}",
+            state_name(job.state)
+        );
+    }
+    // The restarted server adopted running agents: their attempts were
+    // not rerun, so fewer runs than if every in-flight job had restarted.
+    assert!(
+        runs.len() < ids.len() + 12,
+        "{} runs for {} jobs",
+        runs.len(),
+        ids.len()
+    );
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{}", tail(&log, 40));
+    server.stop();
+    kill_leftovers(&state_dirs, &marker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_under_load_loses_no_acknowledged_submission() {
+    if admin_url().is_none() {
+        return;
+    }
+    let Some(cluster) = PgCluster::start() else {
+        return;
+    };
+    let started = Instant::now();
+    let dir = test_dir();
+    let id = short_id();
+    let marker = format!("E2E_PG_RUN={id}");
+    let ledger = dir.path().join("ledger");
+    let mut spec = ReplicaSpec {
+        server_id: format!("dbrestart-{id}"),
+        database_url: cluster.url.clone(),
+        port: free_port(),
+        dir: dir.path().join("server"),
+        toml: String::new(),
+    };
+    spec.toml = config(
+        &spec.server_id,
+        &spec.state_dir(),
+        "max_workers = 4\nwarm_pool = 2\nephemeral = false",
+    );
+    let state_dirs = vec![spec.state_dir()];
+    let server = Replica::start(&spec);
+    let client = server.client().await;
+
+    // Four submitters, 20 jobs each, retrying UNAVAILABLE with the same
+    // idempotency key; the database goes away after the first 15.
+    const PER_SUBMITTER: usize = 20;
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let mut submitters = Vec::new();
+    for s in 0..4 {
+        let (client, acked, ledger, marker, id) = (
+            client.clone(),
+            acked.clone(),
+            ledger.clone(),
+            marker.clone(),
+            id.clone(),
+        );
+        submitters.push(tokio::spawn(async move {
+            let mut unacked = Vec::new();
+            for i in 0..PER_SUBMITTER {
+                let key = format!("{id}-{s}-{i}");
+                let mut job = ledger_job(&ledger, "0.5", &marker, &key);
+                job.max_attempts = Some(4);
+                job.timeout_secs = Some(60);
+                match submit_retrying(&client, &job, Duration::from_secs(90)).await {
+                    Some(j) => acked.lock().unwrap().push((key, j.job_id)),
+                    None => unacked.push(key),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            unacked
+        }));
+    }
+    wait_for(
+        "15 acknowledged submissions",
+        Duration::from_secs(60),
+        || async { (acked.lock().unwrap().len() >= 15).then_some(()) },
+    )
+    .await;
+    let outage = Instant::now();
+    tokio::task::block_in_place(|| cluster.stop_server());
+    let acked_before = acked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| cluster.start_server());
+    let down_for = outage.elapsed();
+
+    let mut unacked = Vec::new();
+    for s in submitters {
+        unacked.extend(s.await.unwrap());
+    }
+    assert!(
+        unacked.is_empty(),
+        "submissions never acknowledged once the database was back: {unacked:?}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), 4 * PER_SUBMITTER);
+    let ids: Vec<String> = acked.iter().map(|(_, id)| id.clone()).collect();
+    let jobs = wait_all_terminal(&client, &ids, Duration::from_secs(120)).await;
+    let by_state = check_jobs(&client, &jobs, Some(&ledger)).await;
+    // One job per idempotency key: retried submissions created nothing.
+    let listed = client
+        .jobs()
+        .list(proto::ListJobsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), ids.len(), "one job per acknowledged key");
+    for (id, job) in &jobs {
+        assert_eq!(
+            job.state,
+            JobState::Succeeded as i32,
+            "job {id} ended {}: {job:?}",
+            state_name(job.state)
+        );
+    }
+    // No output was lost: log appends that failed while the database was
+    // down were retried, not dropped.
+    for (id, job) in &jobs {
+        let texts: Vec<String> = client
+            .logs_of(id)
+            .await
+            .into_iter()
+            .filter(|l| l.attempt == job.attempt)
+            .map(|l| l.text)
+            .collect();
+        let want = [1, 2].map(|n| format!("out {n} of {}", job.attempt));
+        assert_eq!(texts, want, "job {id}");
+    }
+    // The server still serves: a new job after the outage runs.
+    let mut last = ledger_job(&ledger, "0", &marker, &format!("{id}-after"));
+    last.max_attempts = Some(2);
+    let last = submit_retrying(&client, &last, Duration::from_secs(30))
+        .await
+        .expect("a submission after the outage");
+    let done = wait_all_terminal(&client, &[last.job_id], Duration::from_secs(60)).await;
+    assert!(
+        done.values().all(|j| j.state == JobState::Succeeded as i32),
+        "{done:?}"
+    );
+    eprintln!(
+        "database restart: {} submissions acknowledged ({acked_before} before the outage), \
+         database down for {:.1}s, final {by_state:?}, {:.1}s in all",
+        acked.len(),
+        down_for.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    drop(server);
+    kill_leftovers(&state_dirs, &marker);
+}

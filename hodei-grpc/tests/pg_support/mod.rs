@@ -1,0 +1,751 @@
+//! Harness of the end-to-end tests on PostgreSQL (`e2e_postgres`,
+//! `e2e_replicas`): a fresh database per test (from
+//! `HODEI_TEST_DATABASE_URL`), a private throwaway cluster when a test
+//! restarts the database itself, `hodei-server` replicas on a fixed port
+//! that can be SIGKILLed and started again, a job ledger written by the jobs
+//! themselves, and the checks every recovery test makes.
+//!
+//! Without `HODEI_TEST_DATABASE_URL` the tests print a notice and pass,
+//! except under `CI=true`, where they fail.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hodei_grpc::proto;
+use nix::sys::signal::Signal;
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::e2e_support::{Client, SERVER_BIN, WORKER_BIN, alive, signal};
+
+// ---------------------------------------------------------------- databases
+
+fn in_ci() -> bool {
+    matches!(
+        std::env::var("CI").as_deref(),
+        Ok("true" | "TRUE" | "True" | "1")
+    )
+}
+
+/// `HODEI_TEST_DATABASE_URL`, or `None` with a notice (a failure in CI).
+pub fn admin_url() -> Option<String> {
+    match std::env::var("HODEI_TEST_DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            assert!(
+                !in_ci(),
+                "CI=true but HODEI_TEST_DATABASE_URL is unset: the PostgreSQL end-to-end tests \
+                 must run in CI (start a server with `scripts/pg start $(mktemp -d)`)"
+            );
+            use std::io::Write;
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: skipping PostgreSQL end-to-end tests: HODEI_TEST_DATABASE_URL is unset \
+                     (start a server with `scripts/pg start $(mktemp -d)`)"
+                );
+            });
+            None
+        }
+    }
+}
+
+/// A database of its own, dropped with this guard.
+pub struct TestDb {
+    admin_url: String,
+    name: String,
+    /// URL of the test database.
+    pub url: String,
+}
+
+/// A fresh database on the server of `HODEI_TEST_DATABASE_URL`, or `None`
+/// (see [`admin_url`]).
+pub async fn test_db() -> Option<TestDb> {
+    let admin_url = admin_url()?;
+    Some(create_db(&admin_url).await)
+}
+
+/// A fresh database on the server of `admin_url`.
+pub async fn create_db(admin_url: &str) -> TestDb {
+    let name = format!("hodei_e2e_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test database server: {e}"));
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    TestDb {
+        url: with_database(admin_url, &name),
+        admin_url: admin_url.to_owned(),
+        name,
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop may run inside the test's runtime: use a thread of our own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut admin = PgConnection::connect(&admin_url).await?;
+                admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .await?;
+                admin.close().await
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `url` with its database replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// A private throwaway cluster (`scripts/pg start`), for tests that
+/// restart the database: the shared one serves other tests meanwhile.
+/// Stopped and removed on drop.
+pub struct PgCluster {
+    dir: PathBuf,
+    /// URL of its `hodei_test` database.
+    pub url: String,
+}
+
+fn pg_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg")
+}
+
+impl PgCluster {
+    /// Starts one, or `None` (with a notice, a failure in CI) when the
+    /// PostgreSQL server binaries are not installed.
+    pub fn start() -> Option<PgCluster> {
+        let bindir = Command::new(pg_script()).arg("bindir").output();
+        if !bindir.as_ref().is_ok_and(|o| o.status.success()) {
+            assert!(
+                !in_ci(),
+                "CI=true but the PostgreSQL server binaries were not found (scripts/pg bindir)"
+            );
+            eprintln!("note: skipping: PostgreSQL server binaries not found (scripts/pg bindir)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "hodei-e2e-pg-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        let out = Command::new(pg_script())
+            .arg("start")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scripts/pg start");
+        assert!(
+            out.status.success(),
+            "scripts/pg start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Some(PgCluster { dir, url })
+    }
+
+    /// `pg_ctl ARGS` on the cluster, as the user that owns it.
+    fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
+        let bindir = std::fs::read_to_string(self.dir.join("bindir")).expect("bindir");
+        let pg_ctl = Path::new(bindir.trim()).join("pg_ctl");
+        let data = self.dir.join("data");
+        let owner = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&data).expect("data dir").uid()
+        };
+        let mut cmd = if nix::unistd::geteuid().is_root() && owner != 0 {
+            let user = nix::unistd::User::from_uid(owner.into())
+                .ok()
+                .flatten()
+                .expect("owner of the cluster");
+            let mut c = Command::new("runuser");
+            c.args(["-u", &user.name, "--"]).arg(&pg_ctl);
+            c
+        } else {
+            Command::new(&pg_ctl)
+        };
+        cmd.arg("-D")
+            .arg(&data)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_ctl")
+    }
+
+    /// Stops the server (`-m fast`: open connections are terminated).
+    pub fn stop_server(&self) {
+        let out = self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "stop"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the stopped server again, on the same port.
+    pub fn start_server(&self) {
+        let log = self.dir.join("postgres.log");
+        let log = log.to_str().expect("utf-8 path");
+        let out = self.pg_ctl(&["-l", log, "-w", "-t", "60", "start"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(pg_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+// ---------------------------------------------------------------- servers
+
+/// A free TCP port of 127.0.0.1 (replicas keep theirs across restarts:
+/// agents reconnect to the URL they were given).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// What a replica is started with; restarting it reuses all of it.
+#[derive(Clone)]
+pub struct ReplicaSpec {
+    /// Its server id (stable across restarts: its leftovers are found).
+    pub server_id: String,
+    /// The database.
+    pub database_url: String,
+    /// gRPC port on 127.0.0.1.
+    pub port: u16,
+    /// Directory of its config, log and local provider state.
+    pub dir: PathBuf,
+    /// The config file (the database URL is given as a flag).
+    pub toml: String,
+}
+
+impl ReplicaSpec {
+    /// The local provider's state dir: `[[providers]] state_dir` should
+    /// name it.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("local")
+    }
+
+    /// The server's stderr, appended across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A `hodei-server` process on PostgreSQL. SIGTERMed on drop.
+pub struct Replica {
+    pub spec: ReplicaSpec,
+    child: Option<Child>,
+}
+
+impl Replica {
+    /// Starts it and waits until it serves.
+    pub fn start(spec: &ReplicaSpec) -> Replica {
+        std::fs::create_dir_all(&spec.dir).expect("replica dir");
+        let config = spec.dir.join("hodei.toml");
+        std::fs::write(&config, &spec.toml).expect("write config");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.log_path())
+            .expect("log file");
+        let mut child = Command::new(SERVER_BIN)
+            .arg("--grpc-addr")
+            .arg(format!("127.0.0.1:{}", spec.port))
+            .args(["--http-addr", "off", "--config"])
+            .arg(&config)
+            .arg("--database-url")
+            .arg(&spec.database_url)
+            .env("HODEI_WORKER_BIN", WORKER_BIN)
+            .env(
+                "RUST_LOG",
+                "info,hodei_core::runtime=info,hodei_postgres=warn",
+            )
+            .env_remove("HODEI_API_TOKENS")
+            .env_remove("HODEI_DATABASE_URL")
+            .env_remove("HODEI_PROVIDERS")
+            .env_remove("HODEI_SERVER_ID")
+            .env_remove("HODEI_REPLICA_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn hodei-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("hodei-server listening on grpc=") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        // The port of a SIGKILLed predecessor is free at once; a slow
+        // migration or a busy machine may take a while.
+        if rx.recv_timeout(Duration::from_secs(90)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "hodei-server {} did not start; log:\n{}",
+                spec.server_id,
+                tail(
+                    &std::fs::read_to_string(spec.log_path()).unwrap_or_default(),
+                    60
+                )
+            );
+        }
+        Replica {
+            spec: spec.clone(),
+            child: Some(child),
+        }
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id() as i32, Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (SIGKILL after 20 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id() as i32, Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.spec.log_path()).unwrap_or_default()
+    }
+
+    /// A client. Its channel reconnects by itself: it stays usable
+    /// across restarts of the server (calls fail with UNAVAILABLE while
+    /// it is down).
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.spec.url(), None, None).await
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Kills what a test leaves behind: the agents recorded in `state_dir`
+/// (each leads its own process group; only verified agents are signalled)
+/// and the job processes carrying `marker` (`NAME=VALUE`) in their
+/// environment.
+pub fn kill_leftovers(state_dirs: &[PathBuf], marker: &str) {
+    for dir in state_dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "pid") {
+                continue;
+            }
+            let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("pid="))
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+            }) else {
+                continue;
+            };
+            if pid > 1 && is_agent_group_leader(pid) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+    for pid in crate::e2e_support::pids_with_env(marker) {
+        if pid > 1 {
+            signal(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// `pid` is a live `hodei-worker` that leads its own process group.
+fn is_agent_group_leader(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    // Fields after the command: state, ppid, pgrp.
+    let pgrp = rest
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse::<i32>().ok());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    pgrp == Some(pid) && alive(pid) && String::from_utf8_lossy(&cmdline).contains("hodei-worker")
+}
+
+// ---------------------------------------------------------------- jobs
+
+/// A job that records its execution in `ledger`: a `start` line, then an
+/// `end` line when it finishes or is stopped by SIGTERM/SIGINT (SIGKILL
+/// leaves no `end`). It prints `out 1 of <attempt>`, sleeps, then prints
+/// `out 2 of <attempt>`. `marker` (`NAME=VALUE`) is put in its environment so
+/// that leftovers can be found.
+pub fn ledger_job(ledger: &Path, sleep: &str, marker: &str, key: &str) -> proto::JobSpec {
+    let l = ledger.display();
+    let script = format!(
+        "rec() {{ echo \"$1 $HODEI_JOB_ID $HODEI_JOB_ATTEMPT $$ $(date +%s%N)\" >> '{l}'; }}; \
+         trap 'rec end; exit 143' TERM INT; rec start; echo \"out 1 of $HODEI_JOB_ATTEMPT\"; \
+         sleep {sleep}; echo \"out 2 of $HODEI_JOB_ATTEMPT\"; rec end"
+    );
+    let (name, value) = marker.split_once('=').expect("NAME=VALUE");
+    proto::JobSpec {
+        name: format!("ledger-{key}"),
+        command: vec!["sh".into(), "-c".into(), script],
+        env: [(name.to_owned(), value.to_owned())].into(),
+        idempotency_key: Some(key.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// One run of an attempt, from the ledger.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    pub job: String,
+    pub attempt: u32,
+    pub pid: u32,
+    pub start_ns: u128,
+    pub end_ns: Option<u128>,
+}
+
+/// The executions in a ledger.
+pub fn read_ledger(ledger: &Path) -> Vec<Execution> {
+    let text = std::fs::read_to_string(ledger).unwrap_or_default();
+    let mut runs: Vec<Execution> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [what, job, attempt, pid, at] = f[..] else {
+            panic!("malformed ledger line {line:?}");
+        };
+        let (attempt, pid, at) = (
+            attempt.parse().expect("attempt"),
+            pid.parse().expect("pid"),
+            at.parse().expect("time"),
+        );
+        match what {
+            "start" => runs.push(Execution {
+                job: job.to_owned(),
+                attempt,
+                pid,
+                start_ns: at,
+                end_ns: None,
+            }),
+            "end" => {
+                let run = runs
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.job == job && r.pid == pid && r.end_ns.is_none())
+                    .unwrap_or_else(|| panic!("`end` without `start`: {line:?}"));
+                run.end_ns = Some(at);
+            }
+            other => panic!("unknown ledger record {other:?}"),
+        }
+    }
+    runs
+}
+
+/// Submits, retrying UNAVAILABLE (and transport failures, and calls that
+/// hang) with the same idempotency key until `deadline`; the job of the
+/// first OK. `None` when never acknowledged.
+pub async fn submit_retrying(
+    client: &Client,
+    spec: &proto::JobSpec,
+    deadline: Duration,
+) -> Option<proto::Job> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    while start.elapsed() < deadline {
+        let mut jobs = client.jobs();
+        let call = jobs.submit(proto::SubmitJobRequest {
+            spec: Some(spec.clone()),
+        });
+        match tokio::time::timeout(Duration::from_secs(15), call).await {
+            Ok(Ok(resp)) => return resp.into_inner().job,
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) => {}
+            Ok(Err(s)) => panic!("submit refused: {s:?}"),
+            Err(_) => {}
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+    None
+}
+
+/// A job, retrying while the server or the database is unavailable.
+pub async fn get_job(client: &Client, id: &str) -> Option<proto::Job> {
+    let mut jobs = client.jobs();
+    let call = jobs.get(proto::GetJobRequest {
+        job_id: id.to_owned(),
+    });
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(r)) => r.into_inner().job,
+        _ => None,
+    }
+}
+
+pub fn is_terminal(state: i32) -> bool {
+    use proto::JobState::*;
+    [Succeeded, Failed, Cancelled, TimedOut]
+        .iter()
+        .any(|s| *s as i32 == state)
+}
+
+pub fn state_name(state: i32) -> String {
+    proto::JobState::try_from(state)
+        .map(|s| s.as_str_name().to_owned())
+        .unwrap_or_else(|_| format!("state {state}"))
+}
+
+/// Waits until every job is terminal (polling each not yet terminal);
+/// returns them. Panics after `deadline` naming the stragglers.
+pub async fn wait_all_terminal(
+    client: &Client,
+    ids: &[String],
+    deadline: Duration,
+) -> BTreeMap<String, proto::Job> {
+    let start = Instant::now();
+    let mut done: BTreeMap<String, proto::Job> = BTreeMap::new();
+    loop {
+        let mut pending: Vec<(String, String)> = Vec::new();
+        for id in ids {
+            if done.contains_key(id) {
+                continue;
+            }
+            match get_job(client, id).await {
+                Some(j) if is_terminal(j.state) => {
+                    done.insert(id.clone(), j);
+                }
+                Some(j) => pending.push((id.clone(), state_name(j.state))),
+                None => pending.push((id.clone(), "unreadable".into())),
+            }
+        }
+        if pending.is_empty() {
+            return done;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{} of {} jobs not terminal after {deadline:?}: {:?}",
+            pending.len(),
+            ids.len(),
+            &pending[..pending.len().min(20)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every event of the audit trail of one type (all pages).
+pub async fn events_of_type(client: &Client, event_type: &str) -> Vec<proto::Event> {
+    let mut out = Vec::new();
+    loop {
+        let page = client
+            .audit()
+            .query(proto::AuditQueryRequest {
+                event_type: Some(event_type.to_owned()),
+                limit: 1000,
+                offset: out.len() as u32,
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_inner();
+        if page.events.is_empty() {
+            return out;
+        }
+        out.extend(page.events);
+    }
+}
+
+/// How many events of a type the audit trail holds.
+pub async fn count_events(client: &Client, event_type: &str) -> u64 {
+    client
+        .audit()
+        .query(proto::AuditQueryRequest {
+            event_type: Some(event_type.to_owned()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .total
+}
+
+/// The checks of every recovery test, over the final jobs:
+/// - their events carry the job's correlation id and a non-empty actor,
+///   and the terminal state has its event;
+/// - no attempt started twice (one `JobStarted` per job and attempt);
+/// - with a ledger: no attempt ran twice, and a job's runs never overlap
+///   in time (where both ends are known).
+///
+/// Returns the number of jobs per final state.
+pub async fn check_jobs(
+    client: &Client,
+    jobs: &BTreeMap<String, proto::Job>,
+    ledger: Option<&Path>,
+) -> BTreeMap<String, usize> {
+    let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, job) in jobs {
+        *by_state.entry(state_name(job.state)).or_default() += 1;
+        let events = client.events(id).await;
+        assert!(!events.is_empty(), "job {id} has no events");
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types[0], "JobCreated", "job {id}: {types:?}");
+        for e in &events {
+            assert_eq!(
+                e.correlation_id, job.correlation_id,
+                "job {id}: {} carries another correlation id",
+                e.event_type
+            );
+            assert!(
+                !e.correlation_id.is_empty() && !e.actor.is_empty(),
+                "job {id}: {e:?}"
+            );
+        }
+        let last = match proto::JobState::try_from(job.state) {
+            Ok(proto::JobState::Succeeded) => "JobSucceeded",
+            Ok(proto::JobState::Failed) => "JobFailed",
+            Ok(proto::JobState::Cancelled) => "JobCancelled",
+            Ok(proto::JobState::TimedOut) => "JobTimedOut",
+            other => panic!("job {id} is not terminal: {other:?}"),
+        };
+        assert!(types.contains(&last), "job {id}: no {last} in {types:?}");
+        let mut started = BTreeSet::new();
+        for e in events.iter().filter(|e| e.event_type == "JobStarted") {
+            let attempt = crate::e2e_support::payload(e)["attempt"]
+                .as_u64()
+                .expect("attempt");
+            assert!(
+                started.insert(attempt),
+                "job {id}: attempt {attempt} started twice: {types:?}"
+            );
+        }
+    }
+    if let Some(ledger) = ledger {
+        let runs = read_ledger(ledger);
+        let mut per_job: BTreeMap<&str, Vec<&Execution>> = BTreeMap::new();
+        for r in &runs {
+            per_job.entry(&r.job).or_default().push(r);
+        }
+        for (job, mut runs) in per_job {
+            let mut attempts = BTreeSet::new();
+            for r in &runs {
+                assert!(
+                    attempts.insert(r.attempt),
+                    "job {job}: attempt {} ran twice: {runs:?}",
+                    r.attempt
+                );
+            }
+            runs.sort_by_key(|r| r.start_ns);
+            for pair in runs.windows(2) {
+                if let Some(end) = pair[0].end_ns {
+                    assert!(
+                        end <= pair[1].start_ns,
+                        "job {job}: attempts {} and {} overlapped: {runs:?}",
+                        pair[0].attempt,
+                        pair[1].attempt
+                    );
+                }
+            }
+        }
+    }
+    by_state
+}
+
+/// One line per job that needed more than one attempt: how each failed
+/// attempt ended (for the test's report).
+pub fn retried(jobs: &BTreeMap<String, proto::Job>) -> Vec<String> {
+    jobs.values()
+        .filter(|j| j.attempt > 1)
+        .map(|j| {
+            let how: Vec<String> = j
+                .attempts
+                .iter()
+                .map(|a| match &a.failure {
+                    Some(f) => format!("{}:{} ({})", a.number, f.kind, f.message),
+                    None => format!("{}:{}", a.number, a.outcome),
+                })
+                .collect();
+            format!("{} {}", j.job_id, how.join(", "))
+        })
+        .collect()
+}
