@@ -412,12 +412,7 @@ impl ControlPlane {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        let start_seq = stores
-            .events
-            .read_after(0, usize::MAX)
-            .await
-            .map(|e| e.last().map_or(0, |e| e.sequence))
-            .unwrap_or(0);
+        let start_seq = stores.events.last_sequence().await.unwrap_or(0);
         let engine = Engine::new(
             config.engine.clone(),
             providers.iter().map(|p| p.config.clone()).collect(),
@@ -594,17 +589,8 @@ impl ControlPlane {
     }
 
     async fn last_sequence(&self) -> Result<u64, ApiError> {
-        // Start from a little before the end: re-checking the job covers
-        // anything older.
-        let mut after = 0;
-        loop {
-            let batch = self.inner.stores.events.read_after(after, 10_000).await?;
-            match batch.last() {
-                Some(e) if batch.len() == 10_000 => after = e.sequence,
-                Some(e) => return Ok(e.sequence),
-                None => return Ok(after),
-            }
-        }
+        // Re-checking the job after subscribing covers anything older.
+        Ok(self.inner.stores.events.last_sequence().await?)
     }
 
     /// Audit query.
