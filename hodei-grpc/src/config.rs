@@ -594,6 +594,10 @@ pub struct FileEngine {
     /// Queue polling interval.
     #[serde(default, with = "opt_duration")]
     pub claim_interval: Option<Duration>,
+    /// Lease of a claim on a pending job: how long a job claimed by a
+    /// replica that died waits before another may take it.
+    #[serde(default, with = "opt_duration")]
+    pub claim_lease: Option<Duration>,
     /// Worker selection: first_available, least_loaded, round_robin,
     /// most_capacity, affinity.
     pub selection: Option<WorkerSelection>,
@@ -775,6 +779,16 @@ fn apply_engine(e: &mut EngineConfig, f: &FileEngine) -> Result<(), ConfigError>
     set(&mut e.heartbeat_timeout, f.heartbeat_timeout);
     set(&mut e.reconnect_grace, f.reconnect_grace);
     set(&mut e.claim_interval, f.claim_interval);
+    if let Some(lease) = f.claim_lease {
+        if lease < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "engine.claim_lease",
+                format!("is {lease:?}"),
+                "at least 1s",
+            ));
+        }
+        e.claim_lease = lease;
+    }
     set(&mut e.selection, f.selection);
     if let Some(p) = &f.provider_preference {
         e.provider_preference = p.iter().map(|s| s.as_str().into()).collect();
@@ -871,6 +885,7 @@ mod tests {
             ephemeral = false
             [engine]
             dispatch_timeout = "2s"
+            claim_lease = "5s"
             retry_base = "100ms"
             retry_jitter = 0.0
             [runtime]
@@ -887,6 +902,7 @@ mod tests {
         assert_eq!(c.providers[0].max_workers, 3);
         assert!(!c.providers[0].ephemeral);
         assert_eq!(c.runtime.engine.dispatch_timeout, Duration::from_secs(2));
+        assert_eq!(c.runtime.engine.claim_lease, Duration::from_secs(5));
         assert_eq!(c.runtime.engine.retry.base, Duration::from_millis(100));
         assert_eq!(c.runtime.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(c.runtime.limits.max_timeout_secs, 60);

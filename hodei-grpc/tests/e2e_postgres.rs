@@ -45,6 +45,7 @@ dispatch_timeout = "5s"
 heartbeat_timeout = "5s"
 reconnect_grace = "10s"
 claim_interval = "200ms"
+claim_lease = "5s"
 retry_base = "200ms"
 retry_cap = "1s"
 retry_jitter = 0.0

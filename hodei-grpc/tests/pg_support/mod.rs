@@ -749,3 +749,151 @@ pub fn retried(jobs: &BTreeMap<String, proto::Job>) -> Vec<String> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------- failover
+
+/// A TCP proxy in front of two replicas, as a load balancer with affinity
+/// would be: each connection goes to `primary`, or to `backup` when the
+/// primary refuses it (it is dead). Agents given the proxy's URL thus
+/// reconnect to the surviving replica.
+pub struct FailoverProxy {
+    /// `127.0.0.1:PORT` of the proxy.
+    pub addr: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FailoverProxy {
+    pub async fn start(primary: String, backup: String) -> FailoverProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let (primary, backup) = (primary.clone(), backup.clone());
+                tokio::spawn(async move {
+                    let connect = |to: String| async move {
+                        tokio::time::timeout(
+                            Duration::from_secs(2),
+                            tokio::net::TcpStream::connect(to),
+                        )
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                    };
+                    let outbound = match connect(primary).await {
+                        Some(s) => Some(s),
+                        None => connect(backup).await,
+                    };
+                    if let Some(mut outbound) = outbound {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        FailoverProxy { addr, task }
+    }
+
+    /// `http://ADDR`, for `advertise_url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FailoverProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Worker ids of the agents a local provider started (their log files in
+/// its state dir).
+pub fn workers_in(state_dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(state_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".log").map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every event of the audit trail (all pages).
+pub async fn all_events(client: &Client) -> Vec<proto::Event> {
+    let mut out: Vec<proto::Event> = Vec::new();
+    loop {
+        let page = client
+            .audit()
+            .query(proto::AuditQueryRequest {
+                limit: 1000,
+                offset: out.len() as u32,
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_inner();
+        if page.events.is_empty() {
+            return out;
+        }
+        out.extend(page.events);
+    }
+}
+
+/// The checks of [`check_jobs`] from one read of the whole audit trail
+/// (for thousands of jobs): each of `ids` has its events, in sequence
+/// order, starting with `JobCreated`, all with the job's one correlation id
+/// and an actor, one `JobStarted` per attempt, and exactly one terminal
+/// event. Returns the number of jobs per terminal event type.
+pub async fn check_events_bulk(client: &Client, ids: &[String]) -> BTreeMap<String, usize> {
+    let events = all_events(client).await;
+    let mut per_job: BTreeMap<&str, Vec<&proto::Event>> = BTreeMap::new();
+    let mut last_seq = 0;
+    for e in &events {
+        assert!(e.sequence > last_seq, "sequences not increasing at {e:?}");
+        last_seq = e.sequence;
+        assert!(
+            !e.correlation_id.is_empty() && !e.actor.is_empty(),
+            "event without correlation id or actor: {e:?}"
+        );
+        if e.aggregate_type == "job" {
+            per_job.entry(&e.aggregate_id).or_default().push(e);
+        }
+    }
+    let mut ends: BTreeMap<String, usize> = BTreeMap::new();
+    for id in ids {
+        let evs = per_job
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("job {id} has no events"));
+        let types: Vec<&str> = evs.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types[0], "JobCreated", "job {id}: {types:?}");
+        let corr = &evs[0].correlation_id;
+        assert!(
+            evs.iter().all(|e| &e.correlation_id == corr),
+            "job {id}: several correlation ids"
+        );
+        let mut started = BTreeSet::new();
+        for e in evs.iter().filter(|e| e.event_type == "JobStarted") {
+            let attempt = crate::e2e_support::payload(e)["attempt"]
+                .as_u64()
+                .expect("attempt");
+            assert!(
+                started.insert(attempt),
+                "job {id}: attempt {attempt} started twice"
+            );
+        }
+        let terminal: Vec<&&str> = types
+            .iter()
+            .filter(|t| ["JobSucceeded", "JobFailed", "JobTimedOut", "JobCancelled"].contains(t))
+            .collect();
+        assert_eq!(terminal.len(), 1, "job {id}: {types:?}");
+        *ends.entry(terminal[0].to_string()).or_default() += 1;
+    }
+    ends
+}
