@@ -1464,7 +1464,7 @@ impl Driver {
                 let r = self
                     .retry_store(|s| {
                         let (job, events) = (job.clone(), events.clone());
-                        async move { s.jobs.create(&job, events).await }
+                        async move { create_job(&s, &job, events).await }
                     })
                     .await;
                 created = Some(match r {
@@ -1492,7 +1492,7 @@ impl Driver {
                 let _ = self
                     .retry_store(|s| {
                         let (job, events) = (job.clone(), events.clone());
-                        async move { s.jobs.create(&job, events).await }
+                        async move { create_job(&s, &job, events).await }
                     })
                     .await;
             }
@@ -1810,6 +1810,23 @@ impl Driver {
                 other => return other,
             }
         }
+    }
+}
+
+/// Stores a new job. A retry after a create whose commit happened but
+/// whose answer was lost (the database went away) finds the job already
+/// there: that is this create's own, done (job ids are random v4 UUIDs).
+async fn create_job(
+    s: &Stores,
+    job: &Job,
+    events: Vec<DomainEvent>,
+) -> Result<Created, StoreError> {
+    match s.jobs.create(job, events).await {
+        Err(StoreError::AlreadyExists(m)) => match s.jobs.get(job.id).await? {
+            Some(_) => Ok(Created::New(Vec::new())),
+            None => Err(StoreError::AlreadyExists(m)),
+        },
+        other => other,
     }
 }
 

@@ -42,8 +42,13 @@ pub(crate) fn store_err(e: sqlx::Error) -> StoreError {
             // unique_violation
             Some("23505") => StoreError::AlreadyExists(db.message().to_owned()),
             // serialization_failure, deadlock_detected, admin shutdown,
-            // cannot_connect_now, too_many_connections
+            // crash shutdown, cannot_connect_now, too_many_connections,
+            // and the connection_exception class (08xxx): the database
+            // restarts or the connection was lost; retry.
             Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300") => {
+                StoreError::Unavailable(db.message().to_owned())
+            }
+            Some(code) if code.starts_with("08") => {
                 StoreError::Unavailable(db.message().to_owned())
             }
             _ => StoreError::Other(e.to_string()),
