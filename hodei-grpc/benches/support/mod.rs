@@ -26,10 +26,10 @@ use hodei_core::ports::{
     Claim, Created, EventLog, JobFilter, JobPage, JobQueue, JobStore, LogLine, LogStore,
     NewLogLine, RequestContext, StoreError, TokenRejection, WorkerRegistry,
 };
-use hodei_core::time::Timestamp;
-use hodei_core::worker::Worker;
 use hodei_core::runtime::{ControlPlane, Stores};
 use hodei_core::spec::RawJobSpec;
+use hodei_core::time::Timestamp;
+use hodei_core::worker::Worker;
 use hodei_core::worker::WorkerState;
 use hodei_grpc::config::{ProviderSettings, ServerConfig, StoreBackend};
 use hodei_grpc::proto;
@@ -268,7 +268,7 @@ impl StoreTiming {
             })
             .filter(|(_, n, _)| *n > 0)
             .collect();
-        rows.sort_by(|a, b| b.2.cmp(&a.2));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.2));
         let jobs = jobs.max(1) as f64;
         let (calls, time) = rows
             .iter()
@@ -316,7 +316,12 @@ impl JobQueue for QueueProbe {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        timed(&self.timing, "queue.claim", self.inner.claim(owner, now, limit, lease)).await
+        timed(
+            &self.timing,
+            "queue.claim",
+            self.inner.claim(owner, now, limit, lease),
+        )
+        .await
     }
 
     async fn release(&self, id: JobId, owner: &str) -> Result<(), StoreError> {
@@ -328,7 +333,12 @@ impl JobQueue for QueueProbe {
     }
 
     async fn overdue(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
-        timed(&self.timing, "queue.overdue", self.inner.overdue(now, limit)).await
+        timed(
+            &self.timing,
+            "queue.overdue",
+            self.inner.overdue(now, limit),
+        )
+        .await
     }
 }
 
@@ -345,11 +355,21 @@ impl EventLog for EventLogProbe {
     }
 
     async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError> {
-        timed(&self.timing, "events.read_after", self.inner.read_after(after, limit)).await
+        timed(
+            &self.timing,
+            "events.read_after",
+            self.inner.read_after(after, limit),
+        )
+        .await
     }
 
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
-        timed(&self.timing, "events.job_events", self.inner.job_events(job)).await
+        timed(
+            &self.timing,
+            "events.job_events",
+            self.inner.job_events(job),
+        )
+        .await
     }
 }
 
