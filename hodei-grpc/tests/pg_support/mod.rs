@@ -740,9 +740,12 @@ pub fn retried(jobs: &BTreeMap<String, proto::Job>) -> Vec<String> {
             let how: Vec<String> = j
                 .attempts
                 .iter()
-                .map(|a| match &a.failure {
-                    Some(f) => format!("{}:{} ({})", a.number, f.kind, f.message),
-                    None => format!("{}:{}", a.number, a.outcome),
+                .map(|a| {
+                    let on = a.worker_id.as_deref().unwrap_or("-");
+                    match &a.failure {
+                        Some(f) => format!("{}:{} ({}) on {on}", a.number, f.kind, f.message),
+                        None => format!("{}:{} on {on}", a.number, a.outcome),
+                    }
                 })
                 .collect();
             format!("{} {}", j.job_id, how.join(", "))
