@@ -101,6 +101,11 @@ async fn run() -> Result<()> {
         bus.killed,
         bus.listener_connects
     );
+    println!(
+        "  catch-up: a new subscriber read the {} stored events at {:.0} events/s",
+        bus.caught,
+        bus.caught as f64 / bus.catch_up_secs
+    );
     if bus.lost > 0 {
         println!(
             "  LOST sequences: {} (last appended {}, bus horizon at the end {})",
@@ -164,6 +169,7 @@ async fn durable_jobs(jobs: usize) -> Result<Durable> {
         })
         .await;
         let before = xact_commit(&mut stats).await?;
+        let calls = probed.timing.snapshot();
         let t0 = Instant::now();
         submit_all(&cp, jobs).await?;
         probed
@@ -173,6 +179,8 @@ async fn durable_jobs(jobs: usize) -> Result<Durable> {
             })
             .await?;
         let end = probed.jobs.last_terminal().unwrap_or_else(Instant::now);
+        println!("\nhodei on PostgreSQL, {jobs} jobs:");
+        probed.timing.print_since(&calls, jobs);
         let secs = end.saturating_duration_since(t0).as_secs_f64();
         let succeeded = probed
             .jobs
@@ -335,6 +343,8 @@ struct Bus {
     killed: i64,
     listener_connects: u64,
     horizon: u64,
+    caught: usize,
+    catch_up_secs: f64,
     last_appended: u64,
     missing_ranges: String,
 }
@@ -366,7 +376,7 @@ fn bus_event(i: usize) -> DomainEvent {
         Actor::system("bench"),
         EventBody::ProviderHealthChanged {
             provider: ProviderId::new("bench"),
-            healthy: i % 2 == 0,
+            healthy: i.is_multiple_of(2),
             message: format!("event {i}"),
         },
     )
@@ -397,10 +407,10 @@ async fn bus_throughput(total: usize) -> Result<Bus> {
                     Ok(None) => return Err(anyhow!("subscription ended")),
                     Err(_) => break,
                 }
-                if received.len() >= total / 2 {
-                    if let Some(tx) = half_tx.take() {
-                        let _ = tx.send(());
-                    }
+                if received.len() >= total / 2
+                    && let Some(tx) = half_tx.take()
+                {
+                    let _ = tx.send(());
                 }
             }
             Ok((received, Instant::now()))
@@ -457,6 +467,17 @@ async fn bus_throughput(total: usize) -> Result<Bus> {
             last = *seq;
         }
         let lost = appended.difference(&seen).count();
+        // The delivery side alone: a new subscriber reads the backlog.
+        let t = Instant::now();
+        let mut catch_up = store.subscribe(start_after);
+        let mut caught = 0;
+        while caught < received.len() {
+            match tokio::time::timeout(STALL, catch_up.next()).await {
+                Ok(Some(Ok(_))) => caught += 1,
+                _ => break,
+            }
+        }
+        let catch_up_secs = t.elapsed().as_secs_f64();
         let missing: Vec<u64> = ids
             .iter()
             .filter(|(_, id)| !seen.contains(id))
@@ -473,6 +494,8 @@ async fn bus_throughput(total: usize) -> Result<Bus> {
             killed,
             listener_connects: store.bus_stats().listener_connects,
             horizon: store.bus_stats().horizon,
+            caught,
+            catch_up_secs,
             last_appended: ids.last().map_or(0, |(seq, _)| *seq),
             missing_ranges,
         })

@@ -216,14 +216,12 @@ async fn one_run(store: &'static str, stores: Stores, lines: u64) -> Result<Repo
                 problems.push(format!("store sequence {} after {expected}", line.seq));
             }
             let number: Option<u64> = line.text.parse().ok();
-            if number != Some(expected) || line.text.len() != 99 {
-                if problems.len() < 10 {
-                    problems.push(format!(
-                        "line {} holds {:?}, expected the number {expected}",
-                        line.seq,
-                        &line.text[..line.text.len().min(40)]
-                    ));
-                }
+            if (number != Some(expected) || line.text.len() != 99) && problems.len() < 10 {
+                problems.push(format!(
+                    "line {} holds {:?}, expected the number {expected}",
+                    line.seq,
+                    &line.text[..line.text.len().min(40)]
+                ));
             }
             expected += 1;
         }

@@ -11,7 +11,8 @@
 //!   starting the container);
 //! - `requested → READY`: WorkerProvisioningRequested → WorkerReady (the
 //!   agent started, connected, registered with its one-time token);
-//! and per job `submit → RUNNING stored` (client clock): the cold start.
+//!
+//! And per job `submit → RUNNING stored` (client clock): the cold start.
 //!
 //! Providers: local (real `hodei-worker` processes; N=100) and Docker
 //! (N=30) when `docker info` works and `hodei-worker:latest` exists (or

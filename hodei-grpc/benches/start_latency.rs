@@ -22,7 +22,9 @@
 //! - `JobCreated → JobStarted`: the events' `occurred_at` (server clock).
 //!
 //! `cargo bench -p hodei-grpc --bench start_latency` (2000 jobs per case;
-//! `HODEI_BENCH_JOBS=N` to change); without `--bench` a smoke pass.
+//! `HODEI_BENCH_JOBS=N` to change, `HODEI_BENCH_STORES=memory|postgres` and
+//! `HODEI_BENCH_PROVIDERS=inprocess|local` to run some cases only); without
+//! `--bench` a smoke pass.
 
 mod support;
 
@@ -69,13 +71,32 @@ async fn run() -> Result<()> {
          reusable workers (max {MAX_WORKERS}); goal: memory p50 <= 5 ms, p99 <= 20 ms; \
          PostgreSQL p50 <= 10 ms"
     );
+    let stores = std::env::var("HODEI_BENCH_STORES").unwrap_or_default();
+    let providers = std::env::var("HODEI_BENCH_PROVIDERS").unwrap_or_default();
+    let pick =
+        |list: &str, name: &str| list.is_empty() || list.split(',').any(|s| s.trim() == name);
+    let kinds: Vec<ProviderKind> = [ProviderKind::Inprocess, ProviderKind::Local]
+        .into_iter()
+        .filter(|k| {
+            pick(
+                &providers,
+                if *k == ProviderKind::Local {
+                    "local"
+                } else {
+                    "inprocess"
+                },
+            )
+        })
+        .collect();
     let mut summary = Vec::new();
-    for kind in [ProviderKind::Inprocess, ProviderKind::Local] {
+    for kind in kinds.iter().copied().filter(|_| pick(&stores, "memory")) {
         let rows = case("memory", Stores::memory(), kind, n, warmup).await?;
         summary.extend(rows);
     }
-    if support::pg_base_url().is_some() {
-        for kind in [ProviderKind::Inprocess, ProviderKind::Local] {
+    if !pick(&stores, "postgres") {
+        println!("\nPostgreSQL: skipped (HODEI_BENCH_STORES={stores})");
+    } else if support::pg_base_url().is_some() {
+        for kind in kinds.iter().copied() {
             let Some(db) = support::fresh_database("start").await? else {
                 break;
             };

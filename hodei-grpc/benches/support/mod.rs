@@ -112,6 +112,9 @@ pub fn print_header(bench: &str) {
             "smoke run (no --bench)"
         }
     );
+    if listener_nodelay() {
+        println!("experiment: TCP_NODELAY set on the server's listening socket");
+    }
 }
 
 // ----- figures ----------------------------------------------------------------
@@ -751,10 +754,30 @@ pub async fn start_server(
         ..ServerConfig::default()
     };
     config.runtime.server_id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let grpc = listener()?;
     server::start(Listeners { grpc, http: None }, config)
         .await
         .map_err(|e| anyhow!("server did not start: {e}"))
+}
+
+/// `HODEI_BENCH_LISTENER_NODELAY=1`: TCP_NODELAY on the listening socket.
+pub fn listener_nodelay() -> bool {
+    std::env::var("HODEI_BENCH_LISTENER_NODELAY").is_ok_and(|v| v == "1")
+}
+
+/// The gRPC listener on 127.0.0.1, port 0. With [`listener_nodelay`],
+/// TCP_NODELAY is set on the listening socket; Linux copies it to the
+/// sockets `accept` returns, so the server's side of every connection
+/// sends without Nagle's delay although the server does not set it (an
+/// experiment, to see what the option would change).
+fn listener() -> Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    if listener_nodelay() {
+        socket.set_nodelay(true)?;
+    }
+    socket.bind("127.0.0.1:0".parse()?)?;
+    Ok(socket.listen(1024)?)
 }
 
 /// A provider of `kind` named after it with this pool.
