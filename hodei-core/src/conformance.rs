@@ -8,7 +8,7 @@
 //! the first broken promise. [`store_conformance_tests!`] turns the whole
 //! list into `#[tokio::test]`s given an async fixture:
 //!
-//! ```ignore
+//! ```text
 //! async fn fixture() -> Option<(Arc<MemoryStore>, ())> {
 //!     Some((Arc::new(MemoryStore::new()), ()))
 //! }
