@@ -62,7 +62,7 @@ async fn run() -> Result<()> {
     .await?;
 
     if n_docker == 0 {
-        println!("\ndocker: skipped (smoke run; HODEI_BENCH_DOCKER_WORKERS=N to run it)");
+        println!("\ndocker: skipped (HODEI_BENCH_DOCKER_WORKERS=0, or a smoke run)");
         return Ok(());
     }
     match docker_setup() {
