@@ -14,11 +14,14 @@
 //! 2. **Event bus.** Events/s delivered to a `PgStore` subscriber while
 //!    another task appends events in batches of 100, with the `LISTEN`
 //!    connection killed (`pg_terminate_backend`) half way through; every
-//!    appended event must arrive exactly once, in sequence order.
+//!    appended event must arrive exactly once, in sequence order. Then the
+//!    same with 4 appending tasks (concurrent writers), and, for the
+//!    delivery side alone, a new subscriber reading the stored backlog.
 //!
 //! `cargo bench -p hodei-grpc --bench durable_throughput`
-//! (`HODEI_BENCH_JOBS`, `HODEI_BENCH_EVENTS`, `HODEI_BENCH_PGBENCH_SECS`);
-//! without `--bench` a smoke pass.
+//! (`HODEI_BENCH_JOBS`, `HODEI_BENCH_EVENTS`, `HODEI_BENCH_PGBENCH_SECS`;
+//! `HODEI_BENCH_PARTS=jobs` or `bus` for one part); without `--bench` a
+//! smoke pass.
 
 mod support;
 
@@ -38,6 +41,8 @@ use hodei_grpc::config::ProviderKind;
 use sqlx::Connection;
 
 const CLIENTS: usize = 8;
+/// Appending tasks of the second event bus run (concurrent writers).
+const BUS_WRITERS: usize = 4;
 /// The subscriber gives up after this long without an event.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -56,6 +61,21 @@ async fn run() -> Result<()> {
     let pgbench_secs = support::size("HODEI_BENCH_PGBENCH_SECS", 15, 2);
     println!("goals: jobs/s >= half the pgbench ceiling; event bus >= 20,000 events/s with 0 lost");
 
+    let parts = std::env::var("HODEI_BENCH_PARTS").unwrap_or_default();
+    let part = |name: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == name);
+    if part("jobs") {
+        jobs_vs_pgbench(jobs, pgbench_secs).await?;
+    }
+    if part("bus") {
+        for writers in [1, BUS_WRITERS] {
+            let bus = bus_throughput(events, writers).await?;
+            print_bus(&bus, writers);
+        }
+    }
+    Ok(())
+}
+
+async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
     let hodei = durable_jobs(jobs).await?;
     let ceiling = pgbench_ceiling(pgbench_secs).await;
     println!();
@@ -85,9 +105,15 @@ async fn run() -> Result<()> {
         Err(e) => println!("  pgbench: not measured: {e:#}"),
     }
 
-    let bus = bus_throughput(events).await?;
+    Ok(())
+}
+
+fn print_bus(bus: &Bus, writers: usize) {
     println!();
-    println!("event bus (PgStore subscriber, appends of 100 events, LISTEN killed half way):");
+    println!(
+        "event bus (PgStore subscriber; {writers} task(s) appending batches of 100 events; \
+         LISTEN killed half way):"
+    );
     println!(
         "  {:>8.0} events/s delivered  ({} events in {:.2} s; appends alone {:.0} events/s); \
          lost {}, duplicated {}, out of order {}; LISTEN backends killed {}, listener connects {}",
@@ -112,7 +138,6 @@ async fn run() -> Result<()> {
             bus.missing_ranges, bus.last_appended, bus.horizon
         );
     }
-    Ok(())
 }
 
 struct Durable {
@@ -382,7 +407,7 @@ fn bus_event(i: usize) -> DomainEvent {
     )
 }
 
-async fn bus_throughput(total: usize) -> Result<Bus> {
+async fn bus_throughput(total: usize, writers: usize) -> Result<Bus> {
     const BATCH: usize = 100;
     let db = support::fresh_database("bus")
         .await?
@@ -419,21 +444,23 @@ async fn bus_throughput(total: usize) -> Result<Bus> {
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         let t0 = Instant::now();
-        let appender = {
+        let mut appenders = Vec::new();
+        for a in 0..writers {
             let store = store.clone();
-            tokio::spawn(async move {
-                let mut ids = Vec::with_capacity(total);
+            let mine = total / writers + usize::from(a < total % writers);
+            appenders.push(tokio::spawn(async move {
+                let mut ids = Vec::with_capacity(mine);
                 let mut i = 0;
-                while i < total {
-                    let n = BATCH.min(total - i);
+                while i < mine {
+                    let n = BATCH.min(mine - i);
                     let batch: Vec<DomainEvent> = (i..i + n).map(bus_event).collect();
                     let stored = store.append(batch).await?;
                     ids.extend(stored.into_iter().map(|e| (e.sequence, e.event_id)));
                     i += n;
                 }
                 Ok::<_, anyhow::Error>((ids, Instant::now()))
-            })
-        };
+            }));
+        }
         // Half way: kill the LISTEN connection.
         let killed = match half_rx.await {
             Ok(()) => {
@@ -450,7 +477,14 @@ async fn bus_throughput(total: usize) -> Result<Bus> {
             }
             Err(_) => 0,
         };
-        let (ids, appended_at) = appender.await??;
+        let mut ids = Vec::with_capacity(total);
+        let mut appended_at = t0;
+        for a in appenders {
+            let (mine, at) = a.await??;
+            ids.extend(mine);
+            appended_at = appended_at.max(at);
+        }
+        ids.sort_unstable();
         let (received, done_at) = subscriber.await??;
         let appended: HashSet<EventId> = ids.iter().map(|(_, id)| *id).collect();
         let mut seen = HashSet::with_capacity(received.len());
