@@ -7,34 +7,69 @@
 //! delivered 11 as soon as it saw it, then moved its cursor past 10, would
 //! skip 10 forever. So subscribers never read past a *safe horizon* `H`: a
 //! sequence such that every event `<= H` that will ever commit is already
-//! visible.
+//! visible (committed events `<= H` are all visible, and no transaction that
+//! could still commit one is in progress).
 //!
-//! One task per store computes it, by polling:
+//! ## How it is computed: the writers of `events`
+//! One task per store polls; each poll is one round trip of two statements,
+//! executed in this order:
 //! 1. `S = pg_sequence_last_value(events seq)`: every sequence drawn so far
 //!    is `<= S` (the sequence has CACHE 1, so no backend holds drawn-ahead
-//!    values).
-//! 2. Then (a later statement) a snapshot's `xmax`: every transaction that
-//!    drew a sequence `<= S` had a transaction id below it, because writers
-//!    take their transaction id before drawing (they write the job row, or
-//!    call `pg_current_xact_id()`, first).
-//! 3. When a snapshot's `xmin` (oldest transaction still running) reaches
-//!    that `xmax`, all of those transactions have ended, so `S` is safe.
-//!    When the database is idle, `xmin == xmax` in the very same snapshot
-//!    and `S` is safe at once.
-//! 4. `xmin` is held back by *any* open transaction of the cluster (another
-//!    application's, an idle-in-transaction psql session). So the same
-//!    statement also lists the transactions holding `RowExclusiveLock` on
-//!    `events` from `pg_locks`: a writer takes that lock before it draws a
-//!    sequence and keeps it until it ends, so once none of the writers
-//!    listed with the candidate holds it any more, `S` is safe too. Only
-//!    Hodei's own, short, event-writing transactions then delay delivery.
-//!    (Prepared 2PC transactions change identity, so while one holds the
-//!    table only rule 3 is used.)
+//!    values, and `nextval` updates the value under a buffer lock that this
+//!    read also takes).
+//! 2. `W` = the transactions holding a granted `RowExclusiveLock` on
+//!    `events` (from `pg_locks`), by virtual transaction id, with their
+//!    transaction ids.
 //!
+//! `(S, W)` is a *candidate*. It becomes the horizon once a later poll finds
+//! none of the transactions of `W` holding the lock any more. Why that is
+//! safe, for a transaction `T` that drew a sequence `v <= S`:
+//! - `T` drew `v` before `S` was read (step 1), and took `RowExclusiveLock`
+//!   on `events` before it drew: the sequence is the column default of
+//!   `INSERT INTO events`, evaluated by the executor after the table was
+//!   locked (at parse time, or when a cached plan is revalidated). Nothing
+//!   else draws from this sequence.
+//! - A lock is held until the transaction ends, and it is released only
+//!   after the commit is visible to new snapshots (PostgreSQL's
+//!   `CommitTransaction` calls `ProcArrayEndTransaction` before it releases
+//!   locks); a rolled-back `T` leaves a gap that will never fill. (A lock
+//!   taken in a subtransaction is released early only when that
+//!   subtransaction aborts, and its sequences with it.)
+//! - So when step 2 runs, `T` has either ended (its events are visible to
+//!   every later statement, or were rolled back) or is listed in `W`; and
+//!   when a later poll no longer lists it, it has ended. Virtual
+//!   transaction ids are never reused (PostgreSQL keeps the per-backend
+//!   counter across backends), so "not listed" means "ended" — except that
+//!   `PREPARE TRANSACTION` hands the locks to a new virtual id (`pid` is
+//!   then NULL). A prepared transaction keeps its transaction id, so a
+//!   writer also counts as open while a writer with one of its transaction
+//!   ids is listed; a writer listed before it had a transaction id (one
+//!   is assigned at its first write, which can come after its first draw)
+//!   counts as open while any prepared writer holds the table.
+//!
+//! Candidates are kept oldest first; each poll accepts the leading ones whose
+//! writers have all ended and publishes the newest accepted `S`. With no
+//! writer at all, the candidate is accepted by the very poll that took it.
+//!
+//! Only transactions that write `events` delay the horizon, each until it
+//! ends: an unrelated open transaction (another application, an idle psql
+//! session) does not, however old. The bus therefore never stalls on a gap
+//! left by a rolled-back transaction (its writer has ended), and never
+//! declares a horizon over an open writer's sequences.
+//!
+//! (An earlier version also accepted a candidate once `pg_snapshot_xmin`
+//! reached the `pg_snapshot_xmax` of a snapshot taken with it. That is
+//! wrong: `xmax` is *latest completed xid + 1*, so the newest running
+//! transaction is neither in the snapshot nor below its `xmin`, and
+//! subscribers skipped events of still-open writers.)
+//!
+//! ## Wake-ups
 //! `NOTIFY hodei_events` (payload: the committed sequence, never the event)
-//! wakes the task early; while a candidate waits for open transactions the
-//! task polls every `bus_busy_poll`, otherwise every `bus_idle_poll` as a
-//! safety net for lost notifications. The `LISTEN` connection has its own
+//! wakes the task early; notifications that queued up during a poll are
+//! folded into one poll. While a candidate waits for writers the task polls
+//! every `bus_busy_poll` (a writer that drew nothing, such as a purge, ends
+//! without a notification), otherwise every `bus_idle_poll` as a safety net
+//! for lost notifications. The `LISTEN` connection has its own
 //! one-connection pool; when it drops (network, `pg_terminate_backend`) it
 //! is re-established with exponential backoff, and since subscribers read
 //! the table, nothing committed meanwhile is lost.
@@ -47,8 +82,8 @@ use std::time::Duration;
 use futures::stream::{self, BoxStream, StreamExt};
 use hodei_core::event::DomainEvent;
 use hodei_core::ports::{EventSubscription, StoreError};
-use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgNotification, PgPoolOptions};
+use sqlx::{PgPool, Row};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 use crate::error::{store_err, to_u64};
@@ -56,8 +91,8 @@ use crate::events::{EVENTS_CHANNEL, read_range};
 use crate::logs::LOGS_CHANNEL;
 use crate::{BusStats, PgStore, PgStoreOptions};
 
-/// Events read per page by a subscriber.
-const PAGE: usize = 500;
+/// Events read per page by a subscriber (one round trip each).
+const PAGE: usize = 2000;
 /// Candidates kept while waiting for open transactions; beyond it the
 /// newest is replaced (that only delays it).
 const MAX_CANDIDATES: usize = 64;
@@ -193,10 +228,9 @@ struct Subscriber {
     store: PgStore,
     /// Last sequence delivered (or the subscription's `after`).
     cursor: u64,
-    /// Horizon up to which the table has been read. Reads start at the
-    /// cursor, not here: an empty range is not skipped for good, so even a
-    /// horizon that were ever too optimistic would delay an event rather
-    /// than lose it.
+    /// Horizon up to which the table has been read: every event up to it
+    /// that will ever be visible has been buffered or delivered. Reads
+    /// start at the cursor.
     scanned: u64,
     buffer: VecDeque<(u64, Result<DomainEvent, StoreError>)>,
     horizon: watch::Receiver<u64>,
@@ -325,6 +359,13 @@ fn note_of(n: &PgNotification) -> Note {
     }
 }
 
+/// What the horizon task does after a note.
+enum Step {
+    Poll,
+    Wait,
+    Stop,
+}
+
 /// Computes the safe horizon and publishes it.
 struct Horizon {
     pool: PgPool,
@@ -366,86 +407,82 @@ impl Horizon {
                 }
             }
             // Wait for a reason to poll again. Without a listener, or while
-            // a candidate waits for open transactions, poll briskly.
+            // a candidate waits for open transactions, poll briskly. The
+            // period counts from here, not from the last note: a stream of
+            // log notifications must not postpone the poll.
+            let since = tokio::time::Instant::now();
             loop {
                 let period = if self.candidates.is_empty() && listening {
                     self.idle_poll
                 } else {
                     self.busy_poll
                 };
-                tokio::select! {
-                    _ = shutdown.changed() => return,
-                    _ = self.wake.notified() => break,
-                    _ = tokio::time::sleep(period) => break,
-                    note = notes.recv() => match note {
-                        None => return,
-                        Some(Note::Events(Some(seq))) if seq <= self.horizon => {}
-                        Some(Note::Events(_)) => break,
-                        Some(Note::Log(wake)) => {
-                            let _ = self.logs.send(wake);
-                        }
-                        Some(Note::Connected) => {
-                            listening = true;
-                            let _ = self.logs.send(LogWake::All);
-                            break;
-                        }
-                        Some(Note::Lost) => listening = false,
-                    },
+                let step = tokio::select! {
+                    _ = shutdown.changed() => Step::Stop,
+                    _ = self.wake.notified() => Step::Poll,
+                    _ = tokio::time::sleep_until(since + period) => Step::Poll,
+                    note = notes.recv() => self.take(note, &mut listening),
+                };
+                match step {
+                    Step::Stop => return,
+                    Step::Poll => break,
+                    Step::Wait => {}
                 }
+            }
+            // Fold the notes that queued up meanwhile (commits during the
+            // last poll) into this one poll.
+            loop {
+                let note = match notes.try_recv() {
+                    Ok(note) => Some(note),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                };
+                if let Step::Stop = self.take(note, &mut listening) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles a note of the listener task: whether it calls for a poll.
+    fn take(&mut self, note: Option<Note>, listening: &mut bool) -> Step {
+        match note {
+            None => Step::Stop,
+            // Committed at or below the horizon: that writer was not one
+            // a candidate waits for (a horizon covers only ended writers).
+            Some(Note::Events(Some(seq))) if seq <= self.horizon => Step::Wait,
+            Some(Note::Events(_)) => Step::Poll,
+            Some(Note::Log(wake)) => {
+                let _ = self.logs.send(wake);
+                Step::Wait
+            }
+            Some(Note::Connected) => {
+                *listening = true;
+                let _ = self.logs.send(LogWake::All);
+                Step::Poll
+            }
+            Some(Note::Lost) => {
+                *listening = false;
+                Step::Wait
             }
         }
     }
 
     /// One step of the horizon (see the module documentation).
     async fn poll(&mut self) -> Result<(), StoreError> {
-        let last: Option<i64> = sqlx::query_scalar(
-            "SELECT pg_sequence_last_value(pg_get_serial_sequence('events', 'sequence')::regclass)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(store_err)?;
-        let last = last.map_or(0, to_u64);
-        // A separate, later statement: its snapshot and its view of the
-        // locks are taken after `last` was read.
-        // Writers are listed by virtual transaction id; a prepared (2PC)
-        // transaction changes id when it prepares (its `pid` is then NULL),
-        // so while one holds the table only the xmin rule is trusted.
-        let (xmin, xmax, writers, prepared): (String, String, Vec<String>, bool) = sqlx::query_as(
-            "WITH w AS (SELECT virtualtransaction AS vxid, pid FROM pg_locks \
-                            WHERE locktype = 'relation' AND granted \
-                              AND mode = 'RowExclusiveLock' \
-                              AND relation = 'events'::regclass \
-                              AND database = (SELECT oid FROM pg_database \
-                                              WHERE datname = current_database())) \
-                 SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, \
-                        ARRAY(SELECT vxid FROM w), EXISTS (SELECT 1 FROM w WHERE pid IS NULL) \
-                 FROM pg_current_snapshot() AS s",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(store_err)?;
-        let parse = |x: &str| {
-            x.parse::<u64>()
-                .map_err(|_| StoreError::Other(format!("unexpected transaction id {x:?}")))
-        };
-        let (xmin, xmax) = (parse(&xmin)?, parse(&xmax)?);
-        let writers: BTreeSet<String> = writers.into_iter().collect();
-
+        let (last, writers) = self.read_writers().await?;
         let newest = self.candidates.back().map_or(self.horizon, |c| c.sequence);
         if last > newest {
             if self.candidates.len() >= MAX_CANDIDATES {
+                // Replacing the newest only delays it: the new candidate
+                // covers its sequences with writers listed later.
                 self.candidates.pop_back();
             }
-            self.candidates.push_back(Candidate {
-                sequence: last,
-                xmax,
-                writers: writers.clone(),
-            });
+            self.candidates.push_back(Candidate::new(last, &writers));
         }
         let mut horizon = self.horizon;
         while let Some(c) = self.candidates.front() {
-            let all_ended = xmin >= c.xmax || (!prepared && c.writers.is_disjoint(&writers));
-            if !all_ended {
+            if !c.ended(&writers) {
                 break;
             }
             horizon = horizon.max(c.sequence);
@@ -458,17 +495,109 @@ impl Horizon {
         }
         Ok(())
     }
+
+    /// Steps 1 and 2 of the module documentation, in one round trip: the
+    /// statements of a simple query run in order, so the locks are listed
+    /// after the sequence was read.
+    async fn read_writers(&self) -> Result<(u64, Vec<Writer>), StoreError> {
+        let rows = sqlx::raw_sql(WRITERS_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_err)?;
+        let mut rows = rows.iter();
+        let last: Option<i64> = rows
+            .next()
+            .ok_or_else(|| StoreError::Other("event bus: no sequence row".into()))?
+            .try_get(0)
+            .map_err(store_err)?;
+        let mut writers: Vec<Writer> = Vec::new();
+        for row in rows {
+            let vxid: String = row.try_get(0).map_err(store_err)?;
+            let prepared: bool = row.try_get(1).map_err(store_err)?;
+            let xid: Option<String> = row.try_get(2).map_err(store_err)?;
+            // One row per (writer, transaction id it holds): merge them.
+            match writers.last_mut() {
+                Some(w) if w.vxid == vxid => w.xids.extend(xid),
+                _ => writers.push(Writer {
+                    vxid,
+                    prepared,
+                    xids: xid.into_iter().collect(),
+                }),
+            }
+        }
+        Ok((last.map_or(0, to_u64), writers))
+    }
 }
 
-/// A sequence waiting to become safe, with the two ways to learn that
-/// every transaction that may have drawn a sequence up to it has ended.
+/// The horizon poll. Statement 1 reads the last sequence drawn; statement
+/// 2 lists the writers of `events` with their transaction ids (a writer
+/// holds an `ExclusiveLock` on each of its own transaction ids, including
+/// those of subtransactions), one row per pair, grouped by writer.
+/// `pg_locks` is read once (materialized). A prepared transaction's locks
+/// belong to a dummy process: `pid` is NULL.
+const WRITERS_SQL: &str = "\
+SELECT pg_sequence_last_value(pg_get_serial_sequence('events', 'sequence')::regclass);
+WITH l AS MATERIALIZED (
+    SELECT locktype, virtualtransaction AS vxid, pid, transactionid
+    FROM pg_locks
+    WHERE granted AND (
+        (locktype = 'relation' AND mode = 'RowExclusiveLock'
+         AND relation = 'events'::regclass
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+        OR (locktype = 'transactionid' AND mode = 'ExclusiveLock')))
+SELECT w.vxid, w.pid IS NULL, x.transactionid::text
+FROM l AS w LEFT JOIN l AS x ON x.locktype = 'transactionid' AND x.vxid = w.vxid
+WHERE w.locktype = 'relation'
+ORDER BY w.vxid";
+
+/// A transaction holding `RowExclusiveLock` on `events`.
+struct Writer {
+    /// Virtual transaction id (`pg_locks.virtualtransaction`).
+    vxid: String,
+    /// A prepared (2PC) transaction.
+    prepared: bool,
+    /// Its transaction ids (none before its first write).
+    xids: Vec<String>,
+}
+
+/// A sequence waiting to become safe: every transaction that may have drawn
+/// a sequence up to it and may still commit is one of `vxids`.
 struct Candidate {
     /// Last sequence drawn when the candidate was taken.
     sequence: u64,
-    /// `xmax` of a snapshot taken after `sequence` was read.
-    xmax: u64,
-    /// Transactions writing to `events` at that time (virtual ids).
-    writers: BTreeSet<String>,
+    /// Writers of `events` listed after `sequence` was read.
+    vxids: BTreeSet<String>,
+    /// Their transaction ids: a writer that prepares (2PC) changes virtual
+    /// id but keeps these.
+    xids: BTreeSet<String>,
+    /// One of them had no transaction id yet: if it prepares, nothing
+    /// identifies it, so any prepared writer not listed here holds the
+    /// candidate back.
+    anonymous: bool,
+}
+
+impl Candidate {
+    fn new(sequence: u64, writers: &[Writer]) -> Self {
+        Self {
+            sequence,
+            vxids: writers.iter().map(|w| w.vxid.clone()).collect(),
+            xids: writers
+                .iter()
+                .flat_map(|w| w.xids.iter().cloned())
+                .collect(),
+            anonymous: writers.iter().any(|w| w.xids.is_empty()),
+        }
+    }
+
+    /// Whether every writer of the candidate has ended, given the writers
+    /// listed now.
+    fn ended(&self, now: &[Writer]) -> bool {
+        !now.iter().any(|w| {
+            self.vxids.contains(&w.vxid)
+                || w.xids.iter().any(|x| self.xids.contains(x))
+                || (self.anonymous && w.prepared)
+        })
+    }
 }
 
 /// Exponential backoff: `initial`, doubling, capped at `max`.

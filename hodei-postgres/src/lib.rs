@@ -35,19 +35,21 @@
 //! - **The event bus never skips an event.** Sequences are allocated before
 //!   commit, so sequence 11 can become visible before 10. A background
 //!   task per store (started by the first subscriber, beside a second one
-//!   that owns the `LISTEN` connection) maintains a *safe horizon*: it
-//!   reads the last allocated sequence `S`, then a snapshot
-//!   whose `xmax` bounds every transaction that could have allocated a
-//!   sequence up to `S`; once `pg_snapshot_xmin` of a later snapshot passes
-//!   that `xmax` — or, sooner, once every transaction that held a write
-//!   lock on `events` at that moment (from `pg_locks`) has ended, so that an
-//!   unrelated long transaction cannot stall the bus — every committed
-//!   event up to `S` is visible and no other can appear. Subscribers only
-//!   deliver events up to the horizon, in sequence order, catching up from
-//!   the table first. NOTIFY only wakes the task early; a periodic poll
-//!   covers lost notifications, and the `LISTEN` connection is
-//!   re-established with backoff when it drops (events committed meanwhile
-//!   are read from the table, so nothing is lost). See the `bus` module.
+//!   that owns the `LISTEN` connection) maintains a *safe horizon*: in one
+//!   round trip it reads the last allocated sequence `S`, then lists from
+//!   `pg_locks` the transactions holding a write lock on `events` (a writer
+//!   takes it before it draws a sequence and keeps it until it ends, and
+//!   releases it only once its commit is visible). Once none of those
+//!   transactions is listed any more, every committed event up to `S` is
+//!   visible and no other can appear, so `S` becomes the horizon. Only
+//!   transactions that write `events` delay it, each until it ends: an
+//!   unrelated long transaction does not, and a rolled-back one leaves a
+//!   gap that is passed as soon as it ends. Subscribers only deliver
+//!   events up to the horizon, in sequence order, catching up from the
+//!   table first. NOTIFY only wakes the task early; a periodic poll covers
+//!   lost notifications, and the `LISTEN` connection is re-established
+//!   with backoff when it drops (events committed meanwhile are read from
+//!   the table, so nothing is lost). See the `bus` module.
 //!   [`EventLog::read_after`] is a plain read of what is visible; use the
 //!   subscription, not `read_after`, to tail the log.
 //! - **Logs** are stored one row per appended batch (a JSON array of
