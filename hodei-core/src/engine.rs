@@ -200,6 +200,72 @@ pub struct AttemptReport {
     pub start_error: Option<String>,
 }
 
+/// Why a worker refused an attempt, as far as the engine cares.
+///
+/// A refusal for capacity or a drain gives the attempt back: the job is
+/// requeued in the same attempt ([`JobCommand::Requeue`], events
+/// `JobDispatchFailed` then `JobQueued`) instead of failing it. Any other
+/// refusal fails the attempt as [`FailureKind::DispatchFailed`] (retried by
+/// policy, like a dispatch that was never acknowledged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalCode {
+    /// No machine-readable reason (older agents, other refusals).
+    Unspecified,
+    /// Every slot of the worker is taken. The worker gets no new work
+    /// until it shows a slot may be free (a result or a heartbeat).
+    AtCapacity,
+    /// The worker drains: it is marked draining as if it had said so.
+    Draining,
+}
+
+impl RefusalCode {
+    /// Every code.
+    pub const ALL: [RefusalCode; 3] = [
+        RefusalCode::Unspecified,
+        RefusalCode::AtCapacity,
+        RefusalCode::Draining,
+    ];
+
+    /// The stable name, e.g. `at_capacity`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::Unspecified => "unspecified",
+            RefusalCode::AtCapacity => "at_capacity",
+            RefusalCode::Draining => "draining",
+        }
+    }
+
+    /// `reason` with the code in front, in the form
+    /// [`Engine::handle_refused`] reads back: `[refusal:at_capacity] worker
+    /// is at capacity (1 running)`. For shells whose refusal report carries
+    /// only text; [`RefusalCode::Unspecified`] leaves the text as it is.
+    pub fn tag(self, reason: &str) -> String {
+        match self {
+            RefusalCode::Unspecified => reason.to_owned(),
+            code => format!("{}{}] {reason}", Self::TAG_PREFIX, code.as_str()),
+        }
+    }
+
+    /// Splits a text made by [`RefusalCode::tag`] into its code and
+    /// reason; any other text is an unspecified refusal, unchanged.
+    pub fn untag(text: &str) -> (RefusalCode, &str) {
+        let Some(rest) = text.strip_prefix(Self::TAG_PREFIX) else {
+            return (RefusalCode::Unspecified, text);
+        };
+        for code in [RefusalCode::AtCapacity, RefusalCode::Draining] {
+            if let Some(reason) = rest
+                .strip_prefix(code.as_str())
+                .and_then(|r| r.strip_prefix("] "))
+            {
+                return (code, reason);
+            }
+        }
+        (RefusalCode::Unspecified, text)
+    }
+
+    const TAG_PREFIX: &'static str = "[refusal:";
+}
+
 /// A worker the engine wants created.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchRequest {
@@ -320,8 +386,25 @@ struct WorkerEntry {
     lost_at: Option<Timestamp>,
     /// When a worker still creating/connecting is given up.
     register_by: Option<Timestamp>,
+    /// It refused an attempt for capacity: no new work until it shows a
+    /// slot may be free (a result, a heartbeat, a new session).
+    saturated: bool,
     /// What [`WorkerTable`]'s indexes hold for it (maintained by the table).
     indexed: Indexed,
+}
+
+impl WorkerEntry {
+    /// Connected, READY or BUSY, and not known to be full: new work may
+    /// be sent to it (if it has a free slot).
+    fn takes_work(&self) -> bool {
+        let w = &self.worker;
+        w.connected && matches!(w.state, WorkerState::Ready | WorkerState::Busy) && !self.saturated
+    }
+
+    /// Whether it may be given `job` now ([`Worker::accepts`], unless saturated).
+    fn accepts(&self, job: JobId) -> bool {
+        !self.saturated && self.worker.accepts(job)
+    }
 }
 
 /// A worker's place in the [`WorkerTable`] indexes, as last refreshed.
@@ -348,7 +431,8 @@ struct Indexed {
 struct WorkerTable {
     map: BTreeMap<WorkerId, WorkerEntry>,
     dirty: Vec<WorkerId>,
-    /// Sum of free slots of connected, unreserved READY/BUSY workers.
+    /// Sum of free slots of connected, unreserved READY/BUSY workers
+    /// (saturated ones excluded, as everywhere below).
     free_slots: usize,
     /// Connected READY/BUSY workers with a free slot, by (jobs held, id).
     by_load: BTreeSet<(usize, WorkerId)>,
@@ -438,9 +522,8 @@ impl WorkerTable {
                 continue; // removed: unindexed then
             };
             let old = e.indexed;
+            let takes_work = e.takes_work();
             let w = &e.worker;
-            let takes_work =
-                w.connected && matches!(w.state, WorkerState::Ready | WorkerState::Busy);
             let new = Indexed {
                 dirty: false,
                 load: (takes_work && w.free_slots() > 0).then_some(w.jobs.len()),
@@ -469,9 +552,9 @@ impl WorkerTable {
     #[cfg(debug_assertions)]
     fn check(&self) {
         let (mut slots, mut loaded, mut reserved) = (0, 0, 0);
-        for w in self.map.values().map(|e| &e.worker) {
-            let takes_work =
-                w.connected && matches!(w.state, WorkerState::Ready | WorkerState::Busy);
+        for e in self.map.values() {
+            let takes_work = e.takes_work();
+            let w = &e.worker;
             if takes_work && w.reserved_for.is_none() {
                 slots += w.free_slots() as usize;
             }
@@ -489,7 +572,8 @@ impl WorkerTable {
         assert_eq!(self.reserved.len(), reserved, "reservation index size");
     }
 
-    /// Free slots of connected, unreserved READY/BUSY workers.
+    /// Free slots of connected, unreserved READY/BUSY workers that are
+    /// not saturated.
     fn free_slots(&mut self) -> usize {
         self.refresh();
         self.free_slots
@@ -504,7 +588,9 @@ impl WorkerTable {
         let reserved = self
             .reserved
             .iter()
-            .map(|id| &self.map[id].worker)
+            .map(|id| &self.map[id])
+            .filter(|e| !e.saturated)
+            .map(|e| &e.worker)
             .find(|w| w.reserved_for == Some(job) && scheduler::is_eligible(w, job, spec));
         if let Some(w) = reserved {
             return Some(w.id);
@@ -843,7 +929,9 @@ impl Engine {
 
     // ----- inputs: workers ----------------------------------------------------
 
-    /// The provider created the worker; it will now connect.
+    /// The provider created the worker; it will now connect. If its agent
+    /// registered first, `WorkerProvisioned` was recorded then and this
+    /// changes nothing: each worker gets the event exactly once.
     pub fn handle_provisioned(&mut self, now: Timestamp, worker: WorkerId) {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return;
@@ -957,12 +1045,15 @@ impl Engine {
             correlation_id: CorrelationId::new(format!("worker-{id}")),
             lost_at: None,
             register_by: None,
+            saturated: false,
             indexed: Indexed::default(),
         });
         entry.worker.connected = true;
         entry.worker.last_seen = now;
         entry.lost_at = None;
         entry.register_by = None;
+        // A new session re-syncs what it runs: its slots are as reported.
+        entry.saturated = false;
         entry.worker.labels = reg.labels.clone();
         if reg.image.is_some() {
             entry.worker.image = reg.image.clone();
@@ -1038,8 +1129,22 @@ impl Engine {
             }
         } else {
             if entry.worker.state == WorkerState::Creating {
+                // The agent registered before the provider's `create`
+                // returned: it was created all the same. The later
+                // `handle_provisioned` finds it past CREATING and records
+                // nothing, so the event is recorded exactly once.
                 let _ = entry.worker.transition(WorkerState::Connecting);
+                let provider = entry.worker.provider.clone();
+                self.record(
+                    now,
+                    &corr,
+                    EventBody::WorkerProvisioned {
+                        worker_id: id,
+                        provider,
+                    },
+                );
             }
+            let entry = self.workers.get_mut(&id).expect("inserted above");
             entry.worker.transition(WorkerState::Ready)?;
             let body = EventBody::WorkerRegistered {
                 worker_id: id,
@@ -1082,11 +1187,31 @@ impl Engine {
         Ok(())
     }
 
-    /// A sign of life.
+    /// A sign of life. A worker that refused work for capacity is offered
+    /// work again (it says nothing more precise about its slots; if it is
+    /// still full it refuses again, which costs no attempt).
     pub fn handle_heartbeat(&mut self, now: Timestamp, worker: WorkerId) {
+        self.touch(now, worker);
+        self.unsaturate(worker);
+    }
+
+    /// Records a sign of life without index changes.
+    fn touch(&mut self, now: Timestamp, worker: WorkerId) {
         if let Some(e) = self.workers.get_mut_unindexed(&worker) {
             e.worker.last_seen = now;
         }
+    }
+
+    /// The worker may have a free slot again: it takes work.
+    fn unsaturate(&mut self, worker: WorkerId) {
+        if !self.workers.get(&worker).is_some_and(|e| e.saturated) {
+            return;
+        }
+        if let Some(e) = self.workers.get_mut(&worker) {
+            e.saturated = false;
+        }
+        self.queue_hint = true;
+        self.maybe_claim();
     }
 
     /// A batch of log lines arrived; counts as a sign of life. Returns
@@ -1098,7 +1223,8 @@ impl Engine {
         job: JobId,
         attempt: u32,
     ) -> bool {
-        self.handle_heartbeat(now, worker);
+        // Output says nothing about free slots: no unsaturate here.
+        self.touch(now, worker);
         self.holds(worker, job, attempt)
     }
 
@@ -1221,7 +1347,9 @@ impl Engine {
         self.apply(now, job, JobCommand::Start, By::Actor(actor))
     }
 
-    /// The worker refused the attempt.
+    /// The worker refused the attempt; `reason` may carry a
+    /// [`RefusalCode`] (see [`RefusalCode::tag`]), else the refusal is
+    /// [`RefusalCode::Unspecified`]. See [`Engine::handle_refusal`].
     pub fn handle_refused(
         &mut self,
         now: Timestamp,
@@ -1230,13 +1358,65 @@ impl Engine {
         attempt: u32,
         reason: &str,
     ) -> Result<(), EngineError> {
+        let (code, reason) = RefusalCode::untag(reason);
+        self.handle_refusal(now, worker, job, attempt, code, reason)
+    }
+
+    /// The worker refused the attempt, saying why with `code`.
+    ///
+    /// [`RefusalCode::AtCapacity`] and [`RefusalCode::Draining`] give the
+    /// attempt back: the job returns to the queue in the same attempt
+    /// (`JobDispatchFailed`, `JobQueued`), and the worker gets no new work
+    /// until it shows a free slot (at capacity) or at all (draining, as
+    /// [`Engine::handle_draining`]). Any other refusal fails the attempt
+    /// as [`FailureKind::DispatchFailed`].
+    pub fn handle_refusal(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+        code: RefusalCode,
+        reason: &str,
+    ) -> Result<(), EngineError> {
         self.check_holder(now, worker, job, attempt)?;
-        let failure = Failure::new(
-            FailureKind::DispatchFailed,
-            format!("worker refused: {reason}"),
-        );
         let actor = self.worker_actor(worker);
-        self.apply(now, job, JobCommand::Fail(failure), By::Actor(actor))
+        let assigned = self.jobs[&job].state() == JobState::Assigned;
+        match code {
+            RefusalCode::AtCapacity | RefusalCode::Draining if assigned => {
+                let saturated = code == RefusalCode::AtCapacity;
+                if saturated {
+                    // Before the requeue frees the slot: the job must not
+                    // be offered straight back to this worker.
+                    if let Some(e) = self.workers.get_mut(&worker) {
+                        e.saturated = true;
+                    }
+                } else if self.workers.get(&worker).is_some_and(|e| {
+                    e.worker.state != WorkerState::Draining
+                        && e.worker.state.can_transition_to(WorkerState::Draining)
+                }) {
+                    self.handle_draining(now, worker, None)?;
+                }
+                let command = JobCommand::Requeue {
+                    reason: format!("worker refused ({}): {reason}", code.as_str()),
+                };
+                let r = self.apply(now, job, command, By::Actor(actor));
+                if r.is_err()
+                    && saturated
+                    && let Some(e) = self.workers.get_mut(&worker)
+                {
+                    e.saturated = false;
+                }
+                r
+            }
+            RefusalCode::AtCapacity | RefusalCode::Draining | RefusalCode::Unspecified => {
+                let failure = Failure::new(
+                    FailureKind::DispatchFailed,
+                    format!("worker refused: {reason}"),
+                );
+                self.apply(now, job, JobCommand::Fail(failure), By::Actor(actor))
+            }
+        }
     }
 
     /// The attempt ended on the worker.
@@ -1248,6 +1428,8 @@ impl Engine {
         attempt: u32,
         report: AttemptReport,
     ) -> Result<(), EngineError> {
+        // An attempt ended there, ours or not: a slot is free.
+        self.unsaturate(worker);
         self.check_holder(now, worker, job, attempt)?;
         let actor = self.worker_actor(worker);
         if self.jobs[&job].state() == JobState::Assigned {
@@ -1373,7 +1555,10 @@ impl Engine {
                     WorkerSelection::LeastLoaded,
                     id,
                     &job.spec,
-                    self.workers.values().map(|e| &e.worker),
+                    self.workers
+                        .values()
+                        .filter(|e| !e.saturated)
+                        .map(|e| &e.worker),
                     &mut 0,
                 ),
                 "the load index disagrees with the scheduler"
@@ -1384,7 +1569,10 @@ impl Engine {
                 self.config.selection,
                 id,
                 &job.spec,
-                self.workers.values().map(|e| &e.worker),
+                self.workers
+                    .values()
+                    .filter(|e| !e.saturated)
+                    .map(|e| &e.worker),
                 &mut self.rr_cursor,
             )
         };
@@ -1485,6 +1673,7 @@ impl Engine {
                 correlation_id: corr.clone(),
                 lost_at: None,
                 register_by: Some(add(now, self.config.provision_timeout)),
+                saturated: false,
                 indexed: Indexed::default(),
             },
         );
@@ -1539,6 +1728,8 @@ impl Engine {
         by: By,
     ) -> Result<(), EngineError> {
         let unit = self.entropy.unit();
+        // The worker gave the attempt back: it has nothing to stop.
+        let given_back = matches!(command, JobCommand::Requeue { .. });
         let job = self.jobs.get_mut(&id).ok_or(EngineError::UnknownJob(id))?;
         let before_worker = job.status.worker();
         let before_attempt = job.attempt;
@@ -1584,7 +1775,7 @@ impl Engine {
                 );
             let reported = matches!(after_state, JobState::Succeeded)
                 || (after_state == JobState::Failed && before_state == JobState::Running);
-            if stop && !reported {
+            if stop && !reported && !given_back {
                 self.effects.push_back(Effect::CancelOnWorker {
                     worker,
                     job: id,
@@ -1709,7 +1900,7 @@ impl Engine {
             .map(|j| j.id)
             .collect();
         for job in waiting {
-            if self.workers[&worker].worker.accepts(job) {
+            if self.workers[&worker].accepts(job) {
                 self.assign(now, job, worker);
             }
         }

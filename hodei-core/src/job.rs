@@ -327,6 +327,13 @@ pub enum JobCommand {
     },
     /// The current state's deadline passed.
     Expire,
+    /// The worker gave the assignment back without running it (full, or
+    /// draining): back to the queue in the same attempt, which is not
+    /// consumed and not recorded in the history.
+    Requeue {
+        /// Why the worker gave it back.
+        reason: String,
+    },
 }
 
 /// The kind of a [`JobCommand`], for error messages and tests.
@@ -346,6 +353,8 @@ pub enum JobCommandKind {
     Cancel,
     /// [`JobCommand::Expire`]
     Expire,
+    /// [`JobCommand::Requeue`]
+    Requeue,
 }
 
 impl fmt::Display for JobCommandKind {
@@ -358,6 +367,7 @@ impl fmt::Display for JobCommandKind {
             JobCommandKind::Fail => "fail",
             JobCommandKind::Cancel => "be cancelled",
             JobCommandKind::Expire => "expire",
+            JobCommandKind::Requeue => "be requeued",
         })
     }
 }
@@ -373,6 +383,7 @@ impl JobCommand {
             JobCommand::Fail(_) => JobCommandKind::Fail,
             JobCommand::Cancel { .. } => JobCommandKind::Cancel,
             JobCommand::Expire => JobCommandKind::Expire,
+            JobCommand::Requeue { .. } => JobCommandKind::Requeue,
         }
     }
 }
@@ -522,13 +533,17 @@ impl Job {
             }
             (
                 JobStatus::Pending { .. },
-                JobCommand::Start | JobCommand::Exit { .. } | JobCommand::Expire,
+                JobCommand::Start
+                | JobCommand::Exit { .. }
+                | JobCommand::Expire
+                | JobCommand::Requeue { .. },
             ) => return Err(refuse(&self.status, &command)),
 
             // -- SCHEDULED -------------------------------------------------
             (JobStatus::Scheduled { .. }, JobCommand::Schedule { .. })
             | (JobStatus::Scheduled { .. }, JobCommand::Start)
-            | (JobStatus::Scheduled { .. }, JobCommand::Exit { .. }) => {
+            | (JobStatus::Scheduled { .. }, JobCommand::Exit { .. })
+            | (JobStatus::Scheduled { .. }, JobCommand::Requeue { .. }) => {
                 return Err(refuse(&self.status, &command));
             }
             (JobStatus::Scheduled { worker, .. }, JobCommand::Fail(failure)) => {
@@ -583,6 +598,25 @@ impl Job {
                 }
                 (status, events)
             }
+            // The worker gave the assignment back without starting it: the
+            // same attempt goes back to the queue, ready at once.
+            (JobStatus::Assigned { worker, .. }, JobCommand::Requeue { reason }) => (
+                JobStatus::Pending { not_before: None },
+                vec![
+                    EventBody::JobDispatchFailed {
+                        job_id: id,
+                        attempt,
+                        worker_id: *worker,
+                        reason: reason.clone(),
+                    },
+                    EventBody::JobQueued {
+                        job_id: id,
+                        attempt,
+                        priority: self.spec.priority(),
+                        not_before: None,
+                    },
+                ],
+            ),
             (JobStatus::Assigned { worker, .. }, JobCommand::Expire) => {
                 let worker = *worker;
                 let failure = Failure::new(
@@ -606,7 +640,8 @@ impl Job {
             // -- RUNNING ---------------------------------------------------
             (JobStatus::Running { .. }, JobCommand::Schedule { .. })
             | (JobStatus::Running { .. }, JobCommand::Assign { .. })
-            | (JobStatus::Running { .. }, JobCommand::Start) => {
+            | (JobStatus::Running { .. }, JobCommand::Start)
+            | (JobStatus::Running { .. }, JobCommand::Requeue { .. }) => {
                 return Err(refuse(&self.status, &command));
             }
             (
@@ -708,7 +743,8 @@ impl Job {
                 | JobCommand::Exit { .. }
                 | JobCommand::Fail(_)
                 | JobCommand::Cancel { .. }
-                | JobCommand::Expire,
+                | JobCommand::Expire
+                | JobCommand::Requeue { .. },
             ) => return Err(refuse(&self.status, &command)),
         };
         self.status = status;

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use hodei_core::engine::{
-    AttemptReport, Effect, Engine, EngineConfig, ProviderConfig, Registration, SeededEntropy,
+    AttemptReport, Effect, Engine, EngineConfig, ProviderConfig, RefusalCode, Registration,
+    SeededEntropy,
 };
 use hodei_core::event::DomainEvent;
 use hodei_core::ids::{JobId, ProviderId, WorkerId};
@@ -696,4 +697,234 @@ fn a_restarted_engine_hands_a_scheduled_job_to_its_worker() {
     s.succeed(worker, job, 1);
     assert_eq!(s.job(job).state(), JobState::Succeeded);
     assert_eq!(s.destroyed, vec![worker], "still ephemeral");
+}
+
+fn pool(max: u32) -> ProviderConfig {
+    ProviderConfig {
+        ephemeral: false,
+        ..ProviderConfig::ephemeral("pool", "local", false, max)
+    }
+}
+
+/// Regression (benchmark): an agent that had sent a result but not yet
+/// freed its slot refused the next job "at capacity", and the refusal
+/// failed the attempt, so a job with one attempt failed for good. A
+/// capacity refusal now gives the attempt back: the job is queued again in
+/// the same attempt, and the full worker gets no work until it shows a
+/// free slot (here a heartbeat).
+#[test]
+fn a_capacity_refusal_requeues_the_same_attempt() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    s.register(worker, "pool", Vec::new());
+    let job = s.submit(spec(1, 30, false, 0, Some("pool"), None));
+    assert_eq!(s.dispatches, vec![(worker, job, 1)]);
+    s.engine
+        .handle_refusal(
+            s.now,
+            worker,
+            job,
+            1,
+            RefusalCode::AtCapacity,
+            "worker is at capacity (1 running)",
+        )
+        .unwrap();
+    s.drain();
+    let j = s.job(job);
+    assert_eq!(j.state(), JobState::Pending);
+    assert_eq!(j.attempt, 1, "no attempt consumed");
+    assert!(j.attempts.is_empty(), "nothing recorded in the history");
+    assert!(s.store.is_queued(job));
+    assert!(s.cancels.is_empty(), "nothing to stop on the worker");
+    assert_eq!(
+        s.events_of(job),
+        [
+            "JobCreated",
+            "JobQueued",
+            "JobAssigned",
+            "JobDispatchFailed",
+            "JobQueued"
+        ]
+    );
+    let reason = s
+        .store
+        .job_events(job)
+        .find_map(|e| match &e.body {
+            hodei_core::event::EventBody::JobDispatchFailed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        reason,
+        "worker refused (at_capacity): worker is at capacity (1 running)"
+    );
+    // The queue is polled, but the full worker is not offered the job.
+    s.advance(Duration::from_secs(3));
+    assert_eq!(s.dispatches.len(), 1);
+    assert_eq!(s.job(job).state(), JobState::Pending);
+    // A sign of life: the worker is offered work again, same attempt.
+    s.engine.handle_heartbeat(s.now, worker);
+    s.drain();
+    assert_eq!(s.dispatches, vec![(worker, job, 1), (worker, job, 1)]);
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    s.succeed(worker, job, 1);
+    assert_eq!(s.job(job).state(), JobState::Succeeded);
+    assert_eq!(s.job(job).attempt, 1);
+}
+
+/// A result from a worker that refused for capacity, even for an attempt
+/// the engine no longer gives it (the one that kept its slot), means a
+/// slot is free: it is offered work at once.
+#[test]
+fn a_result_frees_a_worker_that_refused_for_capacity() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    s.register(worker, "pool", Vec::new());
+    let job = s.submit(spec(1, 30, false, 0, Some("pool"), None));
+    // Through the text-only path a shell uses (`FromWorker::Refused`).
+    s.engine
+        .handle_refused(
+            s.now,
+            worker,
+            job,
+            1,
+            &RefusalCode::AtCapacity.tag("worker is at capacity (1 running)"),
+        )
+        .unwrap();
+    s.drain();
+    assert_eq!(s.job(job).state(), JobState::Pending);
+    assert_eq!(s.dispatches.len(), 1);
+    let other = JobId::from_u64_pair(0xDEAD, 1);
+    let stale = s.engine.handle_result(
+        s.now,
+        worker,
+        other,
+        1,
+        AttemptReport {
+            signal: Some(15),
+            ..AttemptReport::default()
+        },
+    );
+    assert!(stale.is_err(), "not an attempt of this engine");
+    s.drain();
+    assert_eq!(s.dispatches, vec![(worker, job, 1), (worker, job, 1)]);
+    assert_eq!(s.job(job).state(), JobState::Assigned);
+    assert_eq!(s.job(job).attempt, 1);
+}
+
+/// A refusal because the worker drains gives the attempt back too; the
+/// worker is marked draining and the job goes to another worker.
+#[test]
+fn a_draining_refusal_requeues_and_marks_the_worker_draining() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(2)]);
+    let first = w(1);
+    s.register(first, "pool", Vec::new());
+    let job = s.submit(spec(1, 30, false, 0, Some("pool"), None));
+    assert_eq!(s.dispatches, vec![(first, job, 1)]);
+    s.engine
+        .handle_refusal(
+            s.now,
+            first,
+            job,
+            1,
+            RefusalCode::Draining,
+            "worker is draining",
+        )
+        .unwrap();
+    s.drain();
+    assert_eq!(
+        s.engine.worker(first).map(|w| w.state),
+        Some(WorkerState::Draining)
+    );
+    // Queued again and placed at once: the pool has room for a new
+    // worker, provisioned for it in the same attempt.
+    assert_eq!(s.job(job).state(), JobState::Scheduled);
+    assert_eq!(s.job(job).attempt, 1);
+    assert!(s.job(job).attempts.is_empty());
+    let second = s.provisions.last().expect("a new worker").1;
+    assert_ne!(second, first);
+    s.register(second, "pool", Vec::new());
+    assert_eq!(s.dispatches, vec![(first, job, 1), (second, job, 1)]);
+}
+
+/// Any other refusal still fails the attempt (a dispatch failure, retried
+/// by policy): with one attempt, the job fails.
+#[test]
+fn an_unspecified_refusal_fails_the_attempt() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    s.register(worker, "pool", Vec::new());
+    let job = s.submit(spec(1, 30, false, 0, Some("pool"), None));
+    s.engine
+        .handle_refused(s.now, worker, job, 1, "empty job id")
+        .unwrap();
+    s.drain();
+    assert_eq!(s.job(job).state(), JobState::Failed);
+    assert_eq!(
+        s.events_of(job)[3..],
+        ["JobDispatchFailed", "JobFailed", "JobRetryExhausted"]
+    );
+}
+
+#[test]
+fn refusal_codes_survive_the_text_tag() {
+    for code in RefusalCode::ALL {
+        let tagged = code.tag("worker is busy: really");
+        assert_eq!(
+            RefusalCode::untag(&tagged),
+            (code, "worker is busy: really")
+        );
+    }
+    assert_eq!(
+        RefusalCode::untag("plain"),
+        (RefusalCode::Unspecified, "plain")
+    );
+    assert_eq!(
+        RefusalCode::untag("[refusal:nonsense] x"),
+        (RefusalCode::Unspecified, "[refusal:nonsense] x")
+    );
+}
+
+/// Regression: when the agent registered before the provider's `create`
+/// returned, `WorkerProvisioned` was never recorded. Each worker gets it
+/// exactly once, whichever comes first, before its registration.
+#[test]
+fn worker_provisioned_is_recorded_once_whatever_the_order() {
+    for register_first in [false, true] {
+        let mut s = Shell::eph(1);
+        let job = s.submit(spec(1, 30, false, 0, None, None));
+        let worker = s.provisions[0].1;
+        if register_first {
+            s.register(worker, "eph", Vec::new());
+            s.engine.handle_provisioned(s.now, worker);
+            s.drain();
+        } else {
+            s.engine.handle_provisioned(s.now, worker);
+            s.drain();
+            s.register(worker, "eph", Vec::new());
+        }
+        assert_eq!(s.job(job).state(), JobState::Assigned);
+        // A repeated report changes nothing either.
+        s.engine.handle_provisioned(s.now, worker);
+        s.drain();
+        let id = worker.to_string();
+        let types: Vec<&str> = s
+            .store
+            .events
+            .iter()
+            .filter(|e| e.aggregate_id == id)
+            .map(|e| e.event_type())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "WorkerProvisioningRequested",
+                "WorkerProvisioned",
+                "WorkerRegistered",
+                "WorkerReady"
+            ],
+            "register_first={register_first}"
+        );
+    }
 }

@@ -7,7 +7,11 @@
 //! submit and cancel at random; another party sometimes cancels a job
 //! behind the engine's back. Time only moves to the next simulated event
 //! or to `engine.next_deadline()`, whichever is first, where the harness
-//! calls `handle_tick`. After every step the invariants of
+//! calls `handle_tick`. Agents refuse work as the real one does: when
+//! draining, when every slot is taken, and (a knob, also in clean
+//! scenarios) spuriously "at capacity", as an agent did that had sent a
+//! result before freeing its slot; such refusals must cost no attempt.
+//! After every step the invariants of
 //! `support::check_invariants` (and a few of the simulation's own) must
 //! hold. At the end of each scenario the faults stop and every job must
 //! reach a terminal state within a bounded virtual time.
@@ -30,8 +34,8 @@ use std::time::Duration;
 
 use hodei_core::EngineError;
 use hodei_core::engine::{
-    AttemptReport, Effect, Engine, EngineConfig, LaunchRequest, ProviderConfig, Registration,
-    SeededEntropy,
+    AttemptReport, Effect, Engine, EngineConfig, LaunchRequest, ProviderConfig, RefusalCode,
+    Registration, SeededEntropy,
 };
 use hodei_core::ids::{JobId, ProviderId, WorkerId};
 use hodei_core::job::{Job, JobState};
@@ -126,6 +130,7 @@ fn simulation() {
             stats.provision_failures > 0 && stats.stale_reports > 0,
             "{stats:?}"
         );
+        assert!(stats.requeues > 0, "{stats:?}");
     }
 }
 
@@ -193,6 +198,8 @@ struct Stats {
     conflicts: u64,
     provision_failures: u64,
     stale_reports: u64,
+    /// Capacity or drain refusals the engine took (attempt given back).
+    requeues: u64,
 }
 
 impl Stats {
@@ -211,6 +218,7 @@ impl Stats {
         self.conflicts += o.conflicts;
         self.provision_failures += o.provision_failures;
         self.stale_reports += o.stale_reports;
+        self.requeues += o.requeues;
     }
 }
 
@@ -218,6 +226,9 @@ impl Stats {
 #[derive(Debug, Clone)]
 struct Knobs {
     refuse: f64,
+    /// Dispatches refused "at capacity" although a slot is free (the
+    /// agent had not freed it yet). Also in clean scenarios.
+    capacity_race: f64,
     lose_dispatch: f64,
     slow_ack: f64,
     skip_ack: f64,
@@ -248,6 +259,7 @@ enum Ev {
         worker: WorkerId,
         job: JobId,
         attempt: u32,
+        code: RefusalCode,
     },
     Finish {
         worker: WorkerId,
@@ -262,7 +274,7 @@ enum Ev {
 #[derive(Debug, Clone)]
 enum Up {
     Ack(JobId, u32),
-    Refuse(JobId, u32),
+    Refuse(JobId, u32, RefusalCode),
     Result(JobId, u32, AttemptReport),
 }
 
@@ -410,6 +422,11 @@ impl Sim {
         let f = if clean { 0.0 } else { 1.0 };
         let knobs = Knobs {
             refuse: f * rng.unit() * 0.08,
+            capacity_race: if rng.chance(0.5) {
+                rng.unit() * 0.25
+            } else {
+                0.0
+            },
             lose_dispatch: f * rng.unit() * 0.04,
             slow_ack: f * rng.unit() * 0.1,
             skip_ack: f * rng.unit() * 0.1,
@@ -719,8 +736,9 @@ impl Sim {
                 worker,
                 job,
                 attempt,
+                code,
             } => {
-                self.send_up(worker, Up::Refuse(job, attempt));
+                self.send_up(worker, Up::Refuse(job, attempt, code));
                 Ok(())
             }
             Ev::Finish {
@@ -1016,14 +1034,25 @@ impl Sim {
         for msg in msgs {
             let accepted = match msg {
                 Up::Ack(job, attempt) => self.engine.handle_ack(now, worker, job, attempt),
-                Up::Refuse(job, attempt) => {
-                    self.workers
-                        .get_mut(&worker)
-                        .expect("known")
-                        .running
-                        .remove(&job);
-                    self.engine
-                        .handle_refused(now, worker, job, attempt, "busy")
+                Up::Refuse(job, attempt, code) => {
+                    let w = self.workers.get_mut(&worker).expect("known");
+                    if w.running.get(&job).is_some_and(|r| r.attempt == attempt) {
+                        w.running.remove(&job);
+                    }
+                    let reason = match code {
+                        RefusalCode::Unspecified => "busy".to_owned(),
+                        // The text-only path of the shell (`FromWorker::Refused`).
+                        code => code.tag("worker is at capacity (1 running)"),
+                    };
+                    let r = self
+                        .engine
+                        .handle_refused(now, worker, job, attempt, &reason);
+                    if r.is_ok() && code != RefusalCode::Unspecified {
+                        // The final audit checks that the attempt was given
+                        // back (JobQueued in the same attempt), not consumed.
+                        self.stats.requeues += 1;
+                    }
+                    r
                 }
                 Up::Result(job, attempt, report) => {
                     let w = self.workers.get_mut(&worker).expect("known");
@@ -1094,7 +1123,20 @@ impl Sim {
                     return;
                 }
                 let attempt = job.attempt;
-                if faults && self.rng.chance(self.knobs.refuse) {
+                let w = &self.workers[&worker];
+                // A slot is free once the result is queued (`done`).
+                let taken = w.running.values().filter(|r| !r.done).count();
+                let code = if w.draining {
+                    Some(RefusalCode::Draining)
+                } else if taken >= w.capacity as usize || self.rng.chance(self.knobs.capacity_race)
+                {
+                    Some(RefusalCode::AtCapacity)
+                } else if faults && self.rng.chance(self.knobs.refuse) {
+                    Some(RefusalCode::Unspecified)
+                } else {
+                    None
+                };
+                if let Some(code) = code {
                     let d = self.rng.millis(0, 500);
                     self.schedule(
                         d,
@@ -1102,6 +1144,7 @@ impl Sim {
                             worker,
                             job: job.id,
                             attempt,
+                            code,
                         },
                     );
                     return;
@@ -1472,6 +1515,28 @@ impl Sim {
                     "job {id} is {} but its events {types:?} say {derived}",
                     job.state()
                 ));
+            }
+            // A refusal for capacity or a drain gives the attempt back: its
+            // JobDispatchFailed is followed by JobQueued in the same attempt.
+            for pair in events.windows(2) {
+                if let hodei_core::event::EventBody::JobDispatchFailed {
+                    attempt, reason, ..
+                } = &pair[0].body
+                {
+                    let given_back = reason.starts_with("worker refused (at_capacity)")
+                        || reason.starts_with("worker refused (draining)");
+                    let requeued = matches!(
+                        pair[1].body,
+                        hodei_core::event::EventBody::JobQueued { attempt: a, .. } if a == *attempt
+                    );
+                    if given_back != requeued {
+                        return Err(format!(
+                            "job {id}: dispatch failure {reason:?} in attempt {attempt} \
+                             followed by {}",
+                            pair[1].event_type()
+                        ));
+                    }
+                }
             }
             let started = types.iter().filter(|t| **t == "JobStarted").count() as u32;
             if started > job.attempt {

@@ -59,6 +59,7 @@ enum Cmd {
     Fail(usize),
     Cancel,
     Expire,
+    Requeue,
 }
 
 fn arb_cmd() -> impl Strategy<Value = Cmd> {
@@ -81,6 +82,7 @@ fn arb_cmd() -> impl Strategy<Value = Cmd> {
         (0..FAILURE_KINDS.len()).prop_map(Cmd::Fail),
         Just(Cmd::Cancel),
         Just(Cmd::Expire),
+        Just(Cmd::Requeue),
     ]
 }
 
@@ -146,6 +148,9 @@ fn to_command(cmd: &Cmd, now: Timestamp) -> JobCommand {
             reason: "cancelled by test".into(),
         },
         Cmd::Expire => JobCommand::Expire,
+        Cmd::Requeue => JobCommand::Requeue {
+            reason: "worker refused (at_capacity): full".into(),
+        },
     }
 }
 
@@ -155,7 +160,12 @@ fn accepts(state: JobState, kind: JobCommandKind) -> bool {
     match state {
         JobState::Pending => matches!(kind, K::Schedule | K::Assign | K::Fail | K::Cancel),
         JobState::Scheduled => matches!(kind, K::Assign | K::Fail | K::Expire | K::Cancel),
-        JobState::Assigned => matches!(kind, K::Start | K::Fail | K::Expire | K::Cancel),
+        JobState::Assigned => {
+            matches!(
+                kind,
+                K::Start | K::Fail | K::Expire | K::Cancel | K::Requeue
+            )
+        }
         JobState::Running => matches!(kind, K::Exit | K::Fail | K::Expire | K::Cancel),
         JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut => false,
     }
@@ -232,6 +242,8 @@ fn expected_outcome(
                 fail(retryable(f.kind), JobState::Failed, "JobFailed"),
             )
         }
+        // Given back by the worker: the same attempt, queued again.
+        JobCommand::Requeue { .. } => (JobState::Pending, vec!["JobDispatchFailed", "JobQueued"]),
         JobCommand::Expire => match state {
             JobState::Scheduled => fail(true, JobState::Failed, "JobFailed"),
             JobState::Assigned => with_prefix(
@@ -343,6 +355,34 @@ fn check_transition_details(
     now: Timestamp,
 ) {
     let attempt = before.attempt;
+    // A requeue gives the attempt back: same number, queued at once,
+    // nothing recorded in the history.
+    if let JobCommand::Requeue { reason } = command {
+        let JobStatus::Assigned { worker, .. } = before.status else {
+            panic!("requeued from {}", before.state());
+        };
+        assert_eq!(after.status, JobStatus::Pending { not_before: None });
+        assert_eq!(after.attempt, attempt);
+        assert_eq!(after.attempts, before.attempts);
+        assert_eq!(
+            events,
+            [
+                EventBody::JobDispatchFailed {
+                    job_id: after.id,
+                    attempt,
+                    worker_id: worker,
+                    reason: reason.clone(),
+                },
+                EventBody::JobQueued {
+                    job_id: after.id,
+                    attempt,
+                    priority: after.spec.priority(),
+                    not_before: None,
+                },
+            ]
+        );
+        return;
+    }
     // Only a retry moves to the next attempt.
     let retried = after.state() == JobState::Pending;
     if retried {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use hodei_grpc::agent::{self, AgentConfig, AgentError, AgentExit, AgentHandle};
+use hodei_grpc::proto;
 use hodei_grpc::proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use hodei_grpc::proto::{
     CancelJob, Hello, JobResult, JobSpec, LogLine, LogStream, RunJob, ServerMessage, Shutdown,
@@ -730,6 +731,7 @@ async fn drain_finishes_the_current_job_refuses_new_ones_and_exits_clean() {
         worker_message::Kind::Refused(refused) => {
             assert_eq!(refused.job_id, "job-2");
             assert_eq!(refused.reason, "worker is draining");
+            assert_eq!(refused.code, proto::RefusalCode::Draining as i32);
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -774,6 +776,7 @@ async fn capacity_is_enforced_and_server_shutdown_exits_clean() {
         worker_message::Kind::Refused(refused) => {
             assert_eq!(refused.job_id, "job-2");
             assert!(refused.reason.contains("capacity"), "{}", refused.reason);
+            assert_eq!(refused.code, proto::RefusalCode::AtCapacity as i32);
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -53,6 +53,36 @@ impl LogSettings {
     }
 }
 
+/// The agent's job slots in use, shared with the jobs: a job frees its
+/// slot itself, right before it queues its result, so that a `RunJob` the
+/// server sends on receiving that result always finds the slot free.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Slots(Arc<AtomicUsize>);
+
+impl Slots {
+    /// Slots in use.
+    pub(crate) fn taken(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Takes a slot, freed when the returned guard is dropped.
+    pub(crate) fn take(&self) -> Slot {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Slot(Arc::clone(&self.0))
+    }
+}
+
+/// One slot in use; dropping it frees the slot (also when the job's task
+/// panics or is aborted).
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What a job needs from the agent besides its own request.
 #[derive(Clone)]
 pub(crate) struct JobContext {
@@ -111,13 +141,15 @@ pub(crate) fn exec_request(run: RunJob, ctx: &JobContext) -> Result<ExecRequest,
 }
 
 /// Runs one attempt to the end: executes it (unless `req` is an error),
-/// streams its logs, then queues its result after the last log batch.
+/// streams its logs, then frees its `slot` and queues its result after the
+/// last log batch.
 pub(crate) async fn run_job(
     key: AttemptKey,
     correlation_id: String,
     req: Result<ExecRequest, String>,
     cancel: CancellationToken,
     ctx: JobContext,
+    slot: Slot,
 ) {
     let span =
         info_span!("job", job_id = %key.0, attempt = key.1, correlation_id = %correlation_id);
@@ -142,6 +174,9 @@ pub(crate) async fn run_job(
             lines = outcome.lines,
             "job ended"
         );
+        // The process is gone and every log line queued: the slot is free
+        // before the server can learn it from the result.
+        drop(slot);
         ctx.outbox
             .push(result_message(&key, &outcome, oom_killed))
             .await;
@@ -457,6 +492,54 @@ mod tests {
         );
         let (_, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
         assert!(!oom);
+    }
+
+    /// Regression (benchmark): the slot was freed after the result was
+    /// queued, so the server, sending the next job on the result, could
+    /// find the agent still "at capacity".
+    #[tokio::test]
+    async fn the_slot_is_free_before_the_result_is_queued() {
+        use futures::StreamExt;
+
+        use super::super::outbox::Control;
+        let mut ctx = ctx();
+        ctx.outbox = Outbox::new(1);
+        // The outbox is full: the result's push waits until the test reads.
+        ctx.outbox.push(WorkerMessage::default()).await;
+        let slots = Slots::default();
+        let slot = slots.take();
+        assert_eq!(slots.taken(), 1);
+        let spec = JobSpec {
+            command: vec!["true".into()],
+            ..JobSpec::default()
+        };
+        let req = exec_request(run_job_msg(spec, &[]), &ctx);
+        let outbox = Arc::clone(&ctx.outbox);
+        let job = tokio::spawn(run_job(
+            ("job-1".to_owned(), 2),
+            "corr-1".to_owned(),
+            req,
+            CancellationToken::new(),
+            ctx,
+            slot,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while slots.taken() != 0 {
+            assert!(Instant::now() < deadline, "the slot was not freed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!job.is_finished(), "the result is not queued yet");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stream = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        assert_eq!(stream.next().await, Some(WorkerMessage::default()));
+        let Some(Kind::Result(result)) = stream.next().await.and_then(|m| m.kind) else {
+            panic!("expected the result");
+        };
+        assert_eq!((result.job_id.as_str(), result.attempt), ("job-1", 2));
+        assert_eq!(result.exit_code, Some(0));
+        job.await.unwrap();
+        assert_eq!(slots.taken(), 0);
     }
 
     #[tokio::test]

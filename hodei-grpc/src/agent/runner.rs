@@ -26,13 +26,13 @@ use super::config::{
     AgentConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LOG_BATCH_SIZE, DEFAULT_LOG_FLUSH,
 };
 use super::exec::ExecOutcome;
-use super::job::{self, JobContext, LogSettings};
+use super::job::{self, JobContext, LogSettings, Slots};
 use super::outbox::{AttemptKey, Control, Outbox};
 use super::{AgentError, AgentExit};
 use crate::proto::worker_service_client::WorkerServiceClient;
 use crate::proto::{
-    Draining, Heartbeat, Hello, JobAck, JobRefused, RunJob, ServerMessage, Welcome, WorkerMessage,
-    server_message, worker_message,
+    Draining, Heartbeat, Hello, JobAck, JobRefused, RefusalCode, RunJob, ServerMessage, Welcome,
+    WorkerMessage, server_message, worker_message,
 };
 
 /// Requests from an [`super::AgentHandle`].
@@ -83,6 +83,7 @@ pub(crate) async fn run(
         memory_events,
         jobs: JoinSet::new(),
         running: HashMap::new(),
+        slots: Slots::default(),
         resume_token: None,
         registered: false,
         link: Link::Closed,
@@ -110,6 +111,11 @@ struct Agent {
     /// One task per accepted attempt (plus, rarely, result-only tasks).
     jobs: JoinSet<()>,
     running: HashMap<AttemptKey, Running>,
+    /// Slots taken, for the capacity check. A job frees its slot before it
+    /// queues its result (the server may send the next job as soon as it
+    /// has the result), so this can be below `running.len()` while a
+    /// finished job's task winds down.
+    slots: Slots,
     /// Token of the last `Welcome`, presented on reconnect.
     resume_token: Option<String>,
     /// A `Welcome` was received at least once.
@@ -494,24 +500,26 @@ impl Agent {
             self.send(ack(&key));
             return;
         }
+        let taken = self.slots.taken();
         let refusal = if key.0.is_empty() {
-            Some("empty job id".to_owned())
+            Some((RefusalCode::Unspecified, "empty job id".to_owned()))
         } else if self.drain.is_some() {
-            Some("worker is draining".to_owned())
-        } else if self.running.len() >= self.config.capacity as usize {
-            Some(format!(
-                "worker is at capacity ({} running)",
-                self.running.len()
+            Some((RefusalCode::Draining, "worker is draining".to_owned()))
+        } else if taken >= self.config.capacity as usize {
+            Some((
+                RefusalCode::AtCapacity,
+                format!("worker is at capacity ({taken} running)"),
             ))
         } else {
             None
         };
-        if let Some(reason) = refusal {
+        if let Some((code, reason)) = refusal {
             info!(job_id = %key.0, attempt = key.1, %reason, "job refused");
             self.send(worker_message::Kind::Refused(JobRefused {
                 job_id: key.0,
                 attempt: key.1,
                 reason,
+                code: code as i32,
             }));
             return;
         }
@@ -529,6 +537,9 @@ impl Agent {
         let correlation_id = run.correlation_id.clone();
         let req = job::exec_request(run, &ctx);
         let cancel = CancellationToken::new();
+        // Taken now, freed by the job right before it queues its result
+        // (or when its task ends, whichever comes first).
+        let slot = self.slots.take();
         let task = self
             .jobs
             .spawn(job::run_job(
@@ -537,6 +548,7 @@ impl Agent {
                 req,
                 cancel.clone(),
                 ctx,
+                slot,
             ))
             .id();
         self.running.insert(key, Running { cancel, task });

@@ -304,7 +304,7 @@ pub async fn start_with(
         .add_service(reflection_v1alpha);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = TcpListenerStream::new(listeners.grpc);
+    let incoming = incoming_nodelay(listeners.grpc);
     let transport = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_rx.await;
     }));
@@ -420,6 +420,25 @@ impl RunningServer {
             Err(e) => Err(ServerError::Transport(e.to_string())),
         }
     }
+}
+
+/// The accepted connections of `listener`, with `TCP_NODELAY` set.
+///
+/// `serve_with_incoming*` ignores the builder's `tcp_nodelay`, and with
+/// Nagle on, a small message (a `RunJob`, a unary reply) written while the
+/// previous segment is unacknowledged waits for the peer's delayed ACK:
+/// 40 ms tails on loopback.
+fn incoming_nodelay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
+            }
+        })
+    })
 }
 
 /// The URL workers on this host use to reach a gRPC listener on `addr`.
@@ -653,6 +672,17 @@ mod tests {
             worker_url("10.1.2.3:5000".parse().unwrap()),
             "http://10.1.2.3:5000"
         );
+    }
+
+    #[tokio::test]
+    async fn accepted_grpc_connections_have_nodelay() {
+        use futures::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(incoming_nodelay(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

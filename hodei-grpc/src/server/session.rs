@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hodei_core::engine::AttemptReport;
+use hodei_core::engine::{AttemptReport, RefusalCode};
 use hodei_core::ids::JobId;
 use hodei_core::ports::{NewLogLine, ToWorker, WorkerLink};
 use hodei_core::runtime::{ApiError, ControlPlane, FromWorker, WorkerHello};
@@ -220,6 +220,25 @@ fn hello_from_proto(h: proto::Hello) -> Result<WorkerHello, convert::ConvertErro
     })
 }
 
+/// The engine's refusal code for a `JobRefused`. Agents from before the
+/// `code` field send UNSPECIFIED with the two reasons they knew; those are
+/// recognised by their text.
+fn refusal_code(code: i32, reason: &str) -> RefusalCode {
+    match proto::RefusalCode::try_from(code) {
+        Ok(proto::RefusalCode::AtCapacity) => RefusalCode::AtCapacity,
+        Ok(proto::RefusalCode::Draining) => RefusalCode::Draining,
+        Ok(proto::RefusalCode::Unspecified) | Err(_) => {
+            if reason.starts_with("worker is at capacity") {
+                RefusalCode::AtCapacity
+            } else if reason == "worker is draining" {
+                RefusalCode::Draining
+            } else {
+                RefusalCode::Unspecified
+            }
+        }
+    }
+}
+
 /// A worker message as the control plane's input; `None` for a repeated
 /// `hello` (ignored).
 fn from_worker(kind: In) -> Result<Option<FromWorker>, convert::ConvertError> {
@@ -234,7 +253,9 @@ fn from_worker(kind: In) -> Result<Option<FromWorker>, convert::ConvertError> {
         In::Refused(r) => FromWorker::Refused {
             job: job(&r.job_id)?,
             attempt: r.attempt,
-            reason: r.reason,
+            // The control plane's report carries text only: the code
+            // travels as a tag the engine reads back (`RefusalCode::untag`).
+            reason: refusal_code(r.code, &r.reason).tag(&r.reason),
         },
         In::Logs(b) => FromWorker::Logs {
             job: job(&b.job_id)?,
@@ -268,4 +289,58 @@ fn from_worker(kind: In) -> Result<Option<FromWorker>, convert::ConvertError> {
         },
         In::Draining(_) => FromWorker::Draining,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: proto::RefusalCode, reason: &str) -> (RefusalCode, String) {
+        let msg = In::Refused(proto::JobRefused {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            attempt: 3,
+            reason: reason.to_owned(),
+            code: code as i32,
+        });
+        let Ok(Some(FromWorker::Refused {
+            attempt, reason, ..
+        })) = from_worker(msg)
+        else {
+            panic!("a refusal maps to FromWorker::Refused");
+        };
+        assert_eq!(attempt, 3);
+        let (code, text) = RefusalCode::untag(&reason);
+        (code, text.to_owned())
+    }
+
+    #[test]
+    fn refusal_codes_reach_the_engine() {
+        use proto::RefusalCode as P;
+        assert_eq!(
+            refused(P::AtCapacity, "worker is at capacity (1 running)"),
+            (
+                RefusalCode::AtCapacity,
+                "worker is at capacity (1 running)".to_owned()
+            )
+        );
+        assert_eq!(
+            refused(P::Draining, "bye"),
+            (RefusalCode::Draining, "bye".to_owned())
+        );
+        assert_eq!(
+            refused(P::Unspecified, "empty job id"),
+            (RefusalCode::Unspecified, "empty job id".to_owned())
+        );
+        // Agents without the field: their two reasons are recognised.
+        assert_eq!(
+            refused(P::Unspecified, "worker is at capacity (2 running)").0,
+            RefusalCode::AtCapacity
+        );
+        assert_eq!(
+            refused(P::Unspecified, "worker is draining").0,
+            RefusalCode::Draining
+        );
+        // An unknown code (a newer agent) is unspecified.
+        assert_eq!(refusal_code(99, "later"), RefusalCode::Unspecified);
+    }
 }
