@@ -1084,16 +1084,16 @@ impl Engine {
                 });
             }
         }
+        // In the attempt we gave it: an agent also reports an earlier
+        // attempt of the same job whose result it has not seen
+        // acknowledged, which says nothing of the current one.
+        let (kept, lost): (Vec<JobId>, Vec<JobId>) = held.into_iter().partition(|j| {
+            reg.running
+                .iter()
+                .any(|(r, a)| r == j && *a == self.jobs[j].attempt)
+        });
         let entry = self.workers.get_mut(&id).expect("inserted above");
-        entry.worker.jobs = held
-            .iter()
-            .copied()
-            .filter(|j| reg.running.iter().any(|(r, _)| r == j))
-            .collect();
-        let lost: Vec<JobId> = held
-            .into_iter()
-            .filter(|j| !reg.running.iter().any(|(r, _)| r == j))
-            .collect();
+        entry.worker.jobs = kept;
 
         // The worker runs an attempt we still see as ASSIGNED: its
         // acknowledgement was lost with a connection (or a server).

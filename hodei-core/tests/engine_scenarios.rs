@@ -928,3 +928,41 @@ fn worker_provisioned_is_recorded_once_whatever_the_order() {
         );
     }
 }
+
+/// An agent reports in `Hello.running` the attempts whose result it has
+/// not seen acknowledged. Reporting attempt 1 of a job whose attempt 2 the
+/// engine had dispatched to it (lost with the connection) does not make
+/// attempt 2 count as running there: it is lost, and attempt 1 stopped.
+#[test]
+fn a_reported_earlier_attempt_does_not_stand_for_the_current_one() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    s.register(worker, "pool", Vec::new());
+    let job = s.submit(spec(3, 30, true, 0, Some("pool"), None));
+    s.engine.handle_ack(s.now, worker, job, 1).unwrap();
+    s.drain();
+    let exit_1 = AttemptReport {
+        exit_code: Some(1),
+        ..AttemptReport::default()
+    };
+    s.engine
+        .handle_result(s.now, worker, job, 1, exit_1)
+        .unwrap();
+    s.drain();
+    assert_eq!(s.job(job).attempt, 2);
+    s.advance(Duration::from_secs(5));
+    assert_eq!(s.dispatches.last(), Some(&(worker, job, 2)));
+    s.engine.handle_disconnected(s.now, worker, "reset");
+    s.drain();
+    // Back, still holding the unacknowledged result of attempt 1.
+    s.register(worker, "pool", vec![(job, 1)]);
+    assert!(s.cancels.contains(&(worker, job, 1)));
+    let j = s.job(job);
+    assert_ne!(j.state(), JobState::Running, "{j:?}");
+    assert_eq!(
+        j.attempts.len(),
+        2,
+        "attempt 2 was lost with the connection"
+    );
+    assert_eq!(j.attempt, 3);
+}

@@ -14,8 +14,8 @@ use hodei_grpc::agent::{self, AgentConfig, AgentError, AgentExit, AgentHandle};
 use hodei_grpc::proto;
 use hodei_grpc::proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use hodei_grpc::proto::{
-    CancelJob, Hello, JobResult, JobSpec, LogLine, LogStream, RunJob, ServerMessage, Shutdown,
-    Welcome, WorkerMessage, server_message, worker_message,
+    CancelJob, Hello, JobResult, JobSpec, LogLine, LogStream, ResultAck, RunJob, ServerMessage,
+    Shutdown, Welcome, WorkerMessage, server_message, worker_message,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -151,6 +151,14 @@ impl FakeSession {
                 }
                 worker_message::Kind::Result(result) => {
                     assert_eq!(result.job_id, job);
+                    // As the server does: the agent may forget the result
+                    // (an agent already gone cannot take it).
+                    let _ = self.outbound.send(Ok(ServerMessage {
+                        kind: Some(server_message::Kind::ResultAck(ResultAck {
+                            job_id: result.job_id.clone(),
+                            attempt: result.attempt,
+                        })),
+                    }));
                     out.result = result;
                     return out;
                 }

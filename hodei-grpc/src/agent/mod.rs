@@ -20,7 +20,8 @@
 //! - Log batches and results go through a bounded outbox that outlives
 //!   sessions: messages not yet handed to a session's stream are sent on
 //!   the next one, and a full outbox blocks the job's pipes, so output is
-//!   slowed down, never dropped.
+//!   slowed down, never dropped. Results are kept until the server
+//!   acknowledges them (`ResultAck`) and sent again after a reconnect.
 //!
 //! See `docs/AGENT.md` for the protocol and operational behaviour.
 

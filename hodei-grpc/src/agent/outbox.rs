@@ -7,9 +7,16 @@
 //! outbox makes [`Outbox::push`] wait, which stops the job's log batcher,
 //! which stops reading the job's pipes, which blocks the job's writes.
 //!
-//! The outbox also tracks the attempts the server has not seen a result for
-//! yet, and the highest log sequence handed to a stream for each, which is
-//! what `Hello.running` reports on reconnect.
+//! A result handed to a stream is kept until the server acknowledges it
+//! (`ResultAck`): a connection that dies takes with it what it had not
+//! delivered yet, so results not acknowledged when a session starts are
+//! sent again on it, first (the server ignores a result for an attempt it
+//! already decided). At most [`UNACKED_LIMIT`] are kept (a server that
+//! never acknowledges, from before `ResultAck`, must not grow it forever).
+//!
+//! The outbox also tracks the attempts the server has not acknowledged a
+//! result for yet, and the highest log sequence handed to a stream for
+//! each, which is what `Hello.running` reports on reconnect.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
@@ -24,6 +31,9 @@ use crate::proto::{RunningAttempt, WorkerMessage};
 
 /// Identifies one attempt of one job.
 pub(crate) type AttemptKey = (String, u32);
+
+/// Most results kept for a resend while unacknowledged.
+pub(crate) const UNACKED_LIMIT: usize = 256;
 
 /// Bounded FIFO of messages for the server, shared by jobs and sessions.
 pub(crate) struct Outbox {
@@ -41,9 +51,14 @@ struct State {
     generation: u64,
     /// Waker of the current session's stream, waiting for a message.
     waker: Option<Waker>,
-    /// Attempts without a result handed to a stream, with the highest log
+    /// Attempts without an acknowledged result, with the highest log
     /// sequence handed to a stream so far.
     open: BTreeMap<AttemptKey, u64>,
+    /// Results handed to a stream and not acknowledged, oldest first.
+    unacked: VecDeque<(AttemptKey, WorkerMessage)>,
+    /// Unacknowledged results of earlier sessions, sent again before the
+    /// queue (they hold no slot).
+    resend: VecDeque<(AttemptKey, WorkerMessage)>,
 }
 
 impl Outbox {
@@ -54,6 +69,8 @@ impl Outbox {
                 generation: 0,
                 waker: None,
                 open: BTreeMap::new(),
+                unacked: VecDeque::new(),
+                resend: VecDeque::new(),
             }),
             slots: Semaphore::new(capacity.max(1)),
             emptied: Notify::new(),
@@ -76,9 +93,23 @@ impl Outbox {
         }
     }
 
-    /// Number of queued messages.
+    /// Number of messages waiting for a stream (queued or to resend).
     pub(crate) fn len(&self) -> usize {
-        self.lock().queue.len()
+        let state = self.lock();
+        state.queue.len() + state.resend.len()
+    }
+
+    /// The server acknowledged the result of `key`: forget it.
+    pub(crate) fn acked(&self, key: &AttemptKey) {
+        let mut state = self.lock();
+        state.open.remove(key);
+        state.unacked.retain(|(k, _)| k != key);
+        state.resend.retain(|(k, _)| k != key);
+        let empty = state.queue.is_empty() && state.resend.is_empty();
+        drop(state);
+        if empty {
+            self.emptied.notify_waiters();
+        }
     }
 
     /// Waits until the queue is empty.
@@ -95,12 +126,12 @@ impl Outbox {
     }
 
     /// Records an accepted attempt (reported in `Hello.running` until its
-    /// result has been handed to a stream).
+    /// result has been acknowledged).
     pub(crate) fn open_attempt(&self, key: AttemptKey) {
         self.lock().open.entry(key).or_insert(0);
     }
 
-    /// Whether `key` was accepted and its result not yet handed to a stream.
+    /// Whether `key` was accepted and its result not yet acknowledged.
     pub(crate) fn is_open(&self, key: &AttemptKey) -> bool {
         self.lock().open.contains_key(key)
     }
@@ -144,6 +175,10 @@ impl Outbox {
         let mut state = self.lock();
         state.generation += 1;
         state.waker = None;
+        // What the ended session took without an acknowledgement may not
+        // have arrived: the next session sends it again, first.
+        let unacked = std::mem::take(&mut state.unacked);
+        state.resend.extend(unacked);
         state.generation
     }
 
@@ -160,9 +195,15 @@ impl Outbox {
         if state.generation != generation {
             return Poll::Ready(None);
         }
-        let Some(msg) = state.queue.pop_front() else {
-            state.waker = Some(waker.clone());
-            return Poll::Pending;
+        let (msg, from_queue) = match state.resend.pop_front() {
+            Some((_, msg)) => (msg, false),
+            None => match state.queue.pop_front() {
+                Some(msg) => (msg, true),
+                None => {
+                    state.waker = Some(waker.clone());
+                    return Poll::Pending;
+                }
+            },
         };
         match &msg.kind {
             Some(Kind::Logs(batch)) => {
@@ -172,13 +213,23 @@ impl Outbox {
                 }
             }
             Some(Kind::Result(result)) => {
-                state.open.remove(&(result.job_id.clone(), result.attempt));
+                // Kept (and its attempt reported open) until acknowledged.
+                let key = (result.job_id.clone(), result.attempt);
+                state.unacked.retain(|(k, _)| *k != key);
+                state.unacked.push_back((key, msg.clone()));
+                if state.unacked.len() > UNACKED_LIMIT
+                    && let Some((oldest, _)) = state.unacked.pop_front()
+                {
+                    state.open.remove(&oldest);
+                }
             }
             _ => {}
         }
-        let empty = state.queue.is_empty();
+        let empty = state.queue.is_empty() && state.resend.is_empty();
         drop(state);
-        self.slots.add_permits(1);
+        if from_queue {
+            self.slots.add_permits(1);
+        }
         if empty {
             self.emptied.notify_waiters();
         }
@@ -280,11 +331,74 @@ mod tests {
         assert_eq!(second.next().await, Some(batch("j", &[3])));
         assert_eq!(outbox.running()[0].last_log_seq, 3);
         assert_eq!(second.next().await, Some(result("j")));
-        assert!(outbox.running().is_empty());
+        // Reported until the server acknowledges the result.
+        assert_eq!(outbox.running().len(), 1);
         outbox.wait_empty().await;
+        outbox.acked(&("j".to_owned(), 1));
+        assert!(outbox.running().is_empty());
         drop(tx);
         drop(tx2);
         assert!(second.next().await.is_none());
+    }
+
+    /// A result the dead connection took is sent again on the next session,
+    /// ahead of what is queued, until the server acknowledges it.
+    #[tokio::test]
+    async fn unacknowledged_results_are_sent_again_on_the_next_session() {
+        let outbox = Outbox::new(8);
+        outbox.open_attempt(("j".to_owned(), 1));
+        outbox.open_attempt(("k".to_owned(), 1));
+        outbox.push(result("j")).await;
+        outbox.push(result("k")).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut first = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        assert_eq!(first.next().await, Some(result("j")));
+        assert_eq!(first.next().await, Some(result("k")));
+        outbox.wait_empty().await;
+        // The server acknowledged k only; the connection dies.
+        outbox.acked(&("k".to_owned(), 1));
+        outbox.end_session();
+        let running: Vec<String> = outbox.running().into_iter().map(|r| r.job_id).collect();
+        assert_eq!(running, ["j"], "reported in Hello.running");
+        assert_eq!(outbox.len(), 1);
+        outbox.push(batch("m", &[1])).await;
+
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let mut second = outbox.session_stream(rx2);
+        tx2.send(Control::OpenOutbox).unwrap();
+        assert_eq!(second.next().await, Some(result("j")), "resent first");
+        assert_eq!(second.next().await, Some(batch("m", &[1])));
+        // Still unacknowledged: once more on a third session.
+        let (tx3, rx3) = mpsc::unbounded_channel();
+        let mut third = outbox.session_stream(rx3);
+        tx3.send(Control::OpenOutbox).unwrap();
+        assert_eq!(third.next().await, Some(result("j")));
+        outbox.acked(&("j".to_owned(), 1));
+        assert!(outbox.running().is_empty());
+        let (tx4, rx4) = mpsc::unbounded_channel();
+        let mut fourth = outbox.session_stream(rx4);
+        tx4.send(Control::OpenOutbox).unwrap();
+        drop(tx4);
+        assert!(fourth.next().await.is_none(), "nothing left to resend");
+        drop((tx, tx2, tx3));
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_results_are_bounded() {
+        let outbox = Outbox::new(4);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stream = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        for i in 0..UNACKED_LIMIT + 10 {
+            let job = format!("j{i}");
+            outbox.open_attempt((job.clone(), 1));
+            outbox.push(result(&job)).await;
+            assert_eq!(stream.next().await, Some(result(&job)));
+        }
+        assert_eq!(outbox.running().len(), UNACKED_LIMIT);
+        outbox.end_session();
+        assert_eq!(outbox.len(), UNACKED_LIMIT);
     }
 
     #[tokio::test]

@@ -487,6 +487,9 @@ impl Agent {
             Some(server_message::Kind::Shutdown(_)) => {
                 self.begin_drain(Duration::ZERO, "shutdown requested by the server", true);
             }
+            Some(server_message::Kind::ResultAck(ack)) => {
+                self.outbox.acked(&(ack.job_id, ack.attempt));
+            }
             Some(server_message::Kind::Welcome(_)) => debug!("repeated welcome ignored"),
             None => debug!("empty server message ignored"),
         }
@@ -639,6 +642,7 @@ fn kind_name(kind: &server_message::Kind) -> &'static str {
         server_message::Kind::Cancel(_) => "cancel",
         server_message::Kind::Drain(_) => "drain",
         server_message::Kind::Shutdown(_) => "shutdown",
+        server_message::Kind::ResultAck(_) => "result_ack",
     }
 }
 

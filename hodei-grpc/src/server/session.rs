@@ -162,6 +162,17 @@ impl WorkerService for Sessions {
                 match msg {
                     Ok(Some(m)) => {
                         let Some(kind) = m.kind else { continue };
+                        // A result is acknowledged once the control plane
+                        // has it (a duplicate of a decided attempt is
+                        // ignored there): the agent then forgets it rather
+                        // than send it again on its next session.
+                        let ack = match &kind {
+                            In::Result(r) => Some(proto::ResultAck {
+                                job_id: r.job_id.clone(),
+                                attempt: r.attempt,
+                            }),
+                            _ => None,
+                        };
                         match from_worker(kind) {
                             Ok(Some(msg)) => {
                                 if let Err(e) = cp.worker_message(worker, msg).await {
@@ -175,6 +186,11 @@ impl WorkerService for Sessions {
                             Err(e) => {
                                 tracing::warn!(%worker, error = %e, "malformed worker message ignored")
                             }
+                        }
+                        if let Some(ack) = ack {
+                            let _ = tx.send(Ok(proto::ServerMessage {
+                                kind: Some(Out::ResultAck(ack)),
+                            }));
                         }
                     }
                     Ok(None) => break "stream closed by the worker".to_owned(),
