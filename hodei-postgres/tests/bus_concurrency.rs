@@ -44,7 +44,10 @@ type Sequence = u64;
 /// `T` draws a sequence, and an *older* transaction `V` draws the next one
 /// and commits. The snapshot then is `V+1:V+1:` (its `xmax` is "latest
 /// completed + 1"), so `T` is neither in it nor below its `xmin`. The bus
-/// must hold the horizon below `T`'s sequence until `T` ends.
+/// must hold the horizon below `T`'s sequence until `T` ends. (Transaction
+/// ids are cluster-wide: when other tests commit meanwhile, `T` is in the
+/// snapshot after all and the old rule happened to hold; run alone, the old
+/// rule failed this test every time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_newest_running_transaction_holds_the_horizon() {
     let Some((store, _db)) = store().await else {
