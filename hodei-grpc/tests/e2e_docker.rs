@@ -42,7 +42,11 @@ macro_rules! require_docker {
 }
 
 fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
+    // The same values as scripts/lib.sh `is_ci`.
+    matches!(
+        std::env::var("CI").as_deref(),
+        Ok("true" | "TRUE" | "True" | "1" | "yes")
+    )
 }
 
 /// Skips (outside CI) or fails (in CI) with `why`.

@@ -64,7 +64,9 @@ pub struct HttpConfig {
     /// the actor of what its holder does. Empty: no authentication, and
     /// every caller is the actor `anonymous`.
     pub api_tokens: BTreeMap<String, String>,
-    /// Largest request body accepted, in bytes (413 above). Default 1 MiB.
+    /// Largest request body accepted, in bytes (413 above). Default
+    /// [`body_limit_for_spec`] of the default spec limits (4 MiB + 64 KiB), so
+    /// that every spec the control plane accepts also fits through HTTP.
     pub max_body_bytes: usize,
     /// The metrics registry served at `/metrics`. Share a clone with the
     /// gRPC server so that its requests are counted in the same registry.
@@ -75,10 +77,20 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             api_tokens: BTreeMap::new(),
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: body_limit_for_spec(
+                hodei_core::spec::SpecLimits::default().max_spec_bytes,
+            ),
             metrics: metrics::Metrics::new(),
         }
     }
+}
+
+/// The request body limit that lets through every spec of at most
+/// `max_spec_bytes` (the control plane's `SpecLimits::max_spec_bytes`):
+/// twice that, for JSON escaping, plus 64 KiB for the envelope. The spec's
+/// own limits are checked after parsing, with a field-specific message.
+pub fn body_limit_for_spec(max_spec_bytes: usize) -> usize {
+    max_spec_bytes.saturating_mul(2).saturating_add(64 * 1024)
 }
 
 impl std::fmt::Debug for HttpConfig {

@@ -227,7 +227,10 @@ fn browser_tools() -> Option<Tools> {
                     "missing"
                 }
             );
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
+            if matches!(
+                std::env::var("CI").as_deref(),
+                Ok("true" | "TRUE" | "True" | "1" | "yes")
+            ) {
                 panic!(
                     "{missing}: the dashboard test needs them in CI (apt-get install chromium chromium-driver)"
                 );

@@ -537,6 +537,48 @@ async fn bad_job_specs_are_refused_with_what_is_accepted() {
     assert_eq!(list["jobs"], json!([]));
 }
 
+/// The default body limit lets through every spec the control plane
+/// accepts: a script at the spec's own limit is taken, one byte more is
+/// refused by the spec check (400, naming the field), not by a 413.
+#[tokio::test]
+async fn the_body_limit_fits_the_largest_valid_spec() {
+    let s = Server::start(HttpConfig::default()).await;
+    let max_script = hodei_core::spec::SpecLimits::default().max_script_bytes;
+    // A script with newlines and quotes: JSON escaping makes the body larger
+    // than the script.
+    let line = "echo \"x\"\n";
+    let mut script = String::from("#!/bin/sh\n");
+    while script.len() + line.len() <= max_script {
+        script.push_str(line);
+    }
+    script.push_str(&"#".repeat(max_script - script.len()));
+    assert_eq!(script.len(), max_script);
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .json(&json!({ "script": script }))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = body(r).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    script.push('#');
+    let r = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .json(&json!({ "script": script }))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        &["script", &max_script.to_string()],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn bad_ids_filters_and_timestamps_are_refused() {
     let s = Server::start(HttpConfig::default()).await;

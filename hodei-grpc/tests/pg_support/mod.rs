@@ -27,7 +27,7 @@ use crate::e2e_support::{Client, SERVER_BIN, WORKER_BIN, alive, signal};
 fn in_ci() -> bool {
     matches!(
         std::env::var("CI").as_deref(),
-        Ok("true" | "TRUE" | "True" | "1")
+        Ok("true" | "TRUE" | "True" | "1" | "yes")
     )
 }
 

@@ -24,7 +24,7 @@ pub struct TestDb {
 fn in_ci() -> bool {
     matches!(
         std::env::var("CI").as_deref(),
-        Ok("true" | "TRUE" | "True" | "1")
+        Ok("true" | "TRUE" | "True" | "1" | "yes")
     )
 }
 
