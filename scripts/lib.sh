@@ -99,3 +99,31 @@ fmt_duration() {
     local s="$1"
     if ((s >= 60)); then printf '%dm%02ds' $((s / 60)) $((s % 60)); else printf '%ds' "$s"; fi
 }
+
+# The target triple of the static agent: $HODEI_WORKER_TARGET, else the host's
+# (`rustc -vV`), else x86_64-unknown-linux-gnu. It must be a *-linux-gnu target
+# (glibc's static libraries come with libc6-dev).
+agent_target() {
+    if [[ -n "${HODEI_WORKER_TARGET:-}" ]]; then
+        printf '%s\n' "$HODEI_WORKER_TARGET"
+        return 0
+    fi
+    local host
+    host="$(rustc -vV 2>/dev/null | sed -n 's/^host: //p' || true)"
+    printf '%s\n' "${host:-x86_64-unknown-linux-gnu}"
+}
+
+# ensure_rust_components: rustfmt and clippy, added through rustup when missing.
+ensure_rust_components() {
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    ((${#missing[@]} == 0)) && return 0
+    if have rustup; then
+        log "rustup component add ${missing[*]}"
+        rustup component add "${missing[@]}" >&2
+    else
+        warn "missing ${missing[*]} and no rustup to add them"
+        return 1
+    fi
+}

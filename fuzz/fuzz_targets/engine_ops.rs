@@ -16,7 +16,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 
 use hodei_core::engine::{
-    AttemptReport, Effect, Engine, EngineConfig, ProviderConfig, Registration, SeededEntropy,
+    AttemptReport, Effect, Engine, EngineConfig, ProviderConfig, RefusalCode, Registration,
+    SeededEntropy,
 };
 use hodei_core::ids::{JobId, ProviderId, WorkerId};
 use hodei_core::job::{Job, JobState};
@@ -95,6 +96,9 @@ enum Op {
         worker: u8,
         job: u8,
         attempt: i8,
+        /// 0: unspecified, 1: at capacity, 2: draining, 3: the text-only
+        /// `handle_refused`.
+        code: u8,
     },
     Result {
         worker: u8,
@@ -350,10 +354,37 @@ impl Shell {
                 worker,
                 job,
                 attempt,
+                code,
             } => {
                 if let (Some(w), Some(j)) = (self.worker(worker), self.job(job)) {
                     let a = self.attempt(j, attempt);
-                    let _ = self.engine.handle_refused(now, w, j, a, "fuzzed refusal");
+                    let _ = match code % 4 {
+                        0 => self.engine.handle_refusal(
+                            now,
+                            w,
+                            j,
+                            a,
+                            RefusalCode::Unspecified,
+                            "fuzzed refusal",
+                        ),
+                        1 => self.engine.handle_refusal(
+                            now,
+                            w,
+                            j,
+                            a,
+                            RefusalCode::AtCapacity,
+                            "worker is at capacity",
+                        ),
+                        2 => self.engine.handle_refusal(
+                            now,
+                            w,
+                            j,
+                            a,
+                            RefusalCode::Draining,
+                            "worker is draining",
+                        ),
+                        _ => self.engine.handle_refused(now, w, j, a, "fuzzed refusal"),
+                    };
                 }
             }
             Op::Result {
