@@ -444,15 +444,53 @@ async fn runs_a_job_with_ordered_logs_and_its_exit_code() {
     assert_eq!(close_and_wait(session, &mut handle).await, AgentExit::Clean);
 }
 
+/// Nanoseconds since the epoch in a file a job wrote with `date +%s%N`.
+fn read_stamp(path: &str) -> Option<u128> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// "A cancel takes effect within 1 s": SIGTERM reaches the job's whole
+/// process group within 1 s of the request reaching the agent (measured
+/// from before the server sent it, by the job's own traps), and whatever
+/// ignores it is SIGKILLed after the kill grace.
 #[tokio::test]
 async fn cancel_takes_effect_promptly() {
     let mut h = Harness::start().await;
     let mut handle = agent::spawn(h.config());
     let mut session = h.welcomed_session("r1").await;
 
-    session.send(sh("job-1", "echo started; sleep 1000"));
+    // The shell and a background member of its group stamp the time SIGTERM
+    // reaches them, and keep running.
+    let (leader, member) = (h.path("leader-term"), h.path("member-term"));
+    session.send(sh(
+        "job-1",
+        &format!(
+            "sh -c 'trap \"date +%s%N > {member}\" TERM; echo member-ready; \
+             while :; do sleep 0.05; done' &
+             trap 'date +%s%N > {leader}' TERM
+             echo leader-ready
+             while :; do sleep 0.05; done"
+        ),
+    ));
     session.expect_ack("job-1").await;
-    session.until_line("job-1", "started").await;
+    let mut ready = Vec::new();
+    while ready.len() < 2 {
+        match session.recv().await {
+            worker_message::Kind::Logs(batch) => {
+                ready.extend(batch.lines.into_iter().map(|l| l.text));
+            }
+            other => panic!("unexpected message: {other:?}"),
+        }
+    }
+    ready.sort();
+    assert_eq!(ready, ["leader-ready", "member-ready"]);
     // Unknown attempts are ignored.
     for (job, attempt) in [("nope", 1), ("job-1", 7)] {
         session.send(server_message::Kind::Cancel(CancelJob {
@@ -461,21 +499,109 @@ async fn cancel_takes_effect_promptly() {
             reason: "test".into(),
         }));
     }
-    let started = Instant::now();
+    let requested = now_ns();
     session.send(server_message::Kind::Cancel(CancelJob {
         job_id: "job-1".into(),
         attempt: 1,
         reason: "user request".into(),
     }));
     let out = session.until_result("job-1").await;
-    let elapsed = started.elapsed();
     assert!(out.result.cancelled, "{:?}", out.result);
     assert!(!out.result.timed_out);
+    // The shell survived SIGTERM: SIGKILL after the grace ended it.
+    assert_eq!(out.result.signal, Some(libc::SIGKILL));
+    for (what, path) in [("job shell", &leader), ("group member", &member)] {
+        let at = read_stamp(path).unwrap_or_else(|| panic!("the {what} never got SIGTERM"));
+        assert!(at >= requested, "{what}: SIGTERM before the cancel?");
+        let after_ms = (at - requested) / 1_000_000;
+        assert!(
+            after_ms < 1000,
+            "{what} got SIGTERM {after_ms} ms after the cancel"
+        );
+    }
+
+    // A job that does not trap SIGTERM dies of it.
+    session.send(sh("job-2", "echo started; sleep 1000"));
+    session.expect_ack("job-2").await;
+    session.until_line("job-2", "started").await;
+    session.send(server_message::Kind::Cancel(CancelJob {
+        job_id: "job-2".into(),
+        attempt: 1,
+        reason: "user request".into(),
+    }));
+    let out = session.until_result("job-2").await;
+    assert!(out.result.cancelled, "{:?}", out.result);
     assert_eq!(out.result.signal, Some(libc::SIGTERM));
-    assert!(elapsed < Duration::from_secs(2), "cancel took {elapsed:?}");
 
     handle.kill();
     assert_eq!(close_and_wait(session, &mut handle).await, AgentExit::Clean);
+}
+
+/// Regression: batches were cut by line count only, so big lines made
+/// messages over the server's limit (here the fake server's default
+/// 4 MiB): the session broke and the batch was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_batches_stay_under_a_mebibyte_whatever_the_line_size() {
+    const LINES: usize = 200;
+    const LEN: usize = 60_000;
+    let mut h = Harness::start().await;
+    let mut config = h.config();
+    config.log_batch_size = Some(1000);
+    config.log_flush = Some(Duration::from_secs(60));
+    let mut handle = agent::spawn(config);
+    let mut session = h.welcomed_session("r1").await;
+    session.send(sh(
+        "job-1",
+        &format!(
+            "awk 'BEGIN {{ s = \"x\"; while (length(s) < {LEN}) s = s s; \
+             s = substr(s, 1, {LEN}); for (i = 1; i <= {LINES}; i++) printf \"%05d%s\\n\", i, s }}'"
+        ),
+    ));
+    session.expect_ack("job-1").await;
+    let out = session.until_result("job-1").await;
+    out.assert_contiguous();
+    assert_eq!(out.result.exit_code, Some(0));
+    assert_eq!(out.lines.len(), LINES);
+    let body = "x".repeat(LEN);
+    for (i, line) in out.lines.iter().enumerate() {
+        assert_eq!(line.text.len(), LEN + 5);
+        assert!(line.text == format!("{:05}{body}", i + 1), "line {}", i + 1);
+    }
+    // Full batches by bytes: ~17 lines each, never the 1000 asked for.
+    assert!(out.batch_sizes.len() >= LINES * LEN / agent::MAX_LOG_BATCH_BYTES);
+    assert!(
+        out.batch_sizes
+            .iter()
+            .all(|&n| n * LEN <= agent::MAX_LOG_BATCH_BYTES)
+    );
+    handle.kill();
+    close_and_wait(session, &mut handle).await;
+}
+
+/// Regression: the agent kept tonic's default 4 MiB receive limit, under
+/// what a `RunJob` may carry (a 2 MiB spec and up to 64 secrets of 64 KiB).
+#[tokio::test]
+async fn a_run_job_over_four_mebibytes_is_received() {
+    let mut h = Harness::start().await;
+    let mut handle = agent::spawn(h.config());
+    let mut session = h.welcomed_session("r1").await;
+    let comment = format!("# {}\n", "c".repeat(1000));
+    let script = format!("{}echo ran\n", comment.repeat(6 * 1024));
+    assert!(script.len() > 5 * 1024 * 1024);
+    session.send(run(
+        "job-1",
+        JobSpec {
+            script: Some(script),
+            ..JobSpec::default()
+        },
+        HashMap::new(),
+    ));
+    session.expect_ack("job-1").await;
+    let out = session.until_result("job-1").await;
+    assert_eq!(out.texts(LogStream::Stdout), ["ran"]);
+    assert_eq!(out.result.exit_code, Some(0));
+    handle.kill();
+    close_and_wait(session, &mut handle).await;
 }
 
 #[tokio::test]

@@ -323,6 +323,40 @@ impl SecretMasker {
         self.values.is_empty()
     }
 
+    /// Length in bytes of the longest value (0 when there is none).
+    pub fn longest(&self) -> usize {
+        self.values.first().map_or(0, String::len)
+    }
+
+    /// The occurrence of a value in `text` that starts before `cut` and
+    /// ends after it, as `(start, end)`, with the same leftmost-longest
+    /// matching as [`SecretMasker::mask`] (on bytes). `text` must extend at
+    /// least `longest() - 1` bytes past `cut` (or be the whole line) for an
+    /// occurrence to be seen whole.
+    fn straddling(&self, text: &[u8], cut: usize) -> Option<(usize, usize)> {
+        let matches_at = |at: usize| {
+            self.values
+                .iter()
+                .map(String::as_bytes)
+                .find(|value| text[at..].starts_with(value))
+        };
+        // Cheap test first: no value crosses `cut` wherever the scan starts.
+        let first = cut.saturating_sub(self.longest().saturating_sub(1));
+        if !(first..cut).any(|at| matches_at(at).is_some_and(|v| at + v.len() > cut)) {
+            return None;
+        }
+        // The exact answer: the occurrences the masker would find.
+        let mut at = 0;
+        while at < cut {
+            match matches_at(at) {
+                Some(value) if at + value.len() > cut => return Some((at, at + value.len())),
+                Some(value) => at += value.len(),
+                None => at += 1,
+            }
+        }
+        None
+    }
+
     /// `line` with every occurrence of a secret value replaced by [`MASK`];
     /// borrowed when nothing had to be replaced.
     pub fn mask<'a>(&self, line: &'a str) -> Cow<'a, str> {
@@ -804,7 +838,7 @@ async fn pump<R: AsyncRead + Unpin>(
     stop: &CancellationToken,
 ) {
     let Some(mut pipe) = pipe else { return };
-    let mut splitter = LineSplitter::new(max_line);
+    let mut splitter = LineSplitter::new(max_line, &emitter.masker);
     let mut buf = vec![0u8; READ_CHUNK];
     let mut budget = DRAIN_IDLE_BUDGET;
     let mut lines = Vec::new();
@@ -840,12 +874,12 @@ async fn pump<R: AsyncRead + Unpin>(
             }
         };
         let at = now();
-        splitter.push(&buf[..n], &mut lines);
+        splitter.push(&buf[..n], &emitter.masker, &mut lines);
         for line in lines.drain(..) {
             emitter.emit(stream, at, &line).await;
         }
     }
-    splitter.finish(&mut lines);
+    splitter.finish(&emitter.masker, &mut lines);
     let at = now();
     for line in lines.drain(..) {
         emitter.emit(stream, at, &line).await;
@@ -857,46 +891,58 @@ fn now() -> DateTime<Utc> {
 }
 
 /// Splits a byte stream into lines of at most `max` bytes.
+///
+/// A line longer than `max` is cut into chunks, never inside an occurrence
+/// of a secret value: the masker runs on each chunk, so a value cut in two
+/// would leak as two unmasked halves. To see a value that starts before a
+/// cut whole, an unterminated line is only cut once `hold` (the longest
+/// value's length minus one) more bytes have arrived; a value crossing the
+/// cut moves it to the value's start (or, for a value at the very start of
+/// the chunk, to its end: that chunk is longer than `max`, but masked).
 struct LineSplitter {
     /// The current, unterminated line.
     buf: Vec<u8>,
     max: usize,
+    /// Bytes looked at past a cut before making it.
+    hold: usize,
     /// Part of the current line was already emitted as a chunk.
     chunked: bool,
 }
 
 impl LineSplitter {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, masker: &SecretMasker) -> Self {
         Self {
             buf: Vec::new(),
             max: max.max(1),
+            hold: masker.longest().saturating_sub(1),
             chunked: false,
         }
     }
 
     /// Appends `data`, pushing every completed line or full chunk to `out`.
-    fn push(&mut self, mut data: &[u8], out: &mut Vec<Vec<u8>>) {
+    fn push(&mut self, mut data: &[u8], masker: &SecretMasker, out: &mut Vec<Vec<u8>>) {
         while let Some(newline) = data.iter().position(|&b| b == b'\n') {
             self.buf.extend_from_slice(&data[..newline]);
             data = &data[newline + 1..];
-            self.end_line(out);
+            self.end_line(masker, out);
         }
         self.buf.extend_from_slice(data);
-        self.split_long(out);
+        self.split_long(self.hold, masker, out);
     }
 
     /// Emits the unterminated rest at end of stream.
-    fn finish(&mut self, out: &mut Vec<Vec<u8>>) {
+    fn finish(&mut self, masker: &SecretMasker, out: &mut Vec<Vec<u8>>) {
         if !self.buf.is_empty() {
-            self.end_line(out);
+            self.end_line(masker, out);
         }
     }
 
-    fn end_line(&mut self, out: &mut Vec<Vec<u8>>) {
+    fn end_line(&mut self, masker: &SecretMasker, out: &mut Vec<Vec<u8>>) {
         if self.buf.last() == Some(&b'\r') {
             self.buf.pop();
         }
-        self.split_long(out);
+        // The whole line is known: nothing to hold back.
+        self.split_long(0, masker, out);
         // A line that was an exact multiple of `max` has nothing left.
         if !self.buf.is_empty() || !self.chunked {
             out.push(std::mem::take(&mut self.buf));
@@ -904,9 +950,13 @@ impl LineSplitter {
         self.chunked = false;
     }
 
-    fn split_long(&mut self, out: &mut Vec<Vec<u8>>) {
-        while self.buf.len() > self.max {
-            let cut = chunk_len(&self.buf, self.max);
+    /// Cuts chunks off the line while it is longer than `max + hold`.
+    fn split_long(&mut self, hold: usize, masker: &SecretMasker, out: &mut Vec<Vec<u8>>) {
+        while self.buf.len() > self.max + hold {
+            let mut cut = chunk_len(&self.buf, self.max);
+            if let Some((start, end)) = masker.straddling(&self.buf, cut) {
+                cut = if start > 0 { start } else { end };
+            }
             out.push(self.buf.drain(..cut).collect());
             self.chunked = true;
         }
@@ -1153,17 +1203,50 @@ mod tests {
         (handle, rx, cancel)
     }
 
+    /// A cancellation sends SIGTERM to the whole group at once: the shell
+    /// and a background member stamp when it reached them (within 1 s of
+    /// the cancel), and a job that does not trap it dies of it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cancel_returns_within_a_second() {
-        let (handle, mut rx, cancel) = start(sh("echo started; sleep 1000"));
-        assert_eq!(rx.recv().await.unwrap().text, "started");
-        let started = std::time::Instant::now();
+    async fn cancel_sends_sigterm_to_the_group_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leader, member) = (dir.path().join("leader"), dir.path().join("member"));
+        let (handle, mut rx, cancel) = start(sh(&format!(
+            "sh -c 'trap \"date +%s%N > {member}; exit 1\" TERM; echo member; \
+             while :; do sleep 0.05; done' &
+             trap 'date +%s%N > {leader}; exit 143' TERM
+             echo leader
+             while :; do sleep 0.05; done",
+            member = member.display(),
+            leader = leader.display()
+        )));
+        let mut ready = vec![rx.recv().await.unwrap().text, rx.recv().await.unwrap().text];
+        ready.sort();
+        assert_eq!(ready, ["leader", "member"]);
+        let cancelled_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         cancel.cancel();
         let outcome = handle.await.unwrap();
-        let elapsed = started.elapsed();
         assert!(outcome.cancelled && !outcome.timed_out, "{outcome:?}");
+        assert_eq!(outcome.exit_code, Some(143));
+        for path in [&leader, &member] {
+            let stamp: u128 = fs::read_to_string(path).unwrap().trim().parse().unwrap();
+            assert!(stamp >= cancelled_at);
+            let after_ms = (stamp - cancelled_at) / 1_000_000;
+            assert!(
+                after_ms < 1000,
+                "{}: SIGTERM after {after_ms} ms",
+                path.display()
+            );
+        }
+
+        let (handle, mut rx, cancel) = start(sh("echo started; sleep 1000"));
+        assert_eq!(rx.recv().await.unwrap().text, "started");
+        cancel.cancel();
+        let outcome = handle.await.unwrap();
+        assert!(outcome.cancelled, "{outcome:?}");
         assert_eq!(outcome.signal, Some(Signal::SIGTERM as i32));
-        assert!(elapsed < Duration::from_secs(2), "cancel took {elapsed:?}");
     }
 
     #[tokio::test]
@@ -1320,18 +1403,85 @@ mod tests {
     #[test]
     fn splitter_handles_partial_lines_and_chunks_on_char_boundaries() {
         let mut out = Vec::new();
-        let mut splitter = LineSplitter::new(4);
-        splitter.push(b"ab", &mut out);
-        splitter.push(b"c\r\n\nabcd\nabcdefgh\n", &mut out);
-        splitter.push("aé€x\n".as_bytes(), &mut out);
-        splitter.push(b"tail", &mut out);
-        splitter.finish(&mut out);
+        let none = SecretMasker::default();
+        let mut splitter = LineSplitter::new(4, &none);
+        splitter.push(b"ab", &none, &mut out);
+        splitter.push(b"c\r\n\nabcd\nabcdefgh\n", &none, &mut out);
+        splitter.push("aé€x\n".as_bytes(), &none, &mut out);
+        splitter.push(b"tail", &none, &mut out);
+        splitter.finish(&none, &mut out);
         let out: Vec<String> = out
             .into_iter()
             .map(|l| String::from_utf8(l).unwrap())
             .collect();
         // "aé€x" is 1+2+3+1 bytes: split as "aé" (3) and "€x" (4).
         assert_eq!(out, ["abc", "", "abcd", "abcd", "efgh", "aé", "€x", "tail"]);
+    }
+
+    /// Regression: a long line was cut at `max` bytes before masking, so a
+    /// secret crossing the cut left the agent as two unmasked halves.
+    #[test]
+    fn splitter_never_cuts_inside_a_secret() {
+        let masker = SecretMasker::new(["SECRET".to_owned(), "XY".to_owned()]);
+        let masked = |chunks: &[Vec<u8>]| -> Vec<String> {
+            chunks
+                .iter()
+                .map(|c| masker.mask(&String::from_utf8_lossy(c)).into_owned())
+                .collect()
+        };
+        // The secret crosses the cut at 10: whole input at once, and byte by
+        // byte (the cut must wait until the secret has arrived).
+        let line = b"0123456SECRET789abcdefghij";
+        let mut at_once = Vec::new();
+        let mut splitter = LineSplitter::new(10, &masker);
+        splitter.push(line, &masker, &mut at_once);
+        splitter.finish(&masker, &mut at_once);
+        let mut trickled = Vec::new();
+        let mut splitter = LineSplitter::new(10, &masker);
+        for byte in line {
+            splitter.push(std::slice::from_ref(byte), &masker, &mut trickled);
+        }
+        splitter.finish(&masker, &mut trickled);
+        for chunks in [&at_once, &trickled] {
+            let texts = masked(chunks);
+            assert_eq!(texts, ["0123456", "***789a", "bcdefghij"], "{chunks:?}");
+            assert!(chunks.iter().all(|c| c.len() <= 10));
+        }
+        // A secret longer than a chunk, at the start of one: the chunk ends
+        // after it (longer than `max`, but masked).
+        let long = SecretMasker::new(["ABCDEFGHIJKLMN".to_owned()]);
+        let mut out = Vec::new();
+        let mut splitter = LineSplitter::new(10, &long);
+        splitter.push(b"ABCDEFGHIJKLMNrest-of-the-line\n", &long, &mut out);
+        let texts: Vec<String> = out
+            .iter()
+            .map(|c| long.mask(&String::from_utf8_lossy(c)).into_owned())
+            .collect();
+        assert_eq!(texts, ["***", "rest-of-th", "e-line"]);
+        // Without secrets nothing is held back: cuts are at `max`.
+        let none = SecretMasker::default();
+        let mut out = Vec::new();
+        let mut splitter = LineSplitter::new(10, &none);
+        splitter.push(b"0123456789abcdefghijk", &none, &mut out);
+        assert_eq!(out, [b"0123456789".to_vec(), b"abcdefghij".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_secret_straddling_the_line_limit_is_masked() {
+        // 65,533 bytes, then the secret across the 64 KiB cut, then more.
+        let mut req = sh("head -c 65533 /dev/zero | tr '\\0' a; printf '%s' \"$PW\"; echo tail");
+        req.secrets.insert("PW".into(), "hunter2".into());
+        let (outcome, lines) = run(req).await;
+        assert!(outcome.succeeded(), "{outcome:?}");
+        assert!(lines.len() >= 2, "the line was split: {}", lines.len());
+        for line in &lines {
+            for half in ["hun", "ter2", "nter", "unter", "hunter"] {
+                assert!(!line.text.contains(half), "{half} leaked");
+            }
+        }
+        let whole: String = lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(whole, format!("{}***tail", "a".repeat(65_533)));
+        assert!(lines.iter().all(|l| l.text.len() <= DEFAULT_MAX_LINE_BYTES));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,13 @@ use crate::proto::{self, JobResult, LogBatch, RunJob, WorkerMessage};
 
 /// Lines buffered between the job's pipes and its batcher.
 const LINE_CHANNEL: usize = 1024;
+
+/// Most bytes of log lines in one `LogBatch` (its encoding, give or take
+/// the job id): far below the 16 MiB the server accepts per message
+/// ([`crate::server::MAX_MESSAGE_SIZE`]), whatever the batch size. A
+/// line is at most 64 KiB of output, so at most 192 KiB once invalid
+/// UTF-8 is replaced, and always fits.
+pub const MAX_LOG_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Log batching settings, shared by all jobs and updated by each `Welcome`.
 #[derive(Debug)]
@@ -217,7 +225,7 @@ async fn execute(
     let (tx, rx) = mpsc::channel(LINE_CHANNEL);
     let (outcome, ()) = tokio::join!(
         exec::execute(req, tx, cancel),
-        batch_logs(key, rx, &ctx.outbox, &ctx.settings),
+        batch_logs(key, rx, &ctx.outbox, &ctx.settings, MAX_LOG_BATCH_BYTES),
     );
     // Killed by SIGKILL, or a shell reporting a child's SIGKILL (128 + 9,
     // e.g. `set -e` or the script's last command): with the cgroup's OOM
@@ -236,50 +244,86 @@ async fn execute(
 }
 
 /// Groups lines into `LogBatch`es: a batch goes out when it holds the batch
-/// size, when the flush interval has passed since its first line, and when
-/// the job's output ends. Waiting for the outbox stops reading `lines`.
+/// size, when its encoding reaches `max_bytes` (a line that would take it
+/// over starts the next batch; a batch always has at least one line), when
+/// the flush interval has passed since its first line, and when the job's
+/// output ends. Waiting for the outbox stops reading `lines`.
 async fn batch_logs(
     key: &AttemptKey,
     mut lines: mpsc::Receiver<exec::LogLine>,
     outbox: &Outbox,
     settings: &LogSettings,
+    max_bytes: usize,
 ) {
-    let mut batch: Vec<proto::LogLine> = Vec::new();
+    let mut batch = Batch::default();
     let mut received: Vec<exec::LogLine> = Vec::new();
     let mut flush_at: Option<Instant> = None;
     let mut batch_size = settings.batch_size();
     loop {
-        let room = batch_size.saturating_sub(batch.len()).max(1);
+        let room = batch_size.saturating_sub(batch.lines.len()).max(1);
         let deadline = flush_at;
         let open = tokio::select! {
             n = lines.recv_many(&mut received, room) => n > 0,
             () = sleep_until_some(deadline) => true,
         };
-        if !received.is_empty() {
-            if batch.is_empty() {
+        for line in received.drain(..) {
+            let line = to_proto(line, key.1);
+            let size = batch_entry_len(&line);
+            if !batch.lines.is_empty() && batch.bytes + size > max_bytes {
+                batch.send(key, outbox).await;
+                flush_at = None;
+            }
+            if batch.lines.is_empty() {
                 batch_size = settings.batch_size();
                 flush_at = Some(Instant::now() + settings.flush());
             }
-            batch.extend(received.drain(..).map(|line| to_proto(line, key.1)));
+            batch.lines.push(line);
+            batch.bytes += size;
+            if batch.lines.len() >= batch_size || batch.bytes >= max_bytes {
+                batch.send(key, outbox).await;
+                flush_at = None;
+            }
         }
         let due = flush_at.is_some_and(|at| at <= Instant::now());
-        if !batch.is_empty() && (batch.len() >= batch_size || due || !open) {
-            let lines = std::mem::take(&mut batch);
+        if !batch.lines.is_empty() && (due || !open) {
+            batch.send(key, outbox).await;
             flush_at = None;
-            outbox
-                .push(WorkerMessage {
-                    kind: Some(Kind::Logs(LogBatch {
-                        job_id: key.0.clone(),
-                        attempt: key.1,
-                        lines,
-                    })),
-                })
-                .await;
         }
         if !open {
             return;
         }
     }
+}
+
+/// The lines of the batch being filled and their encoded size.
+#[derive(Default)]
+struct Batch {
+    lines: Vec<proto::LogLine>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Queues the lines as one `LogBatch` and starts an empty one.
+    async fn send(&mut self, key: &AttemptKey, outbox: &Outbox) {
+        let lines = std::mem::take(&mut self.lines);
+        self.bytes = 0;
+        outbox
+            .push(WorkerMessage {
+                kind: Some(Kind::Logs(LogBatch {
+                    job_id: key.0.clone(),
+                    attempt: key.1,
+                    lines,
+                })),
+            })
+            .await;
+    }
+}
+
+/// Bytes `line` adds to an encoded `LogBatch`: the line, its length prefix
+/// and its field tag.
+fn batch_entry_len(line: &proto::LogLine) -> usize {
+    let len = line.encoded_len();
+    len + prost::length_delimiter_len(len) + 1
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {
@@ -540,6 +584,79 @@ mod tests {
         assert_eq!(result.exit_code, Some(0));
         job.await.unwrap();
         assert_eq!(slots.taken(), 0);
+    }
+
+    /// Batches are cut by bytes as well as by lines: a line that would take
+    /// a batch over the cap starts the next one, and a line over the cap on
+    /// its own still goes out (alone).
+    #[tokio::test]
+    async fn batches_are_capped_by_bytes() {
+        const MAX: usize = 1000;
+        let ctx = ctx();
+        ctx.settings.set(100, Duration::from_secs(60));
+        let key = ("j".to_owned(), 1);
+        let (tx, rx) = mpsc::channel(64);
+        let texts: Vec<String> = (1..=20u8)
+            .map(|i| char::from(b'a' + i).to_string().repeat(300))
+            .chain(["B".repeat(5000), "c1".into(), "c2".into()])
+            .collect();
+        let send = {
+            let texts = texts.clone();
+            async move {
+                for (i, text) in texts.into_iter().enumerate() {
+                    let line = exec::LogLine {
+                        seq: i as u64 + 1,
+                        stream: exec::LogStream::Stdout,
+                        at: chrono::Utc::now(),
+                        text,
+                    };
+                    tx.send(line).await.unwrap();
+                }
+            }
+        };
+        let outbox = Arc::clone(&ctx.outbox);
+        let collect = tokio::spawn(async move {
+            use futures::StreamExt;
+            let (control, rx) = mpsc::unbounded_channel();
+            let mut stream = outbox.session_stream(rx);
+            control
+                .send(super::super::outbox::Control::OpenOutbox)
+                .unwrap();
+            let mut batches = Vec::new();
+            let mut lines = 0;
+            while lines < 23 {
+                let Some(Kind::Logs(batch)) = stream.next().await.and_then(|m| m.kind) else {
+                    panic!("expected a log batch");
+                };
+                lines += batch.lines.len();
+                batches.push(batch.lines);
+            }
+            batches
+        });
+        tokio::join!(send, batch_logs(&key, rx, &ctx.outbox, &ctx.settings, MAX));
+        let batches = collect.await.unwrap();
+        let bytes = |lines: &[proto::LogLine]| lines.iter().map(batch_entry_len).sum::<usize>();
+        for (i, batch) in batches.iter().enumerate() {
+            assert!(!batch.is_empty());
+            if batch.len() > 1 {
+                assert!(bytes(batch) <= MAX, "batch {i} has {} bytes", bytes(batch));
+            }
+            // Every batch but the last was full: its next line did not fit.
+            if let Some(next) = batches.get(i + 1) {
+                assert!(bytes(batch) + batch_entry_len(&next[0]) > MAX, "batch {i}");
+            }
+        }
+        let got: Vec<&str> = batches.iter().flatten().map(|l| l.text.as_str()).collect();
+        assert_eq!(got, texts.iter().map(String::as_str).collect::<Vec<_>>());
+        let seqs: Vec<u64> = batches.iter().flatten().map(|l| l.seq).collect();
+        assert_eq!(seqs, (1..=23).collect::<Vec<u64>>());
+        // The 5000-byte line went alone; several 300-byte lines shared batches.
+        assert!(
+            batches
+                .iter()
+                .any(|b| b.len() == 1 && b[0].text.len() == 5000)
+        );
+        assert!(batches.len() >= 7 && batches[0].len() >= 2, "{batches:?}");
     }
 
     #[tokio::test]

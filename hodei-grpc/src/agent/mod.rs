@@ -42,6 +42,7 @@ pub use config::{
     AgentConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LOG_BATCH_SIZE, DEFAULT_LOG_FLUSH,
     DEFAULT_SERVER_URL, WorkerArgs, parse_labels,
 };
+pub use job::MAX_LOG_BATCH_BYTES;
 
 /// How an agent ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -612,7 +612,11 @@ async fn open_session(
     outbox: Arc<Outbox>,
 ) -> Result<Session, OpenError> {
     let channel: Channel = endpoint.connect().await.map_err(OpenError::Connect)?;
-    let mut client = WorkerServiceClient::new(channel);
+    // A `RunJob` carries a spec (2 MiB by default) and up to 64 secrets of
+    // 64 KiB: over tonic's default 4 MiB. The server's limit applies both ways.
+    let mut client = WorkerServiceClient::new(channel)
+        .max_decoding_message_size(crate::server::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(crate::server::MAX_MESSAGE_SIZE);
     let (control, control_rx) = mpsc::unbounded_channel();
     // The receiver is alive: it is right here.
     let _ = control.send(Control::Send(message(worker_message::Kind::Hello(hello))));

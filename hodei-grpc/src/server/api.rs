@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use hodei_core::ids::{JobId, WorkerId};
 use hodei_core::ports::{AuditFilter, JobFilter, RequestContext};
 use hodei_core::runtime::{ApiError, ControlPlane};
@@ -38,6 +38,26 @@ const ENDING_EVENTS: &[&str] = &["JobSucceeded", "JobFailed", "JobCancelled", "J
 
 /// Most log lines per streamed chunk.
 const LOG_CHUNK: usize = 1000;
+
+/// Most bytes of log lines in one follow chunk or one page, whatever the
+/// line count: a stored line can hold 64 KiB of output (more once invalid
+/// UTF-8 is replaced), so 1,000 of them would be far over the 16 MiB
+/// message limit ([`super::MAX_MESSAGE_SIZE`]). A chunk or page always
+/// carries at least one line; a page cut short by this cap is followed by
+/// the next one (clients page until an empty page).
+pub const LOG_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Lines read from the store first when building a page; later reads are
+/// sized from the lines' average size so that big lines are not read in
+/// their thousands to fill 1 MiB.
+const PAGE_FIRST_READ: usize = 64;
+
+/// Bytes `line` adds to an encoded `LogChunk` or `PageLogsResponse`.
+fn log_entry_len(line: &proto::LogLine) -> usize {
+    use prost::Message;
+    let len = line.encoded_len();
+    len + prost::length_delimiter_len(len) + 1
+}
 
 /// The client API. Cheap to clone.
 #[derive(Clone)]
@@ -356,39 +376,71 @@ impl LogService for Api {
         // Unknown jobs fail now, not as an empty stream.
         self.cp.job(id).await.map_err(|e| status(&ctx, e))?;
         let (tx, rx) = mpsc::channel(16);
-        let mut lines = self
-            .cp
-            .follow_logs(id, req.get_ref().after)
-            .ready_chunks(LOG_CHUNK);
+        let mut lines = self.cp.follow_logs(id, req.get_ref().after);
         let stop = self.stop.clone();
         let err_ctx = ctx.clone();
         tokio::spawn(async move {
+            // A line read but left out of the previous chunk (size cap).
+            let mut carried: Option<proto::LogLine> = None;
             loop {
-                let batch = tokio::select! {
-                    batch = lines.next() => batch,
-                    _ = stop.cancelled() => {
-                        let _ = tx.send(Err(shutting_down())).await;
-                        return;
+                let first = match carried.take() {
+                    Some(line) => line,
+                    None => {
+                        let next = tokio::select! {
+                            next = lines.next() => next,
+                            _ = stop.cancelled() => {
+                                let _ = tx.send(Err(shutting_down())).await;
+                                return;
+                            }
+                            _ = tx.closed() => return,
+                        };
+                        match next {
+                            None => return,
+                            Some(Ok(l)) => convert::log_line_to_proto(&l),
+                            Some(Err(e)) => {
+                                let _ = tx.send(Err(status(&err_ctx, e))).await;
+                                return;
+                            }
+                        }
                     }
-                    _ = tx.closed() => return,
                 };
-                let Some(batch) = batch else { return };
-                let mut chunk = proto::LogChunk::default();
+                // Then whatever is ready now, up to LOG_CHUNK lines and
+                // LOG_MESSAGE_BYTES.
+                let mut bytes = log_entry_len(&first);
+                let mut chunk = proto::LogChunk { lines: vec![first] };
                 let mut failed = None;
-                for line in batch {
-                    match line {
-                        Ok(l) => chunk.lines.push(convert::log_line_to_proto(&l)),
-                        Err(e) => {
+                let mut ended = false;
+                while chunk.lines.len() < LOG_CHUNK {
+                    match lines.next().now_or_never() {
+                        None => break,
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
+                        Some(Some(Err(e))) => {
                             failed = Some(status(&err_ctx, e));
                             break;
                         }
+                        Some(Some(Ok(l))) => {
+                            let line = convert::log_line_to_proto(&l);
+                            let size = log_entry_len(&line);
+                            if bytes + size > LOG_MESSAGE_BYTES {
+                                carried = Some(line);
+                                break;
+                            }
+                            bytes += size;
+                            chunk.lines.push(line);
+                        }
                     }
                 }
-                if !chunk.lines.is_empty() && tx.send(Ok(chunk)).await.is_err() {
+                if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
                 if let Some(e) = failed {
                     let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                if ended {
                     return;
                 }
             }
@@ -407,17 +459,52 @@ impl LogService for Api {
         let ctx = context(&req);
         let r = req.get_ref();
         let id = parse_job(&ctx, &r.job_id)?;
-        let lines = self
-            .cp
-            .read_logs(id, r.after, r.limit as usize)
+        let limit = match r.limit {
+            0 => 1000,
+            n => (n as usize).min(10_000),
+        };
+        let lines = read_page(&self.cp, id, r.after, limit, LOG_MESSAGE_BYTES)
             .await
             .map_err(|e| status(&ctx, e))?;
-        Ok(reply(
-            &ctx,
-            proto::PageLogsResponse {
-                lines: lines.iter().map(convert::log_line_to_proto).collect(),
-            },
-        ))
+        Ok(reply(&ctx, proto::PageLogsResponse { lines }))
+    }
+}
+
+/// Up to `limit` stored lines of job `id` after `after`, stopping before
+/// the line that would take the page over `max_bytes` (a page has at least
+/// one line). Reads the store in steps sized from the lines seen so far.
+async fn read_page(
+    cp: &ControlPlane,
+    id: JobId,
+    mut after: u64,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<proto::LogLine>, ApiError> {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut read = PAGE_FIRST_READ.min(limit);
+    loop {
+        let lines = cp.read_logs(id, after, read).await?;
+        let got = lines.len();
+        for l in &lines {
+            let line = convert::log_line_to_proto(l);
+            let size = log_entry_len(&line);
+            if !page.is_empty() && bytes + size > max_bytes {
+                return Ok(page);
+            }
+            bytes += size;
+            after = l.seq;
+            page.push(line);
+            if page.len() == limit {
+                return Ok(page);
+            }
+        }
+        if got < read {
+            return Ok(page);
+        }
+        // As many lines as the average so far says still fit (at least one).
+        let average = bytes / page.len().max(1) + 1;
+        read = (max_bytes.saturating_sub(bytes) / average + 1).clamp(1, limit - page.len());
     }
 }
 

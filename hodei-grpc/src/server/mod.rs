@@ -43,6 +43,17 @@ use crate::config::{ConfigError, ProviderKind, ProviderSettings, ServerConfig, S
 use crate::inprocess::InProcessProvider;
 use crate::proto;
 
+/// Largest gRPC message the server accepts or sends, on every service that
+/// carries big messages: job specs (2 MiB of strings by default) in
+/// `JobService`, a `RunJob` (spec plus up to 64 secrets of 64 KiB) and the
+/// agents' log batches in `WorkerService` (the agent uses the same limit),
+/// log chunks and pages in `LogService`, audit pages. Log messages stay far
+/// below it: agents cap a batch at [`crate::agent::MAX_LOG_BATCH_BYTES`] and
+/// the server caps a follow chunk or a page at [`LOG_MESSAGE_BYTES`].
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+pub use api::LOG_MESSAGE_BYTES;
+
 /// The sockets the server serves on, bound by the caller (port 0 is fine).
 #[derive(Debug)]
 pub struct Listeners {
@@ -260,8 +271,7 @@ pub async fn start_with(
         .build_v1alpha()
         .map_err(|e| ServerError::Transport(e.to_string()))?;
 
-    // Specs may be up to 2 MiB of strings; leave room for the encoding.
-    const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+    const MAX_MESSAGE: usize = MAX_MESSAGE_SIZE;
     use proto::audit_service_server::AuditServiceServer;
     use proto::job_service_server::JobServiceServer;
     use proto::log_service_server::LogServiceServer;
@@ -298,7 +308,11 @@ pub async fn start_with(
             SecretServiceServer::new(api.clone()),
             auth,
         ))
-        .add_service(WorkerServiceServer::new(sessions).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(
+            WorkerServiceServer::new(sessions)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

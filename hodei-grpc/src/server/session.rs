@@ -31,10 +31,15 @@ use crate::proto::worker_service_server::WorkerService;
 
 /// How long a new session may take to send its `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Log lines per batch asked of agents.
-const LOG_BATCH_SIZE: u32 = 500;
-/// Longest time an agent holds log lines before sending them.
-const LOG_FLUSH_MS: u32 = 100;
+/// Log lines per batch asked of agents: 0, no opinion. Batching is the
+/// agent's own setting (`HODEI_LOG_BATCH_SIZE`, else 100 lines); whatever
+/// it is, an agent batch stays under 1 MiB
+/// ([`crate::agent::MAX_LOG_BATCH_BYTES`]), far below the session's
+/// message limit, so the server has nothing to impose.
+const LOG_BATCH_SIZE: u32 = 0;
+/// Longest time an agent holds log lines before sending them: 0, no
+/// opinion (`HODEI_LOG_FLUSH_MS`, else 250 ms).
+const LOG_FLUSH_MS: u32 = 0;
 
 /// The worker session service.
 #[derive(Clone)]
