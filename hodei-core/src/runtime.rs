@@ -5,6 +5,14 @@
 //! a decision goes through its command channel, so the engine is never
 //! shared. Reads (job lookups, logs, audit) go straight to the stores, and
 //! so do log appends, which are the hot path.
+//!
+//! The driver works in passes: it feeds the engine every command waiting
+//! in the channel, then carries out the effects together, the store calls
+//! of different jobs and workers concurrently, those of one job in the
+//! engine's order (see `Driver::drain`). A submission is answered once its
+//! job is stored, a cancellation or a drain once its effects are. On a
+//! store with round trips (PostgreSQL) this is what lets throughput grow
+//! with the number of jobs in flight.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -432,6 +440,9 @@ impl ControlPlane {
             last_now: now_utc(),
             counters: counters.clone(),
             submitted_at: HashMap::new(),
+            submit_replies: HashMap::new(),
+            after_drain: Vec::new(),
+            own_queued: std::collections::HashSet::new(),
         };
         let inner = Arc::new(Inner {
             config,
@@ -1204,7 +1215,22 @@ struct Driver {
     last_now: Timestamp,
     counters: Arc<Counters>,
     submitted_at: HashMap<JobId, Timestamp>,
+    /// Submissions waiting for their job's creation to be stored.
+    submit_replies: HashMap<JobId, oneshot::Sender<Result<Job, ApiError>>>,
+    /// Answers sent once the effects of the inputs that decided them are
+    /// carried out (stored).
+    after_drain: Vec<Box<dyn FnOnce() + Send>>,
+    /// `JobQueued` events this driver stored: their echo from the bus is
+    /// no news (the engine claims after its own submissions and requeues).
+    own_queued: std::collections::HashSet<EventId>,
 }
+
+/// Most inputs taken from the command channel before their effects are
+/// carried out together.
+const MAX_INPUTS_PER_PASS: usize = 256;
+/// Bound of [`Driver::own_queued`] (echoes that never came back, e.g. of
+/// updates that failed, are forgotten past it).
+const MAX_OWN_QUEUED: usize = 100_000;
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut stop: watch::Receiver<bool>) {
@@ -1230,6 +1256,14 @@ impl Driver {
                     self.engine.handle_tick(now);
                 }
             }
+            // Inputs that queued up meanwhile join this pass: their
+            // effects are carried out together (see `drain`).
+            for _ in 1..MAX_INPUTS_PER_PASS {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd).await,
+                    Err(_) => break,
+                }
+            }
             self.drain().await;
         }
         // Tell ephemeral idle workers to go; running ones reconnect later.
@@ -1251,24 +1285,30 @@ impl Driver {
         let now = self.now();
         match cmd {
             Cmd::Submit { spec, ctx, reply } => {
-                let result = match self.engine.handle_submit(now, *spec, &ctx) {
+                match self.engine.handle_submit(now, *spec, &ctx) {
                     Ok(id) => {
                         self.submitted_at.insert(id, now);
                         self.counters.jobs_submitted.fetch_add(1, Ordering::Relaxed);
-                        self.drain_until_created(id).await
+                        // Answered once the creation is stored.
+                        self.submit_replies.insert(id, reply);
                     }
-                    Err(e) => Err(e.into()),
-                };
-                let _ = reply.send(result);
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
             }
-            Cmd::Cancel { job, ctx, reply } => {
-                let result = match self.engine.handle_cancel(now, job, &ctx) {
-                    Ok(j) => Ok(j),
-                    Err(EngineError::UnknownJob(_)) => self.cancel_in_store(now, job, &ctx).await,
-                    Err(e) => Err(e.into()),
-                };
-                let _ = reply.send(result);
-            }
+            Cmd::Cancel { job, ctx, reply } => match self.engine.handle_cancel(now, job, &ctx) {
+                // Answered once the cancellation is stored.
+                Ok(j) => self.after_drain.push(Box::new(move || {
+                    let _ = reply.send(Ok(j));
+                })),
+                Err(EngineError::UnknownJob(_)) => {
+                    let _ = reply.send(self.cancel_in_store(now, job, &ctx).await);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             Cmd::Hello {
                 hello,
                 adoptable,
@@ -1364,11 +1404,13 @@ impl Driver {
                 }
             }
             Cmd::Drain { worker, ctx, reply } => {
-                let _ = reply.send(
-                    self.engine
-                        .handle_draining(now, worker, Some(&ctx))
-                        .map_err(ApiError::from),
-                );
+                let result = self
+                    .engine
+                    .handle_draining(now, worker, Some(&ctx))
+                    .map_err(ApiError::from);
+                self.after_drain.push(Box::new(move || {
+                    let _ = reply.send(result);
+                }));
             }
             Cmd::Provisioned { worker, result } => match result {
                 Ok(()) => self.engine.handle_provisioned(now, worker),
@@ -1402,6 +1444,8 @@ impl Driver {
                 }
             }
             Cmd::Bus(e) => match e.body {
+                // The echo of our own JobQueued is no news.
+                EventBody::JobQueued { .. } if self.own_queued.remove(&e.event_id) => {}
                 EventBody::JobQueued { .. } => self.engine.handle_queue_hint(),
                 EventBody::JobCancelled { job_id, .. } => {
                     if self.engine.job(job_id).is_some()
@@ -1454,258 +1498,307 @@ impl Driver {
         }
     }
 
-    /// Runs effects until the job's creation is stored; returns it.
-    async fn drain_until_created(&mut self, id: JobId) -> Result<Job, ApiError> {
-        let mut created = None;
-        while let Some(effect) = self.engine.poll_effect() {
-            if let Effect::CreateJob { job, events } = &effect
-                && job.id == id
-            {
-                let r = self
-                    .retry_store(|s| {
-                        let (job, events) = (job.clone(), events.clone());
-                        async move { create_job(&s, &job, events).await }
-                    })
-                    .await;
-                created = Some(match r {
-                    Ok(Created::New(_)) => Ok(job.clone()),
-                    Ok(Created::Existing(existing)) => Ok(*existing),
-                    Err(e) => Err(ApiError::from(e)),
-                });
-                continue;
-            }
-            self.execute(effect).await;
-        }
-        created.unwrap_or_else(|| Err(ApiError::Internal("job was not created".into())))
-    }
-
+    /// Carries out every effect the engine has, pass after pass, until it
+    /// has none left; then sends the answers that waited for them.
+    ///
+    /// A pass takes every effect polled so far and runs them concurrently,
+    /// except that an effect waits for the earlier effects of the pass
+    /// that share a lane with it ([`Lane`]: its job, its worker), and a
+    /// claim waits for every earlier effect (so that it sees the jobs just
+    /// created or requeued). So the store calls of different jobs overlap,
+    /// while each job's changes are stored, and dispatched, in the order the
+    /// engine decided them, each change with its events in one unit (the
+    /// store's `update`). What the engine must hear back (a claim's jobs, a
+    /// conflict, a failed provisioning or dispatch) is fed to it after the
+    /// pass, in effect order, and the next pass carries out what it
+    /// decided then.
     async fn drain(&mut self) {
-        while let Some(effect) = self.engine.poll_effect() {
-            self.execute(effect).await;
+        loop {
+            let mut effects = Vec::new();
+            while let Some(effect) = self.engine.poll_effect() {
+                effects.push(effect);
+            }
+            if effects.is_empty() {
+                break;
+            }
+            let follow_ups = self.run_pass(effects).await;
+            let now = self.now();
+            for f in follow_ups.into_iter().flatten() {
+                self.follow_up(now, f);
+            }
+        }
+        for (id, reply) in self.submit_replies.drain() {
+            let _ = reply.send(Err(ApiError::Internal(format!("job {id} was not created"))));
+        }
+        for answer in std::mem::take(&mut self.after_drain) {
+            answer();
         }
     }
 
-    async fn execute(&mut self, effect: Effect) {
+    /// Runs one pass (see [`Driver::drain`]); returns the follow-ups, in
+    /// effect order.
+    async fn run_pass(&mut self, effects: Vec<Effect>) -> Vec<Option<FollowUp>> {
         let now = self.now();
+        // A worker record saved twice in a pass: the last one is enough.
+        let mut last_save: HashMap<WorkerId, usize> = HashMap::new();
+        // The events recorded without a job change (workers, providers)
+        // in a pass: stored together, in order, where the last is.
+        let mut last_record = None;
+        for (i, e) in effects.iter().enumerate() {
+            match e {
+                Effect::SaveWorker(w) => {
+                    last_save.insert(w.id, i);
+                }
+                Effect::Record(_) => last_record = Some(i),
+                _ => {}
+            }
+        }
+        let mut recorded: Vec<DomainEvent> = Vec::new();
+        let mut record_lanes: Vec<Lane> = Vec::new();
+        let mut ops: Vec<(Op, Vec<usize>)> = Vec::with_capacity(effects.len());
+        let mut last: HashMap<Lane, usize> = HashMap::new();
+        for (i, effect) in effects.into_iter().enumerate() {
+            // Changes of one job decided in a row (an ack and the result of
+            // a short job): one store update, from the first's base version
+            // to the last's job, with all their events in order.
+            let (op, lanes) = match effect {
+                Effect::UpdateJob {
+                    job,
+                    expected_version,
+                    events,
+                } => match last.get(&Lane::Job(job.id)).map(|at| &mut ops[*at].0) {
+                    Some(Op::Update {
+                        job: prev,
+                        events: prev_events,
+                        ..
+                    }) if prev.version == expected_version => {
+                        self.note_queued(&events);
+                        **prev = job;
+                        prev_events.extend(events);
+                        continue;
+                    }
+                    _ => self.prepare(
+                        i,
+                        Effect::UpdateJob {
+                            job,
+                            expected_version,
+                            events,
+                        },
+                        &last_save,
+                    ),
+                },
+                Effect::Record(events) => {
+                    for lane in events.iter().map(record_lane) {
+                        if !record_lanes.contains(&lane) {
+                            record_lanes.push(lane);
+                        }
+                    }
+                    recorded.extend(events);
+                    if last_record != Some(i) {
+                        continue;
+                    }
+                    (
+                        Op::Record(std::mem::take(&mut recorded)),
+                        std::mem::take(&mut record_lanes),
+                    )
+                }
+                other => self.prepare(i, other, &last_save),
+            };
+            let deps: Vec<usize> = if matches!(op, Op::Claim { .. }) {
+                last.values().copied().collect()
+            } else {
+                lanes.iter().filter_map(|l| last.get(l).copied()).collect()
+            };
+            let at = ops.len();
+            for lane in lanes {
+                last.insert(lane, at);
+            }
+            ops.push((op, deps));
+        }
+        let ctx = Arc::new(PassCtx {
+            stores: self.stores.clone(),
+            replica: self.config.engine.replica_id.clone(),
+            server_url: self.config.server_url.clone(),
+            server_id: self.config.server_id.clone(),
+            provision_timeout: self.config.engine.provision_timeout,
+            tx: self.tx.clone(),
+            counters: self.counters.clone(),
+            conflicted: Mutex::new(std::collections::HashSet::new()),
+        });
+        let mut done: Vec<futures::future::Shared<oneshot::Receiver<()>>> =
+            Vec::with_capacity(ops.len());
+        let mut futures = Vec::with_capacity(ops.len());
+        for (op, deps) in ops {
+            let (tx, rx) = oneshot::channel::<()>();
+            let waits: Vec<_> = deps.iter().map(|d| done[*d].clone()).collect();
+            done.push(futures::FutureExt::shared(rx));
+            let ctx = ctx.clone();
+            futures.push(async move {
+                for w in waits {
+                    let _ = w.await;
+                }
+                let (out, finish) = op.run(&ctx, now).await;
+                // Later effects of its lanes may start now; the log's end
+                // mark needs no place in the order.
+                let _ = tx.send(());
+                if let Some(job) = finish {
+                    let _ = ctx.stores.logs.finish(job).await;
+                }
+                out
+            });
+        }
+        futures::future::join_all(futures).await
+    }
+
+    /// Turns an effect into an operation of a pass, with its lanes. Reads
+    /// and updates what only the driver holds (links, pending replies).
+    fn prepare(
+        &mut self,
+        index: usize,
+        effect: Effect,
+        last_save: &HashMap<WorkerId, usize>,
+    ) -> (Op, Vec<Lane>) {
         match effect {
             Effect::CreateJob { job, events } => {
-                let _ = self
-                    .retry_store(|s| {
-                        let (job, events) = (job.clone(), events.clone());
-                        async move { create_job(&s, &job, events).await }
-                    })
-                    .await;
+                self.note_queued(&events);
+                let reply = self.submit_replies.remove(&job.id);
+                let lanes = vec![Lane::Job(job.id)];
+                (
+                    Op::Create {
+                        job: Box::new(job),
+                        events,
+                        reply,
+                    },
+                    lanes,
+                )
             }
             Effect::UpdateJob {
                 job,
                 expected_version,
                 events,
             } => {
-                let r = self
-                    .retry_store(|s| {
-                        let (job, events) = (job.clone(), events.clone());
-                        async move { s.jobs.update(&job, expected_version, events).await }
-                    })
-                    .await;
-                match r {
-                    Ok(_) => {
-                        if job.is_terminal() {
-                            let ix = JobState::ALL
-                                .iter()
-                                .position(|s| *s == job.state())
-                                .unwrap_or(0);
-                            self.counters.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
-                            self.submitted_at.remove(&job.id);
-                            let _ = self.stores.logs.finish(job.id).await;
-                        }
-                    }
-                    Err(StoreError::Conflict { .. }) => {
-                        if let Ok(Some(current)) = self.stores.jobs.get(job.id).await {
-                            self.engine.handle_job_changed(now, current);
-                        }
-                    }
-                    Err(e) => tracing::error!(job = %job.id, error = %e, "job update lost"),
-                }
+                self.note_queued(&events);
+                let lanes = vec![Lane::Job(job.id)];
+                (
+                    Op::Update {
+                        job: Box::new(job),
+                        expected_version,
+                        events,
+                    },
+                    lanes,
+                )
             }
             Effect::Record(events) => {
-                let _ = self
-                    .retry_store(|s| {
-                        let events = events.clone();
-                        async move { s.events.append(events).await }
-                    })
-                    .await;
+                let lanes = events.iter().map(record_lane).collect();
+                (Op::Record(events), lanes)
             }
             Effect::SaveWorker(worker) => {
-                let _ = self.stores.workers.upsert(&worker).await;
-            }
-            Effect::Claim { limit, lease } => {
-                let claim = self
-                    .stores
-                    .queue
-                    .claim(&self.config.engine.replica_id, now, limit, lease)
-                    .await;
-                if let Err(e) = &claim {
-                    tracing::warn!(error = %e, "claim failed");
+                if last_save.get(&worker.id).is_some_and(|l| *l != index) {
+                    return (Op::Nothing, vec![]);
                 }
-                self.engine.handle_claimed(now, claim.ok(), limit);
+                let lanes = vec![Lane::Worker(worker.id)];
+                (Op::SaveWorker(Box::new(worker)), lanes)
             }
-            Effect::Release(job) => {
-                let _ = self
-                    .stores
-                    .queue
-                    .release(job, &self.config.engine.replica_id)
-                    .await;
+            Effect::Claim { limit, lease } => (Op::Claim { limit, lease }, vec![]),
+            Effect::Release(job) => (Op::Release(job), vec![Lane::Job(job)]),
+            Effect::Provision { provider, launch } => {
+                let lanes = vec![Lane::Worker(launch.worker)];
+                let provider = self.providers.get(&provider).cloned().ok_or(provider);
+                (Op::Provision { provider, launch }, lanes)
             }
-            Effect::Provision { provider, launch } => self.provision(now, provider, launch).await,
-            Effect::Dispatch { worker, job } => self.dispatch(now, worker, *job).await,
+            Effect::Dispatch { worker, job } => {
+                let lanes = vec![Lane::Job(job.id), Lane::Worker(worker)];
+                if !self.engine.holds(worker, job.id, job.attempt) {
+                    return (Op::Nothing, lanes);
+                }
+                let link = self.links.get(&worker).map(|(_, l)| l.clone());
+                (Op::Dispatch { worker, job, link }, lanes)
+            }
             Effect::CancelOnWorker {
                 worker,
                 job,
                 attempt,
                 reason,
             } => {
-                if let Some((_, link)) = self.links.get(&worker) {
-                    let _ = link
-                        .send(ToWorker::Cancel {
-                            job,
-                            attempt,
-                            reason,
-                        })
-                        .await;
-                }
+                let lanes = vec![Lane::Job(job), Lane::Worker(worker)];
+                let link = self.links.get(&worker).map(|(_, l)| l.clone());
+                let msg = ToWorker::Cancel {
+                    job,
+                    attempt,
+                    reason,
+                };
+                (Op::Send(link, msg), lanes)
             }
             Effect::DrainWorker(worker) => {
-                if let Some((_, link)) = self.links.get(&worker) {
-                    let _ = link.send(ToWorker::Drain).await;
-                }
+                let link = self.links.get(&worker).map(|(_, l)| l.clone());
+                (Op::Send(link, ToWorker::Drain), vec![Lane::Worker(worker)])
             }
             Effect::DestroyWorker { provider, worker } => {
-                if let Some((_, link)) = self.links.remove(&worker) {
-                    let _ = link.send(ToWorker::Shutdown).await;
-                }
-                if let Some(p) = self.providers.get(&provider).cloned() {
-                    tokio::spawn(async move {
-                        if let Err(e) = p.destroy(worker).await {
-                            tracing::warn!(%worker, error = %e, "destroying worker failed");
-                        }
-                    });
-                }
+                let link = self.links.remove(&worker).map(|(_, l)| l);
+                let provider = self.providers.get(&provider).cloned();
+                (
+                    Op::Destroy {
+                        worker,
+                        link,
+                        provider,
+                    },
+                    vec![Lane::Worker(worker)],
+                )
             }
         }
     }
 
-    async fn provision(&mut self, now: Timestamp, provider: ProviderId, launch: LaunchRequest) {
-        let worker = launch.worker;
-        let Some(p) = self.providers.get(&provider).cloned() else {
-            self.engine.handle_provision_failed(
-                now,
-                worker,
-                &format!("provider {provider} is not configured"),
-            );
-            return;
-        };
-        let token = new_token();
-        let expires = add(now, self.config.engine.provision_timeout);
-        if let Err(e) = self
-            .stores
-            .workers
-            .issue_token(worker, &token, expires)
-            .await
-        {
-            self.engine.handle_provision_failed(
-                now,
-                worker,
-                &format!("could not issue a token: {e}"),
-            );
-            return;
+    fn note_queued(&mut self, events: &[DomainEvent]) {
+        if self.own_queued.len() >= MAX_OWN_QUEUED {
+            self.own_queued.clear();
         }
-        let launch = WorkerLaunch {
-            worker,
-            token,
-            server_url: self.config.server_url.clone(),
-            image: launch.image,
-            resources: launch.resources,
-            labels: launch.labels,
-            job: launch.job,
-            server_id: self.config.server_id.clone(),
-        };
-        let tx = self.tx.clone();
-        let timeout = self.config.engine.provision_timeout;
-        tokio::spawn(async move {
-            let result = match tokio::time::timeout(timeout, p.create(launch)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "provider did not create the worker within {timeout:?}"
-                )),
-            };
-            let _ = tx.send(Cmd::Provisioned { worker, result });
-        });
-    }
-
-    async fn dispatch(&mut self, now: Timestamp, worker: WorkerId, job: Job) {
-        if !self.engine.holds(worker, job.id, job.attempt) {
-            return;
-        }
-        let mut secrets = BTreeMap::new();
-        let mut missing = None;
-        for name in job.spec.secrets() {
-            match self.stores.secrets.get(name).await {
-                Ok(Some(v)) => {
-                    secrets.insert(name.clone(), v);
-                    let e = DomainEvent::new(
-                        EventId::from_uuid(Uuid::new_v4()),
-                        now,
-                        job.correlation_id.clone(),
-                        Actor::system("dispatcher"),
-                        EventBody::SecretAccessed {
-                            name: name.clone(),
-                            job_id: Some(job.id),
-                            purpose: format!(
-                                "delivered to attempt {} on worker {worker}",
-                                job.attempt
-                            ),
-                        },
-                    );
-                    let _ = self.stores.events.append(vec![e]).await;
-                }
-                Ok(None) => {
-                    missing = Some(format!("secret {name:?} does not exist"));
-                    break;
-                }
-                Err(e) => {
-                    missing = Some(format!("secret {name:?} could not be read: {e}"));
-                    break;
-                }
+        for e in events {
+            if matches!(e.body, EventBody::JobQueued { .. }) {
+                self.own_queued.insert(e.event_id);
             }
         }
-        let (id, attempt) = (job.id, job.attempt);
-        if let Some(reason) = missing {
-            // The attempt cannot start; this is not the worker's fault.
-            let _ = self.engine.handle_ack(now, worker, id, attempt);
-            let _ = self.engine.handle_result(
-                now,
+    }
+
+    /// Feeds the engine what a pass found out.
+    fn follow_up(&mut self, now: Timestamp, f: FollowUp) {
+        match f {
+            FollowUp::Claimed { claim, limit } => self.engine.handle_claimed(now, claim, limit),
+            FollowUp::JobChanged(job) => self.engine.handle_job_changed(now, *job),
+            FollowUp::Finished(job) => {
+                self.submitted_at.remove(&job);
+            }
+            FollowUp::ProvisionFailed { worker, reason } => {
+                self.engine.handle_provision_failed(now, worker, &reason);
+            }
+            FollowUp::Refused {
                 worker,
-                id,
+                job,
                 attempt,
-                AttemptReport {
-                    start_error: Some(reason),
-                    ..AttemptReport::default()
-                },
-            );
-            return;
-        }
-        let sent = match self.links.get(&worker) {
-            Some((_, link)) => link
-                .send(ToWorker::Run(Box::new(RunJob { job, secrets })))
-                .await
-                .map_err(|e| format!("link closed: {e}")),
-            None => Err("worker is not connected".to_owned()),
-        };
-        if let Err(reason) = sent {
-            let _ = self
-                .engine
-                .handle_refused(now, worker, id, attempt, &reason);
+                reason,
+            } => {
+                let _ = self
+                    .engine
+                    .handle_refused(now, worker, job, attempt, &reason);
+            }
+            FollowUp::StartFailed {
+                worker,
+                job,
+                attempt,
+                reason,
+            } => {
+                // The attempt cannot start; this is not the worker's fault.
+                let _ = self.engine.handle_ack(now, worker, job, attempt);
+                let _ = self.engine.handle_result(
+                    now,
+                    worker,
+                    job,
+                    attempt,
+                    AttemptReport {
+                        start_error: Some(reason),
+                        ..AttemptReport::default()
+                    },
+                );
+            }
         }
     }
 
@@ -1791,24 +1884,367 @@ impl Driver {
             }
         }
     }
+}
 
-    /// Retries a store call while the store is unavailable (e.g. the
-    /// database restarts): a decision is never silently dropped.
-    async fn retry_store<T, F, Fut>(&self, mut f: F) -> Result<T, StoreError>
-    where
-        F: FnMut(Stores) -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match f(self.stores.clone()).await {
-                Err(StoreError::Unavailable(m)) => {
-                    tracing::warn!(error = %m, "store unavailable, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+/// What orders an effect behind the earlier effects of a pass (see
+/// [`Driver::drain`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Lane {
+    /// Changes of a job, its claim, its dispatch and cancellation.
+    Job(JobId),
+    /// A worker's record, events, provisioning and messages.
+    Worker(WorkerId),
+    /// Events of another aggregate (a provider, a secret).
+    Other(String),
+}
+
+/// The lane of an event recorded without a job change.
+fn record_lane(e: &DomainEvent) -> Lane {
+    match (e.aggregate_type, e.aggregate_id.parse::<Uuid>()) {
+        (crate::event::AggregateKind::Worker, Ok(id)) => Lane::Worker(WorkerId::from_uuid(id)),
+        _ => Lane::Other(e.aggregate_id.clone()),
+    }
+}
+
+/// What the operations of one pass share.
+struct PassCtx {
+    stores: Stores,
+    replica: String,
+    server_url: String,
+    server_id: String,
+    provision_timeout: Duration,
+    tx: mpsc::UnboundedSender<Cmd>,
+    counters: Arc<Counters>,
+    /// Jobs whose update conflicted in this pass: their later effects of
+    /// the pass are skipped (their base version is lost; the engine hears
+    /// of the stored job after the pass and decides again).
+    conflicted: Mutex<std::collections::HashSet<JobId>>,
+}
+
+impl PassCtx {
+    fn conflicted(&self, job: JobId) -> bool {
+        self.conflicted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&job)
+    }
+
+    fn mark_conflicted(&self, job: JobId) {
+        self.conflicted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job);
+    }
+}
+
+/// An effect, ready to run in a pass.
+enum Op {
+    Nothing,
+    Create {
+        job: Box<Job>,
+        events: Vec<DomainEvent>,
+        reply: Option<oneshot::Sender<Result<Job, ApiError>>>,
+    },
+    Update {
+        job: Box<Job>,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+    },
+    Record(Vec<DomainEvent>),
+    SaveWorker(Box<Worker>),
+    Claim {
+        limit: usize,
+        lease: Duration,
+    },
+    Release(JobId),
+    Provision {
+        provider: Result<Arc<dyn WorkerProvider>, ProviderId>,
+        launch: LaunchRequest,
+    },
+    Dispatch {
+        worker: WorkerId,
+        job: Box<Job>,
+        link: Option<Arc<dyn WorkerLink>>,
+    },
+    Send(Option<Arc<dyn WorkerLink>>, ToWorker),
+    Destroy {
+        worker: WorkerId,
+        link: Option<Arc<dyn WorkerLink>>,
+        provider: Option<Arc<dyn WorkerProvider>>,
+    },
+}
+
+/// What the engine must hear after a pass.
+enum FollowUp {
+    Claimed {
+        claim: Option<crate::ports::Claim>,
+        limit: usize,
+    },
+    JobChanged(Box<Job>),
+    Finished(JobId),
+    ProvisionFailed {
+        worker: WorkerId,
+        reason: String,
+    },
+    Refused {
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+        reason: String,
+    },
+    StartFailed {
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+        reason: String,
+    },
+}
+
+impl Op {
+    /// Carries the operation out. Also returns a job whose log is to be
+    /// marked finished (after the operation's lanes are released).
+    async fn run(self, ctx: &PassCtx, now: Timestamp) -> (Option<FollowUp>, Option<JobId>) {
+        match self {
+            Op::Nothing => (None, None),
+            Op::Create { job, events, reply } => {
+                let r = retry_store(&ctx.stores, |s| {
+                    let (job, events) = (job.clone(), events.clone());
+                    async move { create_job(&s, &job, events).await }
+                })
+                .await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(match r {
+                        Ok(Created::New(_)) => Ok(*job),
+                        Ok(Created::Existing(existing)) => Ok(*existing),
+                        Err(e) => Err(ApiError::from(e)),
+                    });
                 }
-                other => return other,
+                (None, None)
             }
+            Op::Update {
+                job,
+                expected_version,
+                events,
+            } => {
+                if ctx.conflicted(job.id) {
+                    return (None, None);
+                }
+                let r = retry_store(&ctx.stores, |s| {
+                    let (job, events) = (job.clone(), events.clone());
+                    async move { s.jobs.update(&job, expected_version, events).await }
+                })
+                .await;
+                match r {
+                    Ok(_) if job.is_terminal() => {
+                        let ix = JobState::ALL
+                            .iter()
+                            .position(|s| *s == job.state())
+                            .unwrap_or(0);
+                        ctx.counters.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
+                        (Some(FollowUp::Finished(job.id)), Some(job.id))
+                    }
+                    Ok(_) => (None, None),
+                    Err(StoreError::Conflict { .. }) => {
+                        ctx.mark_conflicted(job.id);
+                        match ctx.stores.jobs.get(job.id).await {
+                            Ok(Some(current)) => {
+                                (Some(FollowUp::JobChanged(Box::new(current))), None)
+                            }
+                            _ => (None, None),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %job.id, error = %e, "job update lost");
+                        (None, None)
+                    }
+                }
+            }
+            Op::Record(events) => {
+                let _ = retry_store(&ctx.stores, |s| {
+                    let events = events.clone();
+                    async move { s.events.append(events).await }
+                })
+                .await;
+                (None, None)
+            }
+            Op::SaveWorker(worker) => {
+                let _ = ctx.stores.workers.upsert(&worker).await;
+                (None, None)
+            }
+            Op::Claim { limit, lease } => {
+                let claim = ctx
+                    .stores
+                    .queue
+                    .claim(&ctx.replica, now, limit, lease)
+                    .await;
+                if let Err(e) = &claim {
+                    tracing::warn!(error = %e, "claim failed");
+                }
+                let claim = claim.ok();
+                (Some(FollowUp::Claimed { claim, limit }), None)
+            }
+            Op::Release(job) => {
+                let _ = ctx.stores.queue.release(job, &ctx.replica).await;
+                (None, None)
+            }
+            Op::Provision { provider, launch } => {
+                (provision(ctx, now, provider, launch).await, None)
+            }
+            Op::Dispatch { worker, job, link } => {
+                if ctx.conflicted(job.id) {
+                    return (None, None);
+                }
+                (dispatch(ctx, now, worker, *job, link).await, None)
+            }
+            Op::Send(link, msg) => {
+                if let Some(link) = link {
+                    let _ = link.send(msg).await;
+                }
+                (None, None)
+            }
+            Op::Destroy {
+                worker,
+                link,
+                provider,
+            } => {
+                if let Some(link) = link {
+                    let _ = link.send(ToWorker::Shutdown).await;
+                }
+                if let Some(p) = provider {
+                    tokio::spawn(async move {
+                        if let Err(e) = p.destroy(worker).await {
+                            tracing::warn!(%worker, error = %e, "destroying worker failed");
+                        }
+                    });
+                }
+                (None, None)
+            }
+        }
+    }
+}
+
+async fn provision(
+    ctx: &PassCtx,
+    now: Timestamp,
+    provider: Result<Arc<dyn WorkerProvider>, ProviderId>,
+    launch: LaunchRequest,
+) -> Option<FollowUp> {
+    let worker = launch.worker;
+    let p = match provider {
+        Ok(p) => p,
+        Err(id) => {
+            return Some(FollowUp::ProvisionFailed {
+                worker,
+                reason: format!("provider {id} is not configured"),
+            });
+        }
+    };
+    let token = new_token();
+    let expires = add(now, ctx.provision_timeout);
+    if let Err(e) = ctx
+        .stores
+        .workers
+        .issue_token(worker, &token, expires)
+        .await
+    {
+        return Some(FollowUp::ProvisionFailed {
+            worker,
+            reason: format!("could not issue a token: {e}"),
+        });
+    }
+    let launch = WorkerLaunch {
+        worker,
+        token,
+        server_url: ctx.server_url.clone(),
+        image: launch.image,
+        resources: launch.resources,
+        labels: launch.labels,
+        job: launch.job,
+        server_id: ctx.server_id.clone(),
+    };
+    let tx = ctx.tx.clone();
+    let timeout = ctx.provision_timeout;
+    tokio::spawn(async move {
+        let result = match tokio::time::timeout(timeout, p.create(launch)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "provider did not create the worker within {timeout:?}"
+            )),
+        };
+        let _ = tx.send(Cmd::Provisioned { worker, result });
+    });
+    None
+}
+
+async fn dispatch(
+    ctx: &PassCtx,
+    now: Timestamp,
+    worker: WorkerId,
+    job: Job,
+    link: Option<Arc<dyn WorkerLink>>,
+) -> Option<FollowUp> {
+    let mut secrets = BTreeMap::new();
+    let (id, attempt) = (job.id, job.attempt);
+    for name in job.spec.secrets() {
+        let reason = match ctx.stores.secrets.get(name).await {
+            Ok(Some(v)) => {
+                secrets.insert(name.clone(), v);
+                let e = DomainEvent::new(
+                    EventId::from_uuid(Uuid::new_v4()),
+                    now,
+                    job.correlation_id.clone(),
+                    Actor::system("dispatcher"),
+                    EventBody::SecretAccessed {
+                        name: name.clone(),
+                        job_id: Some(job.id),
+                        purpose: format!("delivered to attempt {} on worker {worker}", job.attempt),
+                    },
+                );
+                let _ = ctx.stores.events.append(vec![e]).await;
+                continue;
+            }
+            Ok(None) => format!("secret {name:?} does not exist"),
+            Err(e) => format!("secret {name:?} could not be read: {e}"),
+        };
+        return Some(FollowUp::StartFailed {
+            worker,
+            job: id,
+            attempt,
+            reason,
+        });
+    }
+    let sent = match link {
+        Some(link) => link
+            .send(ToWorker::Run(Box::new(RunJob { job, secrets })))
+            .await
+            .map_err(|e| format!("link closed: {e}")),
+        None => Err("worker is not connected".to_owned()),
+    };
+    sent.err().map(|reason| FollowUp::Refused {
+        worker,
+        job: id,
+        attempt,
+        reason,
+    })
+}
+
+/// Retries a store call while the store is unavailable (e.g. the
+/// database restarts): a decision is never silently dropped.
+async fn retry_store<T, F, Fut>(stores: &Stores, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut(Stores) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match f(stores.clone()).await {
+            Err(StoreError::Unavailable(m)) => {
+                tracing::warn!(error = %m, "store unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
         }
     }
 }

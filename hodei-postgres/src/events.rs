@@ -1,6 +1,8 @@
 //! The event log ([`EventLog`]) and the audit trail ([`AuditQuery`]): one
 //! table, `events`, written in the transactions that change state.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 use hodei_core::event::{AggregateKind, DomainEvent, EventBody};
 use hodei_core::ids::{Actor, CorrelationId, EventId, JobId};
@@ -8,7 +10,7 @@ use hodei_core::ports::{AuditFilter, AuditPage, AuditQuery, EventLog, StoreError
 use hodei_core::time::Timestamp;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::PgStore;
 use crate::error::{corrupt, store_err, to_i64, to_u64};
@@ -26,48 +28,115 @@ const DEFAULT_LIMIT: usize = 100;
 /// Largest page.
 const MAX_LIMIT: usize = 1000;
 
-/// Inserts `events` in the caller's transaction, assigns their sequences
-/// and queues the notification (sent at commit).
+/// Parameters a [`write_sql`] statement takes for its events, after the
+/// parameters of its first part.
+pub(crate) const EVENT_PARAMS: usize = 9;
+
+/// One statement that runs `first` (a data-modifying or volatile query,
+/// named `j`), then inserts the events bound by [`bind_events`] from
+/// parameter `$first_param` on, only if `j` returned a row, and queues
+/// one notification with the highest sequence (sent at commit).
 ///
-/// The transaction must already hold a transaction id (it wrote a row, or
-/// called `pg_current_xact_id()`) *before* the sequences are drawn: the
-/// bus's safe horizon relies on it (see the `bus` module).
-pub(crate) async fn insert_events(
-    conn: &mut PgConnection,
-    mut events: Vec<DomainEvent>,
-) -> Result<Vec<DomainEvent>, StoreError> {
-    let mut last = 0i64;
-    for event in &mut events {
+/// It answers one row: `done` (whether `j` returned a row), `seqs` and
+/// `ids` (the stored events' sequences and ids, by sequence). Run alone
+/// it commits as one transaction: one round trip for a job change with
+/// all its events.
+///
+/// Ordering inside the statement, which the bus's safe horizon relies on
+/// (see the `bus` module): the lock on `events` is taken when the
+/// statement starts, and the events' `SELECT` is gated by an uncorrelated
+/// `EXISTS` over `j` (a one-time filter, evaluated before its first row),
+/// so `j` has run, and the transaction holds its id, before any sequence
+/// is drawn. `unnest` yields the arrays in order, so sequences follow the
+/// order of the events.
+pub(crate) fn write_sql(first: &str, first_param: usize) -> String {
+    let p: Vec<String> = (first_param..first_param + EVENT_PARAMS)
+        .map(|i| format!("${i}"))
+        .collect();
+    format!(
+        "WITH j AS ({first}), \
+         e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
+               correlation_id, actor, occurred_at, job_id, payload) \
+               SELECT u.* FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], \
+                   {}::text[], {}::text[], {}::timestamptz[], {}::uuid[], {}::jsonb[]) AS u \
+               WHERE EXISTS (SELECT 1 FROM j) \
+               RETURNING sequence, event_id), \
+         n AS (SELECT pg_notify('{EVENTS_CHANNEL}', max(sequence)::text) FROM e \
+               HAVING count(*) > 0) \
+         SELECT EXISTS (SELECT 1 FROM j) AS done, \
+                ARRAY(SELECT sequence FROM e ORDER BY sequence) AS seqs, \
+                ARRAY(SELECT event_id FROM e ORDER BY sequence) AS ids, \
+                (SELECT count(*) FROM n) AS notified",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+    )
+}
+
+/// Binds the [`EVENT_PARAMS`] arrays of a [`write_sql`] statement.
+pub(crate) fn bind_events<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    events: &[DomainEvent],
+) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {
+    let n = events.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut aggregate_types = Vec::with_capacity(n);
+    let mut aggregate_ids = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut actors = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut jobs = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    for event in events {
         let (event_type, payload) = split_body(&event.body)?;
-        let sequence: i64 = sqlx::query_scalar(
-            "INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
-             correlation_id, actor, occurred_at, job_id, payload) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING sequence",
-        )
-        .bind(event.event_id.as_uuid())
-        .bind(event_type)
-        .bind(event.aggregate_type.as_str())
-        .bind(&event.aggregate_id)
-        .bind(event.correlation_id.as_str())
-        .bind(event.actor.as_str())
-        .bind(event.occurred_at)
-        .bind(event.job_id().map(|j| j.0))
-        .bind(payload)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(store_err)?;
-        event.sequence = to_u64(sequence);
-        last = last.max(sequence);
+        ids.push(*event.event_id.as_uuid());
+        types.push(event_type);
+        aggregate_types.push(event.aggregate_type.as_str());
+        aggregate_ids.push(event.aggregate_id.clone());
+        correlations.push(event.correlation_id.as_str().to_owned());
+        actors.push(event.actor.as_str().to_owned());
+        at.push(event.occurred_at);
+        jobs.push(event.job_id().map(|j| j.0));
+        payloads.push(payload);
     }
-    if !events.is_empty() {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(EVENTS_CHANNEL)
-            .bind(last.to_string())
-            .execute(&mut *conn)
-            .await
-            .map_err(store_err)?;
+    Ok(q.bind(ids)
+        .bind(types)
+        .bind(aggregate_types)
+        .bind(aggregate_ids)
+        .bind(correlations)
+        .bind(actors)
+        .bind(at)
+        .bind(jobs)
+        .bind(payloads))
+}
+
+/// Reads the answer of a [`write_sql`] statement: whether its first part
+/// returned a row, and the events with their sequences.
+pub(crate) fn stored_events(
+    row: &PgRow,
+    mut events: Vec<DomainEvent>,
+) -> Result<(bool, Vec<DomainEvent>), StoreError> {
+    let get_err = |e: sqlx::Error| corrupt("event write", e);
+    let done: bool = row.try_get("done").map_err(get_err)?;
+    if !done {
+        return Ok((false, events));
     }
-    Ok(events)
+    let seqs: Vec<i64> = row.try_get("seqs").map_err(get_err)?;
+    let ids: Vec<uuid::Uuid> = row.try_get("ids").map_err(get_err)?;
+    if seqs.len() != events.len() || ids.len() != events.len() {
+        return Err(StoreError::Other(format!(
+            "stored {} of {} events",
+            seqs.len(),
+            events.len()
+        )));
+    }
+    for event in &mut events {
+        let at = ids
+            .iter()
+            .position(|id| id == event.event_id.as_uuid())
+            .ok_or_else(|| StoreError::Other(format!("event {} was not stored", event.event_id)))?;
+        event.sequence = to_u64(seqs[at]);
+    }
+    Ok((true, events))
 }
 
 /// Decodes a row selected with [`EVENT_COLUMNS`].
@@ -136,14 +205,13 @@ impl EventLog for PgStore {
         if events.is_empty() {
             return Ok(events);
         }
-        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
-        // Take a transaction id before drawing sequences (see insert_events).
-        sqlx::query("SELECT pg_current_xact_id()")
-            .execute(&mut *tx)
-            .await
-            .map_err(store_err)?;
-        let events = insert_events(&mut tx, events).await?;
-        tx.commit().await.map_err(store_err)?;
+        // The first part takes a transaction id before sequences are drawn
+        // (see write_sql). One statement, one round trip.
+        static APPEND: LazyLock<String> =
+            LazyLock::new(|| write_sql("SELECT pg_current_xact_id() AS xid", 1));
+        let q = bind_events(sqlx::query(sqlx::AssertSqlSafe(APPEND.as_str())), &events)?;
+        let row = q.fetch_one(&self.inner.pool).await.map_err(store_err)?;
+        let (_, events) = stored_events(&row, events)?;
         Ok(events)
     }
 

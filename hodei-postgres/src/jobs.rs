@@ -1,6 +1,7 @@
 //! Jobs ([`JobStore`]) and the queue ([`JobQueue`]), both on the `jobs`
 //! table: a job is queued while its `state` column is `PENDING`.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,7 +17,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::PgStore;
 use crate::error::{corrupt, store_err, to_i64, to_u64};
-use crate::events::{insert_events, page_limit};
+use crate::events::{bind_events, page_limit, stored_events, write_sql};
 
 /// Columns read back into a [`Job`], for [`decode_job`].
 const JOB_COLUMNS: &str = "id, spec, status, attempts, attempt, version, correlation_id, \
@@ -28,56 +29,59 @@ const MAX_BATCH: usize = 1000;
 #[async_trait]
 impl JobStore for PgStore {
     async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
-        let row = JobRow::of(job)?;
-        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
+        // One statement: the row, then (only if it was inserted) the
+        // events and their notification; one round trip, one transaction.
         // ON CONFLICT covers both the id and the idempotency key; a
         // concurrent insert of the same key is waited for.
-        let inserted: Option<uuid::Uuid> = sqlx::query_scalar(
-            "INSERT INTO jobs (id, spec, status, attempts, state, priority, not_before, deadline, \
-             attempt, version, correlation_id, submitted_by, idempotency_key, created_at, \
-             updated_at, queue_order) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             CASE WHEN $5 = 'PENDING' THEN nextval('job_queue_order') END) \
-             ON CONFLICT DO NOTHING RETURNING id",
-        )
-        .bind(job.id.0)
-        .bind(&row.spec)
-        .bind(&row.status)
-        .bind(&row.attempts)
-        .bind(row.state)
-        .bind(row.priority)
-        .bind(row.not_before)
-        .bind(row.deadline)
-        .bind(row.attempt)
-        .bind(row.version)
-        .bind(job.correlation_id.as_str())
-        .bind(job.submitted_by.as_str())
-        .bind(job.spec.idempotency_key())
-        .bind(job.created_at)
-        .bind(job.updated_at)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(store_err)?;
-
-        if inserted.is_none() {
-            tx.rollback().await.map_err(store_err)?;
-            if let Some(key) = job.spec.idempotency_key() {
-                let existing = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"
-                )))
-                .bind(key)
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(store_err)?;
-                if let Some(existing) = existing {
-                    return Ok(Created::Existing(Box::new(decode_job(&existing)?)));
-                }
-            }
-            return Err(StoreError::AlreadyExists(format!("job {}", job.id)));
+        static CREATE: LazyLock<String> = LazyLock::new(|| {
+            write_sql(
+                "INSERT INTO jobs (id, spec, status, attempts, state, priority, not_before, \
+                 deadline, attempt, version, correlation_id, submitted_by, idempotency_key, \
+                 created_at, updated_at, queue_order) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                 CASE WHEN $5 = 'PENDING' THEN nextval('job_queue_order') END) \
+                 ON CONFLICT DO NOTHING RETURNING id",
+                16,
+            )
+        });
+        let row = JobRow::of(job)?;
+        let q = sqlx::query(sqlx::AssertSqlSafe(CREATE.as_str()))
+            .bind(job.id.0)
+            .bind(row.spec)
+            .bind(row.status)
+            .bind(row.attempts)
+            .bind(row.state)
+            .bind(row.priority)
+            .bind(row.not_before)
+            .bind(row.deadline)
+            .bind(row.attempt)
+            .bind(row.version)
+            .bind(job.correlation_id.as_str().to_owned())
+            .bind(job.submitted_by.as_str().to_owned())
+            .bind(job.spec.idempotency_key().map(str::to_owned))
+            .bind(job.created_at)
+            .bind(job.updated_at);
+        let answer = bind_events(q, &events)?
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let (inserted, events) = stored_events(&answer, events)?;
+        if inserted {
+            return Ok(Created::New(events));
         }
-        let events = insert_events(&mut tx, events).await?;
-        tx.commit().await.map_err(store_err)?;
-        Ok(Created::New(events))
+        if let Some(key) = job.spec.idempotency_key() {
+            let existing = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"
+            )))
+            .bind(key)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+            if let Some(existing) = existing {
+                return Ok(Created::Existing(Box::new(decode_job(&existing)?)));
+            }
+        }
+        Err(StoreError::AlreadyExists(format!("job {}", job.id)))
     }
 
     async fn update(
@@ -86,57 +90,61 @@ impl JobStore for PgStore {
         expected_version: u64,
         events: Vec<DomainEvent>,
     ) -> Result<Vec<DomainEvent>, StoreError> {
+        // One statement: the conditional update, then (only if it matched)
+        // the events and their notification; one round trip, one
+        // transaction. In SET, bare column names are the values before
+        // the update: a job that enters PENDING gets a place at the end of
+        // its priority, one that stays keeps its place, one that leaves
+        // PENDING leaves the queue. Any change ends the claim on it.
+        static UPDATE: LazyLock<String> = LazyLock::new(|| {
+            write_sql(
+                "UPDATE jobs SET spec = $3, status = $4, attempts = $5, state = $6, \
+                 priority = $7, not_before = $8, deadline = $9, attempt = $10, version = $11, \
+                 updated_at = $12, \
+                 queue_order = CASE \
+                     WHEN $6 <> 'PENDING' THEN NULL \
+                     WHEN state = 'PENDING' THEN queue_order \
+                     ELSE nextval('job_queue_order') END, \
+                 claim_owner = NULL, claim_until = NULL \
+                 WHERE id = $1 AND version = $2 RETURNING id",
+                13,
+            )
+        });
         let row = JobRow::of(job)?;
-        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
-        // In SET, bare column names are the values before the update: a job
-        // that enters PENDING gets a place at the end of its priority, one
-        // that stays keeps its place, one that leaves PENDING leaves the
-        // queue. Any change ends the claim on it.
-        let updated = sqlx::query(
-            "UPDATE jobs SET spec = $3, status = $4, attempts = $5, state = $6, priority = $7, \
-             not_before = $8, deadline = $9, attempt = $10, version = $11, updated_at = $12, \
-             queue_order = CASE \
-                 WHEN $6 <> 'PENDING' THEN NULL \
-                 WHEN state = 'PENDING' THEN queue_order \
-                 ELSE nextval('job_queue_order') END, \
-             claim_owner = NULL, claim_until = NULL \
-             WHERE id = $1 AND version = $2",
-        )
-        .bind(job.id.0)
-        .bind(to_i64(expected_version))
-        .bind(&row.spec)
-        .bind(&row.status)
-        .bind(&row.attempts)
-        .bind(row.state)
-        .bind(row.priority)
-        .bind(row.not_before)
-        .bind(row.deadline)
-        .bind(row.attempt)
-        .bind(row.version)
-        .bind(job.updated_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_err)?;
-
-        if updated.rows_affected() == 0 {
-            tx.rollback().await.map_err(store_err)?;
-            let found: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1")
-                .bind(job.id.0)
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(store_err)?;
-            return Err(match found {
-                None => StoreError::NotFound(format!("job {}", job.id)),
-                Some(found) => StoreError::Conflict {
-                    job: job.id,
-                    expected: expected_version,
-                    found: to_u64(found),
-                },
-            });
+        let q = sqlx::query(sqlx::AssertSqlSafe(UPDATE.as_str()))
+            .bind(job.id.0)
+            .bind(to_i64(expected_version))
+            .bind(row.spec)
+            .bind(row.status)
+            .bind(row.attempts)
+            .bind(row.state)
+            .bind(row.priority)
+            .bind(row.not_before)
+            .bind(row.deadline)
+            .bind(row.attempt)
+            .bind(row.version)
+            .bind(job.updated_at);
+        let answer = bind_events(q, &events)?
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let (updated, events) = stored_events(&answer, events)?;
+        if updated {
+            return Ok(events);
         }
-        let events = insert_events(&mut tx, events).await?;
-        tx.commit().await.map_err(store_err)?;
-        Ok(events)
+        let found: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1")
+            .bind(job.id.0)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        Err(match found {
+            None => StoreError::NotFound(format!("job {}", job.id)),
+            Some(found) => StoreError::Conflict {
+                job: job.id,
+                expected: expected_version,
+                found: to_u64(found),
+            },
+        })
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -195,12 +203,23 @@ impl JobQueue for PgStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let limit = limit.min(MAX_BATCH);
-        let mut jobs = Vec::new();
-        if limit > 0 {
-            // SKIP LOCKED: concurrent claimants pass over each other's rows;
-            // a row committed as claimed meanwhile is re-checked by the
-            // lock (READ COMMITTED re-evaluates the WHERE) and dropped.
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        if limit == 0 {
+            return Ok(Claim {
+                jobs: Vec::new(),
+                next_ready_at: next_ready_at(self, now).await?,
+            });
+        }
+        // One statement, one round trip: pick and stamp the rows, and say
+        // when the next waiting job is claimable. SKIP LOCKED: concurrent
+        // claimants pass over each other's rows; a row committed as
+        // claimed meanwhile is re-checked by the lock (READ COMMITTED
+        // re-evaluates the WHERE) and dropped. `nxt` sees the table as it
+        // was before this statement's own claim, so it leaves the picked
+        // rows out: it is `now` when ready, unclaimed jobs are left over
+        // (the limit was reached, or another claimant holds their lock),
+        // else the earliest retry time.
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            format!(
                 "WITH picked AS ( \
                      SELECT id FROM jobs \
                      WHERE state = 'PENDING' \
@@ -208,16 +227,29 @@ impl JobQueue for PgStore {
                        AND (claim_owner IS NULL OR claim_until <= $2) \
                      ORDER BY priority DESC, queue_order \
                      LIMIT $3 \
-                     FOR UPDATE SKIP LOCKED) \
-                 UPDATE jobs j SET claim_owner = $1, claim_until = $4 \
-                 FROM picked WHERE j.id = picked.id \
-                 RETURNING j.priority AS q_priority, j.queue_order AS q_order, {}",
+                     FOR UPDATE SKIP LOCKED), \
+                 claimed AS ( \
+                     UPDATE jobs j SET claim_owner = $1, claim_until = $4 \
+                     FROM picked WHERE j.id = picked.id \
+                     RETURNING j.priority AS q_priority, j.queue_order AS q_order, {}), \
+                 nxt AS ( \
+                     SELECT CASE WHEN EXISTS ( \
+                         SELECT 1 FROM jobs WHERE state = 'PENDING' \
+                           AND (not_before IS NULL OR not_before <= $2) \
+                           AND (claim_owner IS NULL OR claim_until <= $2) \
+                           AND id NOT IN (SELECT id FROM picked)) \
+                     THEN $2 \
+                     ELSE (SELECT min(not_before) FROM jobs \
+                           WHERE state = 'PENDING' AND not_before > $2) END AS next_ready_at) \
+                 SELECT nxt.next_ready_at, claimed.* FROM nxt LEFT JOIN claimed ON true",
                 JOB_COLUMNS
                     .split(", ")
                     .map(|c| format!("j.{c}"))
                     .collect::<Vec<_>>()
                     .join(", ")
-            )))
+            )
+        });
+        let rows = sqlx::query(sqlx::AssertSqlSafe(CLAIM.as_str()))
             .bind(owner)
             .bind(now)
             .bind(to_i64(limit as u64))
@@ -225,33 +257,22 @@ impl JobQueue for PgStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(store_err)?;
-            let mut keyed = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let priority: i32 = row.try_get("q_priority").map_err(|e| corrupt("job", e))?;
-                let order: Option<i64> = row.try_get("q_order").map_err(|e| corrupt("job", e))?;
-                keyed.push(((std::cmp::Reverse(priority), order), decode_job(row)?));
+        let mut next_ready_at = None;
+        let mut keyed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let get_err = |e: sqlx::Error| corrupt("job", e);
+            next_ready_at = row.try_get("next_ready_at").map_err(get_err)?;
+            let id: Option<uuid::Uuid> = row.try_get("id").map_err(get_err)?;
+            if id.is_none() {
+                continue;
             }
-            keyed.sort_by_key(|a| a.0);
-            jobs = keyed.into_iter().map(|(_, job)| job).collect();
+            let priority: i32 = row.try_get("q_priority").map_err(get_err)?;
+            let order: Option<i64> = row.try_get("q_order").map_err(get_err)?;
+            keyed.push(((std::cmp::Reverse(priority), order), decode_job(row)?));
         }
-        // Earliest time a waiting, unclaimed job is claimable: `now` when
-        // ready ones are left over (the limit was reached), else the
-        // earliest retry time. Both halves stop at the first index hit.
-        let next_ready_at: Option<Timestamp> = sqlx::query_scalar(
-            "SELECT CASE WHEN EXISTS ( \
-                 SELECT 1 FROM jobs WHERE state = 'PENDING' \
-                   AND (not_before IS NULL OR not_before <= $1) \
-                   AND (claim_owner IS NULL OR claim_until <= $1)) \
-             THEN $1 \
-             ELSE (SELECT min(not_before) FROM jobs \
-                   WHERE state = 'PENDING' AND not_before > $1) END",
-        )
-        .bind(now)
-        .fetch_one(&self.inner.pool)
-        .await
-        .map_err(store_err)?;
+        keyed.sort_by_key(|a| a.0);
         Ok(Claim {
-            jobs,
+            jobs: keyed.into_iter().map(|(_, job)| job).collect(),
             next_ready_at,
         })
     }
@@ -296,6 +317,25 @@ impl JobQueue for PgStore {
         .map_err(store_err)?;
         rows.iter().map(decode_job).collect()
     }
+}
+
+/// Earliest time a waiting, unclaimed job is claimable: `now` when ready
+/// ones are waiting, else the earliest retry time. Both halves stop at the
+/// first index hit.
+async fn next_ready_at(store: &PgStore, now: Timestamp) -> Result<Option<Timestamp>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT CASE WHEN EXISTS ( \
+             SELECT 1 FROM jobs WHERE state = 'PENDING' \
+               AND (not_before IS NULL OR not_before <= $1) \
+               AND (claim_owner IS NULL OR claim_until <= $1)) \
+         THEN $1 \
+         ELSE (SELECT min(not_before) FROM jobs \
+               WHERE state = 'PENDING' AND not_before > $1) END",
+    )
+    .bind(now)
+    .fetch_one(&store.inner.pool)
+    .await
+    .map_err(store_err)
 }
 
 /// The columns of a job that are derived from it.

@@ -14,19 +14,22 @@
 //!   them again is a no-op). A database migrated by a *newer* Hodei (it
 //!   records a migration this build does not know) is refused with
 //!   [`PgError::NewerSchema`] rather than used half-understood.
-//! - **Jobs and their events, atomically.** [`JobStore::create`] inserts the
-//!   job row and its events in one transaction; [`JobStore::update`] is an
-//!   `UPDATE … WHERE id = $1 AND version = $expected` plus the event inserts,
-//!   again in one transaction, and reports [`StoreError::Conflict`] with the
-//!   version found when another replica won. The idempotency key is a
-//!   unique column: a second submission with the same key stores nothing and
-//!   returns the first job.
+//! - **Jobs and their events, atomically, in one round trip.**
+//!   [`JobStore::create`] inserts the job row and its events in one
+//!   statement (so one implicit transaction): the row, then, only if it was
+//!   inserted, every event in one multi-row `INSERT … SELECT … FROM
+//!   unnest(…)`, and the notification. [`JobStore::update`] is the same
+//!   around an `UPDATE … WHERE id = $1 AND version = $expected`, and reports
+//!   [`StoreError::Conflict`] with the version found when another replica
+//!   won. The idempotency key is a unique column: a second submission with
+//!   the same key stores nothing and returns the first job.
 //! - **The queue is the `jobs` table.** A job is queued while its `state`
 //!   column is `PENDING`; `queue_order` (renewed each time it re-enters the
 //!   queue) gives FIFO order within a priority. [`JobQueue::claim`] selects
 //!   ready rows `FOR UPDATE SKIP LOCKED` and stamps them with the claimant
 //!   and a lease, so concurrent claimants never get the same job and a
-//!   claim of a dead replica lapses by itself. The deadline of `SCHEDULED`,
+//!   claim of a dead replica lapses by itself; the same statement says when
+//!   the next waiting job is claimable. The deadline of `SCHEDULED`,
 //!   `ASSIGNED` and `RUNNING` is a column too, for [`JobQueue::overdue`].
 //! - **The event log is an outbox.** Events get a `bigserial` sequence in the
 //!   transaction that writes them; every such transaction also sends a
@@ -56,8 +59,11 @@
 //!   lines with their range of per-job sequences). A per-job head row is
 //!   locked by each append, which makes the store-assigned sequences gap-free
 //!   and committed in order, and makes the de-duplication of re-sent lines
-//!   (by attempt and agent sequence) race-free. `follow` reads history,
-//!   then wakes on `NOTIFY hodei_logs` (or a poll) until the log is finished.
+//!   (by attempt and agent sequence) race-free. The head also keeps the
+//!   highest (attempt, agent sequence) stored: a batch above it (the usual
+//!   case) is stored by one statement; one that may overlap stored lines
+//!   reads them first. `follow` reads history, then wakes on `NOTIFY
+//!   hodei_logs` (or a poll) until the log is finished.
 //! - **Secrets** are encrypted with AES-256-GCM, a fresh random nonce per
 //!   value and the secret's name as associated data. The key comes from
 //!   `HODEI_SECRET_KEY` (32 bytes, base64 or hex) or a key file

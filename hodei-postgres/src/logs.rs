@@ -6,6 +6,14 @@
 //! of a job, so the store-assigned sequences have no gaps and commit in
 //! order (a follower reading `seq > cursor` never sees 12 before 11), and the
 //! de-duplication of re-sent lines sees every earlier append.
+//!
+//! The head also keeps the highest (attempt, agent sequence) stored. A batch
+//! whose agent sequences rise and start above it cannot repeat a stored
+//! line: one statement locks the head, checks that (on the newest version
+//! of the row, after any wait for the lock), moves it, stores the chunk and
+//! queues the wake-up. Any other batch (a re-send after a reconnect, a late
+//! line of an earlier attempt) takes the slow path, a transaction that reads
+//! the stored chunks it could overlap and drops the lines already there.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -17,6 +25,7 @@ use hodei_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::Row;
+use sqlx::types::Json;
 use tokio::sync::broadcast;
 
 use crate::PgStore;
@@ -44,40 +53,8 @@ impl LogStore for PgStore {
             return last_seq(self, job).await;
         }
         let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
-        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
-        // Lock (creating if needed) the head: appends of a job queue here.
-        let last: i64 = sqlx::query_scalar(
-            "INSERT INTO log_heads (job_id) VALUES ($1) \
-             ON CONFLICT (job_id) DO UPDATE SET last_seq = log_heads.last_seq \
-             RETURNING last_seq",
-        )
-        .bind(job.0)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(store_err)?;
-
-        let lowest = lines.iter().map(|l| l.agent_seq).min().unwrap_or(0);
-        let highest = lines.iter().map(|l| l.agent_seq).max().unwrap_or(0);
-        let stored: Vec<Value> = sqlx::query_scalar(
-            "SELECT lines FROM log_chunks \
-             WHERE job_id = $1 AND attempt = $2 AND agent_last >= $3 AND agent_first <= $4",
-        )
-        .bind(job.0)
-        .bind(attempt)
-        .bind(to_i64(lowest))
-        .bind(to_i64(highest))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(store_err)?;
-        let mut seen = BTreeSet::new();
-        for chunk in stored {
-            let chunk: Vec<StoredLine> =
-                serde_json::from_value(chunk).map_err(|e| corrupt("log chunk", e))?;
-            seen.extend(chunk.into_iter().map(|l| l.a));
-        }
         let fresh: Vec<StoredLine> = lines
             .into_iter()
-            .filter(|l| seen.insert(l.agent_seq))
             .map(|l| StoredLine {
                 a: l.agent_seq,
                 s: l.stream,
@@ -85,40 +62,16 @@ impl LogStore for PgStore {
                 x: l.text,
             })
             .collect();
-        if fresh.is_empty() {
-            tx.rollback().await.map_err(store_err)?;
-            return Ok(to_u64(last));
+        // Fast path: agent sequences strictly rising (the usual batch).
+        // If the head's high-water is below them the batch is new, and
+        // one statement stores it (else it says nothing and the slow path
+        // de-duplicates).
+        if fresh.windows(2).all(|w| w[0].a < w[1].a)
+            && let Some(last) = append_fresh(self, job, attempt, &fresh).await?
+        {
+            return Ok(last);
         }
-
-        let first = last + 1;
-        let new_last = last + fresh.len() as i64;
-        let agent_first = fresh.iter().map(|l| l.a).min().unwrap_or(0);
-        let agent_last = fresh.iter().map(|l| l.a).max().unwrap_or(0);
-        let payload = serde_json::to_value(&fresh)
-            .map_err(|e| StoreError::Invalid(format!("log lines do not serialize: {e}")))?;
-        sqlx::query(
-            "INSERT INTO log_chunks (job_id, first_seq, last_seq, attempt, agent_first, \
-             agent_last, lines) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(job.0)
-        .bind(first)
-        .bind(new_last)
-        .bind(attempt)
-        .bind(to_i64(agent_first))
-        .bind(to_i64(agent_last))
-        .bind(payload)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_err)?;
-        sqlx::query("UPDATE log_heads SET last_seq = $2 WHERE job_id = $1")
-            .bind(job.0)
-            .bind(new_last)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_err)?;
-        notify(&mut tx, job, new_last).await?;
-        tx.commit().await.map_err(store_err)?;
-        Ok(to_u64(new_last))
+        append_checked(self, job, attempt, fresh).await
     }
 
     async fn read(&self, job: JobId, after: u64, limit: usize) -> Result<Vec<LogLine>, StoreError> {
@@ -129,17 +82,18 @@ impl LogStore for PgStore {
     }
 
     async fn finish(&self, job: JobId) -> Result<(), StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(store_err)?;
-        let last: i64 = sqlx::query_scalar(
-            "INSERT INTO log_heads (job_id, finished) VALUES ($1, true) \
-             ON CONFLICT (job_id) DO UPDATE SET finished = true RETURNING last_seq",
+        // One statement: mark the head finished and queue the wake-up.
+        sqlx::query(
+            "WITH h AS (INSERT INTO log_heads (job_id, finished) VALUES ($1, true) \
+                 ON CONFLICT (job_id) DO UPDATE SET finished = true RETURNING last_seq) \
+             SELECT pg_notify($2, $3 || ':' || h.last_seq) FROM h",
         )
         .bind(job.0)
-        .fetch_one(&mut *tx)
+        .bind(LOGS_CHANNEL)
+        .bind(job.to_string())
+        .execute(&self.inner.pool)
         .await
         .map_err(store_err)?;
-        notify(&mut tx, job, last).await?;
-        tx.commit().await.map_err(store_err)?;
         Ok(())
     }
 
@@ -256,6 +210,143 @@ enum Step {
     Lines(Vec<LogLine>),
     Finished,
     Wait,
+}
+
+/// Stores `lines` (agent sequences strictly rising) in one statement if
+/// they are all above the head's high-water: then none can be stored
+/// already. Returns the new last sequence, or `None` when the slow path
+/// must de-duplicate.
+///
+/// The head row's lock is taken by the upsert, and its `WHERE` is
+/// re-checked against the newest committed version of the row after any
+/// wait (READ COMMITTED), so concurrent appends of a job still queue on it
+/// and see each other's high-water.
+async fn append_fresh(
+    store: &PgStore,
+    job: JobId,
+    attempt: i32,
+    lines: &[StoredLine],
+) -> Result<Option<u64>, StoreError> {
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return Ok(None);
+    };
+    let n = lines.len() as i64;
+    let stored = sqlx::query(
+        "WITH h AS ( \
+             INSERT INTO log_heads AS h (job_id, last_seq, attempt, agent_last) \
+             VALUES ($1, $2, $3, $5) \
+             ON CONFLICT (job_id) DO UPDATE \
+                 SET last_seq = h.last_seq + $2, attempt = $3, agent_last = $5 \
+                 WHERE (h.attempt, h.agent_last) < ($3, $4) \
+             RETURNING h.last_seq), \
+         c AS ( \
+             INSERT INTO log_chunks (job_id, first_seq, last_seq, attempt, agent_first, \
+                 agent_last, lines) \
+             SELECT $1, h.last_seq - $2 + 1, h.last_seq, $3, $4, $5, $6 FROM h) \
+         SELECT h.last_seq, pg_notify($7, $8 || ':' || h.last_seq) AS notified FROM h",
+    )
+    .bind(job.0)
+    .bind(n)
+    .bind(attempt)
+    .bind(to_i64(first.a))
+    .bind(to_i64(last.a))
+    .bind(Json(lines))
+    .bind(LOGS_CHANNEL)
+    .bind(job.to_string())
+    .fetch_optional(&store.inner.pool)
+    .await
+    .map_err(store_err)?;
+    stored
+        .map(|row| {
+            let last: i64 = row
+                .try_get("last_seq")
+                .map_err(|e| corrupt("log head", e))?;
+            Ok(to_u64(last))
+        })
+        .transpose()
+}
+
+/// Stores the lines of `lines` not stored yet, in one transaction that
+/// reads the stored chunks they could overlap (after taking the head's
+/// lock, so every earlier append is visible), and sets the head's
+/// high-water from the stored chunks.
+async fn append_checked(
+    store: &PgStore,
+    job: JobId,
+    attempt: i32,
+    lines: Vec<StoredLine>,
+) -> Result<u64, StoreError> {
+    let mut tx = store.inner.pool.begin().await.map_err(store_err)?;
+    // Lock (creating if needed) the head: appends of a job queue here.
+    let last: i64 = sqlx::query_scalar(
+        "INSERT INTO log_heads (job_id) VALUES ($1) \
+         ON CONFLICT (job_id) DO UPDATE SET last_seq = log_heads.last_seq \
+         RETURNING last_seq",
+    )
+    .bind(job.0)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(store_err)?;
+
+    let lowest = lines.iter().map(|l| l.a).min().unwrap_or(0);
+    let highest = lines.iter().map(|l| l.a).max().unwrap_or(0);
+    let stored: Vec<Value> = sqlx::query_scalar(
+        "SELECT lines FROM log_chunks \
+         WHERE job_id = $1 AND attempt = $2 AND agent_last >= $3 AND agent_first <= $4",
+    )
+    .bind(job.0)
+    .bind(attempt)
+    .bind(to_i64(lowest))
+    .bind(to_i64(highest))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(store_err)?;
+    let mut seen = BTreeSet::new();
+    for chunk in stored {
+        let chunk: Vec<StoredLine> =
+            serde_json::from_value(chunk).map_err(|e| corrupt("log chunk", e))?;
+        seen.extend(chunk.into_iter().map(|l| l.a));
+    }
+    let fresh: Vec<StoredLine> = lines.into_iter().filter(|l| seen.insert(l.a)).collect();
+    if fresh.is_empty() {
+        tx.rollback().await.map_err(store_err)?;
+        return Ok(to_u64(last));
+    }
+
+    let first = last + 1;
+    let new_last = last + fresh.len() as i64;
+    let agent_first = fresh.iter().map(|l| l.a).min().unwrap_or(0);
+    let agent_last = fresh.iter().map(|l| l.a).max().unwrap_or(0);
+    sqlx::query(
+        "INSERT INTO log_chunks (job_id, first_seq, last_seq, attempt, agent_first, \
+         agent_last, lines) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(job.0)
+    .bind(first)
+    .bind(new_last)
+    .bind(attempt)
+    .bind(to_i64(agent_first))
+    .bind(to_i64(agent_last))
+    .bind(Json(&fresh))
+    .execute(&mut *tx)
+    .await
+    .map_err(store_err)?;
+    // The high-water from every stored chunk (this one included): heads
+    // written before it was kept, or by `finish`, get it here.
+    sqlx::query(
+        "UPDATE log_heads SET last_seq = $2, (attempt, agent_last) = ( \
+             SELECT attempt, agent_last FROM log_chunks WHERE job_id = $1 \
+             ORDER BY attempt DESC, agent_last DESC LIMIT 1) \
+         WHERE job_id = $1",
+    )
+    .bind(job.0)
+    .bind(new_last)
+    .execute(&mut *tx)
+    .await
+    .map_err(store_err)?;
+    notify(&mut tx, job, new_last).await?;
+    tx.commit().await.map_err(store_err)?;
+    Ok(to_u64(new_last))
 }
 
 async fn last_seq(store: &PgStore, job: JobId) -> Result<u64, StoreError> {

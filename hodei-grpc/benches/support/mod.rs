@@ -19,7 +19,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use hodei_core::event::DomainEvent;
+use hodei_core::event::{DomainEvent, EventBody};
 use hodei_core::ids::{Actor, CorrelationId, JobId, WorkerId};
 use hodei_core::job::{Job, JobState};
 use hodei_core::ports::{
@@ -524,6 +524,12 @@ impl JobStore for JobProbe {
         expected_version: u64,
         events: Vec<DomainEvent>,
     ) -> Result<Vec<DomainEvent>, StoreError> {
+        // A change that starts the job, also when the same update ends it
+        // (the driver stores an ack and a result decided together as one).
+        let starts = job.state() == JobState::Running
+            || events
+                .iter()
+                .any(|e| matches!(e.body, EventBody::JobStarted { .. }));
         let r = timed(
             &self.timing,
             "jobs.update",
@@ -534,9 +540,10 @@ impl JobStore for JobProbe {
             let now = Instant::now();
             let state = job.state();
             let mut marks = self.marks();
-            if state == JobState::Running {
+            if starts {
                 marks.running.entry(job.id).or_insert(now);
-            } else if job.is_terminal() {
+            }
+            if job.is_terminal() {
                 marks.terminal.entry(job.id).or_insert((now, state));
             }
             drop(marks);
