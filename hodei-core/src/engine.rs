@@ -22,6 +22,45 @@
 //! and the engine falls in line (stops the attempt on its worker). The
 //! simplest shell drains every effect of one input before taking the next;
 //! see [`Effect::UpdateJob`] for what a shell that batches inputs must do.
+//!
+//! # Liveness of workers
+//! A worker is *disconnected* when its stream drops (the shell calls
+//! [`Engine::handle_disconnected`]) or when it has been silent for
+//! [`EngineConfig::heartbeat_timeout`] (decided at a tick). Disconnection
+//! is the worker's `connected` flag, not a state: a disconnected worker
+//! keeps its state (`READY`, `BUSY`, `DRAINING`) and its jobs, gets no new
+//! work, and is *lost* (its jobs fail as [`FailureKind::WorkerLost`]) if it
+//! is not back within [`EngineConfig::reconnect_grace`].
+//!
+//! It comes back in one of two ways:
+//! - it registers again ([`Engine::handle_registered`]), after either
+//!   kind of disconnection;
+//! - after a heartbeat timeout only, any message on the session it still
+//!   has (a heartbeat, a log batch, an acknowledgement, a refusal, a
+//!   result, a drain) revives it: the pending loss is cancelled,
+//!   `WorkerReconnected` is recorded and it takes work again, with its
+//!   jobs still running. A timeout says the worker was not *heard*, not
+//!   that its session ended; the shell keeps routing that session's
+//!   messages, and only a dropped stream ends it (after which only a new
+//!   registration counts).
+//!
+//! **Stalls of the shell.** The engine is told of time only through its
+//! inputs, and a shell stuck on a slow store hears no worker meanwhile
+//! while their heartbeats queue up behind it. So silence is only counted
+//! while the engine was listening: when an input (a tick included) arrives
+//! more than one `heartbeat_timeout` after the previous one, the engine
+//! was deaf for that gap, and no worker is timed out or declared lost
+//! before another full `heartbeat_timeout` has passed (the same floor for
+//! both deadlines). The queued heartbeats are taken meanwhile; a worker
+//! that is really silent is still timed out, one `heartbeat_timeout`
+//! later. The grace is a full timeout rather than one heartbeat interval
+//! (which the engine does not know) so that the jitter the timeout
+//! tolerates is tolerated after a stall too. It cannot postpone a silent
+//! worker forever: [`Engine::next_deadline`] asks for a tick at least
+//! every half `heartbeat_timeout` while any worker is watched, so a shell
+//! that honours its deadlines never looks stalled. Job deadlines are not
+//! deferred: an acknowledgement due during a stall still fails its
+//! attempt as `DispatchFailed` (retried by policy).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -384,6 +423,10 @@ struct WorkerEntry {
     correlation_id: CorrelationId,
     /// When a disconnected worker is declared lost.
     lost_at: Option<Timestamp>,
+    /// Disconnected by the heartbeat timeout, not by its stream: its
+    /// session may still be up, and any message on it revives the worker
+    /// (see the module documentation).
+    timed_out: bool,
     /// When a worker still creating/connecting is given up.
     register_by: Option<Timestamp>,
     /// It refused an attempt for capacity: no new work until it shows a
@@ -639,6 +682,11 @@ pub struct Engine {
     queue_depth: u64,
     /// Since when each idle worker of a reusable pool has been idle.
     idle_since: BTreeMap<WorkerId, Timestamp>,
+    /// `now` of the latest input (ticks included).
+    last_input: Option<Timestamp>,
+    /// After a stall of the shell: no worker is timed out or declared
+    /// lost before this (see "Liveness of workers" in the module docs).
+    liveness_floor: Option<Timestamp>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -685,6 +733,8 @@ impl Engine {
             actor,
             queue_depth: 0,
             idle_since: BTreeMap::new(),
+            last_input: None,
+            liveness_floor: None,
         }
     }
 
@@ -781,20 +831,58 @@ impl Engine {
         for job in self.jobs.values() {
             consider(job.status.deadline());
         }
+        let mut watched = false;
         for e in self.workers.values() {
-            consider(e.lost_at);
+            consider(e.lost_at.map(|t| self.liveness_deadline(t)));
             consider(e.register_by);
-            let w = &e.worker;
-            if w.connected
-                && matches!(
-                    w.state,
-                    WorkerState::Ready | WorkerState::Busy | WorkerState::Draining
-                )
-            {
-                consider(Some(add(w.last_seen, self.config.heartbeat_timeout)));
+            watched |= e.lost_at.is_some();
+            if let Some(t) = self.heartbeat_deadline(e) {
+                consider(Some(t));
+                watched = true;
             }
         }
+        if watched && let Some(last) = self.last_input {
+            // The watchdog: a shell that honours its deadlines is never
+            // silent long enough to look stalled.
+            consider(Some(add(last, self.config.heartbeat_timeout / 2)));
+        }
         next
+    }
+
+    /// When a connected worker's silence times it out, if it is watched.
+    fn heartbeat_deadline(&self, e: &WorkerEntry) -> Option<Timestamp> {
+        let w = &e.worker;
+        (w.connected
+            && matches!(
+                w.state,
+                WorkerState::Ready | WorkerState::Busy | WorkerState::Draining
+            ))
+        .then(|| self.liveness_deadline(add(w.last_seen, self.config.heartbeat_timeout)))
+    }
+
+    /// A liveness deadline (heartbeat timeout, loss) moved past the floor
+    /// a stall of the shell set.
+    fn liveness_deadline(&self, at: Timestamp) -> Timestamp {
+        self.liveness_floor.map_or(at, |floor| at.max(floor))
+    }
+
+    /// Every input with a `now` starts here: a gap longer than the
+    /// heartbeat timeout since the previous one means the shell was stalled
+    /// and heard no worker meanwhile (see the module documentation).
+    fn heard(&mut self, now: Timestamp) {
+        if let Some(last) = self.last_input {
+            if add(last, self.config.heartbeat_timeout) < now {
+                let floor = add(now, self.config.heartbeat_timeout);
+                self.liveness_floor = Some(self.liveness_floor.map_or(floor, |f| f.max(floor)));
+            }
+            if now <= last {
+                return;
+            }
+        }
+        self.last_input = Some(now);
+        if self.liveness_floor.is_some_and(|f| f <= now) {
+            self.liveness_floor = None;
+        }
     }
 
     // ----- inputs: jobs -----------------------------------------------------
@@ -807,6 +895,7 @@ impl Engine {
         spec: JobSpec,
         ctx: &RequestContext,
     ) -> Result<JobId, EngineError> {
+        self.heard(now);
         self.check_spec(&spec)?;
         let id = JobId::from_uuid(self.entropy.uuid());
         let (job, bodies) =
@@ -830,12 +919,14 @@ impl Engine {
     /// read by the shell now and then. Reusable pools are sized by it (see
     /// [`Engine::handle_tick`]); `AutoScalingTriggered` events carry it.
     pub fn handle_queue_depth(&mut self, now: Timestamp, depth: u64) {
+        self.heard(now);
         self.queue_depth = depth;
         self.autoscale(now);
     }
 
     /// The result of an [`Effect::Claim`]. Pass `None` if the claim failed.
     pub fn handle_claimed(&mut self, now: Timestamp, claim: Option<Claim>, limit: usize) {
+        self.heard(now);
         self.claim_in_flight = false;
         let Some(claim) = claim else {
             self.next_claim_at = Some(add(now, self.config.claim_interval));
@@ -879,6 +970,7 @@ impl Engine {
         job: JobId,
         ctx: &RequestContext,
     ) -> Result<Job, EngineError> {
+        self.heard(now);
         if !self.jobs.contains_key(&job) {
             return Err(EngineError::UnknownJob(job));
         }
@@ -895,6 +987,7 @@ impl Engine {
     /// A job this engine owns was changed by someone else (conflict on
     /// update, or seen on the event bus). The stored version wins.
     pub fn handle_job_changed(&mut self, now: Timestamp, current: Job) {
+        self.heard(now);
         let Some(mine) = self.jobs.get(&current.id) else {
             return;
         };
@@ -933,6 +1026,7 @@ impl Engine {
     /// registered first, `WorkerProvisioned` was recorded then and this
     /// changes nothing: each worker gets the event exactly once.
     pub fn handle_provisioned(&mut self, now: Timestamp, worker: WorkerId) {
+        self.heard(now);
         let Some(entry) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -956,6 +1050,7 @@ impl Engine {
 
     /// The provider could not create the worker.
     pub fn handle_provision_failed(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        self.heard(now);
         let Some(entry) = self.workers.get(&worker) else {
             return;
         };
@@ -992,6 +1087,7 @@ impl Engine {
         reg: Registration,
         adoptable: Vec<Job>,
     ) -> Result<(), EngineError> {
+        self.heard(now);
         let id = reg.worker;
         // A SCHEDULED job waiting for this worker: it was provisioned for
         // it (ephemeral) by an engine that is gone.
@@ -1044,6 +1140,7 @@ impl Engine {
             },
             correlation_id: CorrelationId::new(format!("worker-{id}")),
             lost_at: None,
+            timed_out: false,
             register_by: None,
             saturated: false,
             indexed: Indexed::default(),
@@ -1051,6 +1148,7 @@ impl Engine {
         entry.worker.connected = true;
         entry.worker.last_seen = now;
         entry.lost_at = None;
+        entry.timed_out = false;
         entry.register_by = None;
         // A new session re-syncs what it runs: its slots are as reported.
         entry.saturated = false;
@@ -1189,17 +1287,57 @@ impl Engine {
 
     /// A sign of life. A worker that refused work for capacity is offered
     /// work again (it says nothing more precise about its slots; if it is
-    /// still full it refuses again, which costs no attempt).
+    /// still full it refuses again, which costs no attempt). A worker the
+    /// heartbeat timeout disconnected is revived (see the module
+    /// documentation).
     pub fn handle_heartbeat(&mut self, now: Timestamp, worker: WorkerId) {
+        self.heard(now);
         self.touch(now, worker);
         self.unsaturate(worker);
     }
 
-    /// Records a sign of life without index changes.
+    /// Records a sign of life: without index changes, unless it revives a
+    /// worker the heartbeat timeout disconnected.
     fn touch(&mut self, now: Timestamp, worker: WorkerId) {
         if let Some(e) = self.workers.get_mut_unindexed(&worker) {
-            e.worker.last_seen = now;
+            e.worker.last_seen = e.worker.last_seen.max(now);
         }
+        self.revive(now, worker);
+    }
+
+    /// A message on the session of a worker the heartbeat timeout
+    /// disconnected: it was not heard for a while, but its session is up.
+    /// The pending loss is cancelled and it is back as it was (`READY`,
+    /// `BUSY` or `DRAINING`, with its jobs): `WorkerReconnected`.
+    fn revive(&mut self, now: Timestamp, worker: WorkerId) {
+        if !self
+            .workers
+            .get(&worker)
+            .is_some_and(|e| e.timed_out && !e.worker.connected && !e.worker.state.is_terminal())
+        {
+            return;
+        }
+        let e = self.workers.get_mut(&worker).expect("checked above");
+        e.worker.connected = true;
+        e.worker.last_seen = e.worker.last_seen.max(now);
+        e.timed_out = false;
+        e.lost_at = None;
+        let corr = e.correlation_id.clone();
+        let actor = e.actor.clone();
+        let running = e.worker.jobs.clone();
+        self.wrap_record(
+            now,
+            &corr,
+            &actor,
+            EventBody::WorkerReconnected {
+                worker_id: worker,
+                running,
+            },
+        );
+        self.save_worker(worker);
+        self.offer_work(now, worker);
+        self.queue_hint = true;
+        self.maybe_claim();
     }
 
     /// The worker may have a free slot again: it takes work.
@@ -1223,21 +1361,36 @@ impl Engine {
         job: JobId,
         attempt: u32,
     ) -> bool {
+        self.heard(now);
         // Output says nothing about free slots: no unsaturate here.
         self.touch(now, worker);
         self.holds(worker, job, attempt)
     }
 
-    /// A worker's stream dropped. It has `reconnect_grace` to come back.
+    /// A worker's stream dropped. It has `reconnect_grace` to come back,
+    /// by registering again. (A worker the heartbeat timeout disconnected
+    /// earlier keeps its deadline, but no longer comes back by a message:
+    /// its session is over.)
     pub fn handle_disconnected(&mut self, now: Timestamp, worker: WorkerId, reason: &str) {
+        self.heard(now);
+        self.disconnect(now, worker, reason, true);
+    }
+
+    /// Disconnects a worker: its stream dropped (`stream_gone`), or the
+    /// heartbeat timeout says it went silent.
+    fn disconnect(&mut self, now: Timestamp, worker: WorkerId, reason: &str, stream_gone: bool) {
         let grace = self.config.reconnect_grace;
         let Some(e) = self.workers.get_mut(&worker) else {
             return;
         };
         if !e.worker.connected {
+            if stream_gone {
+                e.timed_out = false;
+            }
             return;
         }
         e.worker.connected = false;
+        e.timed_out = !stream_gone;
         let corr = e.correlation_id.clone();
         let done = matches!(
             e.worker.state,
@@ -1284,6 +1437,7 @@ impl Engine {
         reason: &str,
         oom_killed: bool,
     ) {
+        self.heard(now);
         if !self.workers.contains_key(&worker) {
             return;
         }
@@ -1305,6 +1459,11 @@ impl Engine {
         worker: WorkerId,
         ctx: Option<&RequestContext>,
     ) -> Result<(), EngineError> {
+        self.heard(now);
+        if ctx.is_none() {
+            // The worker says so itself: a message on its session.
+            self.revive(now, worker);
+        }
         let e = self
             .workers
             .get_mut(&worker)
@@ -1342,6 +1501,8 @@ impl Engine {
         job: JobId,
         attempt: u32,
     ) -> Result<(), EngineError> {
+        self.heard(now);
+        self.revive(now, worker);
         self.check_holder(now, worker, job, attempt)?;
         let actor = self.worker_actor(worker);
         self.apply(now, job, JobCommand::Start, By::Actor(actor))
@@ -1379,6 +1540,8 @@ impl Engine {
         code: RefusalCode,
         reason: &str,
     ) -> Result<(), EngineError> {
+        self.heard(now);
+        self.revive(now, worker);
         self.check_holder(now, worker, job, attempt)?;
         let actor = self.worker_actor(worker);
         let assigned = self.jobs[&job].state() == JobState::Assigned;
@@ -1428,6 +1591,8 @@ impl Engine {
         attempt: u32,
         report: AttemptReport,
     ) -> Result<(), EngineError> {
+        self.heard(now);
+        self.revive(now, worker);
         // An attempt ended there, ours or not: a slot is free.
         self.unsaturate(worker);
         self.check_holder(now, worker, job, attempt)?;
@@ -1459,6 +1624,7 @@ impl Engine {
         healthy: bool,
         message: &str,
     ) {
+        self.heard(now);
         let Some(p) = self.providers.get_mut(provider) else {
             return;
         };
@@ -1483,8 +1649,11 @@ impl Engine {
         }
     }
 
-    /// Time passed: decide every deadline at or before `now`.
+    /// Time passed: decide every deadline at or before `now`. A tick that
+    /// ends a stall of the shell times no worker out and loses none (see
+    /// "Liveness of workers" in the module documentation).
     pub fn handle_tick(&mut self, now: Timestamp) {
+        self.heard(now);
         // Job deadlines.
         let overdue: Vec<JobId> = self
             .jobs
@@ -1512,20 +1681,14 @@ impl Engine {
                     "the worker never registered",
                 );
                 self.lose_worker(now, id, "never registered", f);
-            } else if e.lost_at.is_some_and(|t| t <= now) {
+            } else if e.lost_at.is_some_and(|t| self.liveness_deadline(t) <= now) {
                 let f = Failure::new(
                     FailureKind::WorkerLost,
                     "worker disconnected and did not come back",
                 );
                 self.lose_worker(now, id, "did not reconnect in time", f);
-            } else if e.worker.connected
-                && matches!(
-                    e.worker.state,
-                    WorkerState::Ready | WorkerState::Busy | WorkerState::Draining
-                )
-                && add(e.worker.last_seen, self.config.heartbeat_timeout) <= now
-            {
-                self.handle_disconnected(now, id, "heartbeat timeout");
+            } else if self.heartbeat_deadline(e).is_some_and(|t| t <= now) {
+                self.disconnect(now, id, "heartbeat timeout", false);
             }
         }
         if self.next_claim_at.is_some_and(|t| t <= now) {
@@ -1672,6 +1835,7 @@ impl Engine {
                 worker: w.clone(),
                 correlation_id: corr.clone(),
                 lost_at: None,
+                timed_out: false,
                 register_by: Some(add(now, self.config.provision_timeout)),
                 saturated: false,
                 indexed: Indexed::default(),

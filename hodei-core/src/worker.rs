@@ -3,6 +3,12 @@
 //! [`WorkerState::can_transition_to`] is the one table of legal moves;
 //! every change of a worker's state in the engine goes through
 //! [`Worker::transition`].
+//!
+//! Being disconnected is not a state: it is [`Worker::connected`], beside
+//! the state. A worker whose stream dropped or whose heartbeats stopped
+//! keeps its state (`READY`, `BUSY`, `DRAINING`) and its jobs until it
+//! comes back (same state, `WorkerReconnected`) or is lost (`TERMINATING`,
+//! then `TERMINATED`); see "Liveness of workers" in [`crate::engine`].
 
 use std::collections::BTreeMap;
 use std::fmt;

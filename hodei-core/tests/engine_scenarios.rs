@@ -966,3 +966,331 @@ fn a_reported_earlier_attempt_does_not_stand_for_the_current_one() {
     );
     assert_eq!(j.attempt, 3);
 }
+
+// ----- liveness: heartbeat timeouts, revivals, stalls of the shell --------
+
+impl Shell {
+    /// The worker's own events, in order.
+    fn worker_events(&self, worker: WorkerId) -> Vec<&'static str> {
+        let id = worker.to_string();
+        self.store
+            .events
+            .iter()
+            .filter(|e| e.aggregate_id == id)
+            .map(DomainEvent::event_type)
+            .collect()
+    }
+
+    /// Moves time on by `d` one second at a time, as a healthy shell
+    /// does: `beating` workers heartbeat every 5 s (the runtime's
+    /// default interval) and every deadline is ticked as it comes.
+    fn advance_beating(&mut self, d: Duration, beating: &[WorkerId]) {
+        let target = add(self.now, d);
+        let mut second = 0u64;
+        while self.now < target {
+            self.advance(Duration::from_secs(1).min((target - self.now).to_std().unwrap()));
+            second += 1;
+            if second.is_multiple_of(5) {
+                for &worker in beating {
+                    self.engine.handle_heartbeat(self.now, worker);
+                    self.drain();
+                }
+            }
+        }
+    }
+
+    /// A reusable worker of provider `pool` running `job` (acknowledged).
+    fn running_on_pool(&mut self, worker: WorkerId) -> JobId {
+        self.register(worker, "pool", Vec::new());
+        let job = self.submit(spec(3, 600, false, 0, Some("pool"), None));
+        let attempt = self.job(job).attempt;
+        assert!(self.dispatches.contains(&(worker, job, attempt)));
+        self.engine
+            .handle_ack(self.now, worker, job, attempt)
+            .unwrap();
+        self.drain();
+        assert_eq!(self.job(job).state(), JobState::Running);
+        job
+    }
+
+    fn failure_kinds(&self, job: JobId) -> Vec<hodei_core::job::FailureKind> {
+        self.job(job)
+            .attempts
+            .iter()
+            .filter_map(|a| match &a.outcome {
+                hodei_core::job::AttemptOutcome::Failed { failure } => Some(failure.kind),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Regression (review): a worker the heartbeat timeout disconnected was
+/// lost `reconnect_grace` later even though it kept heartbeating on the
+/// same session: its job failed as WorkerLost and the agent was destroyed.
+/// A heartbeat now revives it: `WorkerReconnected`, back to `BUSY`, its
+/// job keeps running, and nothing is lost later.
+#[test]
+fn a_heartbeat_revives_a_worker_the_heartbeat_timeout_disconnected() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    let job = s.running_on_pool(worker);
+    // Silent past the heartbeat timeout (15 s), not yet past the grace.
+    s.advance_beating(Duration::from_secs(17), &[]);
+    let seen = s.engine.worker(worker).expect("not lost yet");
+    assert!(!seen.connected, "the heartbeat timeout disconnected it");
+    assert_eq!(seen.state, WorkerState::Busy);
+    assert_eq!(
+        s.worker_events(worker).last(),
+        Some(&"WorkerDisconnected"),
+        "{:?}",
+        s.worker_events(worker)
+    );
+    // A late heartbeat on the same session.
+    s.engine.handle_heartbeat(s.now, worker);
+    s.drain();
+    let back = s.engine.worker(worker).expect("known");
+    assert!(back.connected);
+    assert_eq!(back.state, WorkerState::Busy);
+    assert_eq!(back.jobs, vec![job]);
+    assert!(s.store.workers[&worker].connected, "the revival is saved");
+    let reconnected = s
+        .store
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| match &e.body {
+            hodei_core::event::EventBody::WorkerReconnected { worker_id, running }
+                if *worker_id == worker =>
+            {
+                Some(running.clone())
+            }
+            _ => None,
+        })
+        .expect("WorkerReconnected recorded");
+    assert_eq!(reconnected, vec![job]);
+    // Well past the old loss deadline: nothing is lost.
+    s.advance_beating(Duration::from_secs(60), &[worker]);
+    assert!(s.destroyed.is_empty(), "destroyed: {:?}", s.destroyed);
+    assert_eq!(s.job(job).state(), JobState::Running);
+    assert_eq!(s.job(job).attempt, 1, "no attempt burnt");
+    assert!(
+        !s.events_of(job).contains(&"JobFailed")
+            && !s.events_of(job).contains(&"JobRetryScheduled"),
+        "{:?}",
+        s.events_of(job)
+    );
+    s.succeed(worker, job, 1);
+    assert_eq!(s.job(job).state(), JobState::Succeeded);
+    assert_eq!(s.job(job).attempt, 1);
+    assert!(s.failure_kinds(job).is_empty());
+}
+
+/// Any message on the session revives a timed-out worker, not only a
+/// heartbeat: here the job's result.
+#[test]
+fn a_result_revives_a_timed_out_worker_and_counts() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    let job = s.running_on_pool(worker);
+    s.advance_beating(Duration::from_secs(20), &[]);
+    assert!(!s.engine.worker(worker).unwrap().connected);
+    s.succeed(worker, job, 1);
+    assert_eq!(s.job(job).state(), JobState::Succeeded);
+    assert_eq!(s.job(job).attempt, 1);
+    let back = s.engine.worker(worker).expect("known");
+    assert!(back.connected);
+    assert_eq!(back.state, WorkerState::Ready, "its job is done");
+    let events = s.worker_events(worker);
+    assert!(
+        events.ends_with(&["WorkerReconnected", "WorkerReady"]),
+        "{events:?}"
+    );
+    s.advance_beating(Duration::from_secs(60), &[worker]);
+    assert!(s.destroyed.is_empty());
+}
+
+/// A dropped stream ends the session: a late message from it (reordered
+/// in the shell) does not bring the worker back; only a registration
+/// does, and without one it is lost after the grace.
+#[test]
+fn a_dropped_stream_is_not_undone_by_a_late_message() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    let job = s.running_on_pool(worker);
+    s.engine
+        .handle_disconnected(s.now, worker, "connection reset");
+    s.drain();
+    s.advance_beating(Duration::from_secs(2), &[]);
+    s.engine.handle_heartbeat(s.now, worker);
+    s.drain();
+    assert!(!s.engine.worker(worker).unwrap().connected);
+    assert!(!s.worker_events(worker).contains(&"WorkerReconnected"));
+    s.advance_beating(Duration::from_secs(10), &[]);
+    assert!(s.engine.worker(worker).is_none(), "lost after the grace");
+    assert_eq!(s.destroyed, vec![worker]);
+    assert_eq!(
+        s.failure_kinds(job),
+        vec![hodei_core::job::FailureKind::WorkerLost]
+    );
+}
+
+/// A timed-out worker that then loses its stream is no longer revived
+/// by messages (its session is over), and keeps its loss deadline.
+#[test]
+fn a_stream_drop_after_a_timeout_ends_the_session() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    let job = s.running_on_pool(worker);
+    s.advance_beating(Duration::from_secs(16), &[]);
+    assert!(!s.engine.worker(worker).unwrap().connected);
+    s.engine.handle_disconnected(s.now, worker, "stream closed");
+    s.drain();
+    s.engine.handle_heartbeat(s.now, worker);
+    s.drain();
+    assert!(!s.engine.worker(worker).unwrap().connected);
+    s.advance_beating(Duration::from_secs(10), &[]);
+    assert!(s.engine.worker(worker).is_none());
+    assert_eq!(
+        s.failure_kinds(job),
+        vec![hodei_core::job::FailureKind::WorkerLost]
+    );
+}
+
+/// A worker that really is silent is still timed out and lost, and its
+/// job fails as WorkerLost (retried): the revival needs a message.
+#[test]
+fn a_silent_worker_is_still_lost() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    let job = s.running_on_pool(worker);
+    // Timeout at 15 s, loss 10 s later; the shell ticks as it should.
+    s.advance_beating(Duration::from_secs(14), &[]);
+    assert!(s.engine.worker(worker).unwrap().connected);
+    s.advance_beating(Duration::from_secs(2), &[]);
+    assert!(!s.engine.worker(worker).unwrap().connected);
+    s.advance_beating(Duration::from_secs(9), &[]);
+    assert!(
+        s.engine.worker(worker).is_none(),
+        "lost 25 s after its last sign of life"
+    );
+    assert_eq!(s.destroyed, vec![worker]);
+    assert_eq!(
+        s.failure_kinds(job),
+        vec![hodei_core::job::FailureKind::WorkerLost]
+    );
+    assert_eq!(
+        s.worker_events(worker)
+            .iter()
+            .filter(|e| **e == "WorkerReconnected")
+            .count(),
+        0
+    );
+    // A heartbeat from the forgotten worker changes nothing.
+    s.engine.handle_heartbeat(s.now, worker);
+    s.drain();
+    assert!(s.engine.worker(worker).is_none());
+}
+
+/// Regression (review): after a stall of the shell longer than the
+/// heartbeat timeout plus the grace (the driver waited on a dead store),
+/// the first tick declared every worker silent, then lost, although
+/// their heartbeats were queued right behind it. A tick that ends a stall
+/// times no worker out and loses none; the queued heartbeats are taken,
+/// and only a worker that stays silent is timed out, one heartbeat
+/// timeout after the stall.
+#[test]
+fn a_late_tick_after_a_stall_loses_no_worker_that_heartbeats_right_after() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(4)]);
+    let (a, b, c, d) = (w(1), w(2), w(3), w(4));
+    let job_a = s.running_on_pool(a);
+    let job_c = s.running_on_pool(c);
+    let job_d = s.running_on_pool(d);
+    s.register(b, "pool", Vec::new());
+    s.advance_beating(Duration::from_secs(4), &[a, b, c, d]);
+    // `d`'s stream drops just before the stall; it reconnects, but its
+    // registration waits behind the stall too.
+    s.engine.handle_disconnected(s.now, d, "connection reset");
+    s.drain();
+    // The stall: no input at all for 40 s, far past the heartbeat timeout
+    // (15 s) and the reconnect grace (10 s). Then the late tick comes
+    // first.
+    s.now = add(s.now, Duration::from_secs(40));
+    s.tick();
+    for worker in [a, b, c] {
+        let seen = s.engine.worker(worker).expect("none lost by the late tick");
+        assert!(seen.connected, "{worker} timed out by the late tick");
+    }
+    assert!(s.engine.worker(d).is_some(), "d not lost by the late tick");
+    assert!(s.destroyed.is_empty());
+    // The queued inputs: heartbeats of `a` and `b`, the registration of
+    // `d`; `c` has really gone silent.
+    s.engine.handle_heartbeat(s.now, a);
+    s.engine.handle_heartbeat(s.now, b);
+    s.drain();
+    s.register(d, "pool", vec![(job_d, 1)]);
+    assert!(s.engine.worker(d).unwrap().connected);
+    // A healthy shell again, for a while.
+    s.advance_beating(Duration::from_secs(14), &[a, b, d]);
+    assert!(
+        s.engine.worker(c).unwrap().connected,
+        "c still within its grace"
+    );
+    s.advance_beating(Duration::from_secs(2), &[a, b, d]);
+    assert!(
+        !s.engine.worker(c).unwrap().connected,
+        "c timed out at last"
+    );
+    s.advance_beating(Duration::from_secs(10), &[a, b, d]);
+    assert!(s.engine.worker(c).is_none(), "c lost");
+    // (The idle `b` may be retired by now: idle for over a minute.)
+    assert!(s.destroyed.contains(&c));
+    assert!(!s.destroyed.contains(&a) && !s.destroyed.contains(&d));
+    assert_eq!(
+        s.failure_kinds(job_c),
+        vec![hodei_core::job::FailureKind::WorkerLost]
+    );
+    for (worker, job) in [(a, job_a), (d, job_d)] {
+        assert_eq!(s.job(job).state(), JobState::Running, "{worker}");
+        assert_eq!(s.job(job).attempt, 1);
+        assert!(s.failure_kinds(job).is_empty());
+    }
+    for worker in [a, b] {
+        let events = s.worker_events(worker);
+        assert!(
+            !events.contains(&"WorkerDisconnected"),
+            "{worker}: {events:?}"
+        );
+    }
+}
+
+/// A stall shorter than the heartbeat timeout is no stall: the tick at
+/// its end times out a worker last heard too long ago, and its queued
+/// heartbeat revives it (a disconnect and a reconnect recorded, the job
+/// untouched).
+#[test]
+fn a_short_stall_times_out_then_the_queued_heartbeat_revives() {
+    let mut s = Shell::new(EngineConfig::default(), vec![pool(1)]);
+    let worker = w(1);
+    let job = s.running_on_pool(worker);
+    s.advance_beating(Duration::from_secs(5), &[worker]);
+    // Last heard at +5 s; keep the engine ticking until +7 s, then no
+    // input for 14 s (just under the timeout): the tick at +21 s comes
+    // 16 s after the last heartbeat.
+    s.advance_beating(Duration::from_secs(2), &[]);
+    s.now = add(s.now, Duration::from_secs(14));
+    s.tick();
+    assert!(!s.engine.worker(worker).unwrap().connected);
+    s.engine.handle_heartbeat(s.now, worker);
+    s.drain();
+    assert!(s.engine.worker(worker).unwrap().connected);
+    let events = s.worker_events(worker);
+    assert!(
+        events.ends_with(&["WorkerDisconnected", "WorkerReconnected"]),
+        "{events:?}"
+    );
+    s.advance_beating(Duration::from_secs(30), &[worker]);
+    assert!(s.destroyed.is_empty());
+    assert_eq!(s.job(job).state(), JobState::Running);
+    assert_eq!(s.job(job).attempt, 1);
+}

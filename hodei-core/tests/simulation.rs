@@ -11,6 +11,14 @@
 //! draining, when every slot is taken, and (a knob, also in clean
 //! scenarios) spuriously "at capacity", as an agent did that had sent a
 //! result before freeing its slot; such refusals must cost no attempt.
+//! The shell itself sometimes stalls (a "control plane stall", as when the
+//! driver waits on a store that is down): for a while no input reaches the
+//! engine, not even a tick, while the world goes on; then the late tick
+//! and the queued inputs arrive together, in either order. A worker that
+//! heartbeats through a stall must not be lost for it, and a worker the
+//! heartbeat timeout disconnected while its session stayed up comes back
+//! with its next message; in some scenarios the server closes such a
+//! session instead and the agent registers again.
 //! After every step the invariants of
 //! `support::check_invariants` (and a few of the simulation's own) must
 //! hold. At the end of each scenario the faults stop and every job must
@@ -131,6 +139,7 @@ fn simulation() {
             "{stats:?}"
         );
         assert!(stats.requeues > 0, "{stats:?}");
+        assert!(stats.stalls > 0 && stats.revivals > 0, "{stats:?}");
     }
 }
 
@@ -200,6 +209,11 @@ struct Stats {
     stale_reports: u64,
     /// Capacity or drain refusals the engine took (attempt given back).
     requeues: u64,
+    /// Control plane stalls.
+    stalls: u64,
+    /// Workers the heartbeat timeout disconnected and a heartbeat on the
+    /// same session revived.
+    revivals: u64,
 }
 
 impl Stats {
@@ -219,6 +233,8 @@ impl Stats {
         self.provision_failures += o.provision_failures;
         self.stale_reports += o.stale_reports;
         self.requeues += o.requeues;
+        self.stalls += o.stalls;
+        self.revivals += o.revivals;
     }
 }
 
@@ -237,6 +253,10 @@ struct Knobs {
     claim_fail: f64,
     nonzero_exit: f64,
     overrun: f64,
+    /// The server closes the stream of a worker the heartbeat timeout
+    /// disconnected (else the session stays up, as in the runtime, and
+    /// the worker's next message revives it).
+    close_on_timeout: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -361,6 +381,12 @@ struct Sim {
     max_timeout: Duration,
     has_img: bool,
     stats: Stats,
+    /// The shell is stalled until then: no input reaches the engine.
+    stalled_until: Option<Timestamp>,
+    /// Events that happened during the stall, whose inputs wait for it.
+    backlog: Vec<Ev>,
+    /// Workers connected and heartbeating when the stall began.
+    stall_watch: Vec<WorkerId>,
 }
 
 impl Sim {
@@ -435,6 +461,7 @@ impl Sim {
             claim_fail: f * rng.unit() * 0.05,
             nonzero_exit: f * rng.unit() * 0.4,
             overrun: f * rng.unit() * 0.2,
+            close_on_timeout: rng.chance(0.3),
         };
         // Mostly small scenarios (more seeds per second), some crowded ones.
         let to_submit = if rng.chance(0.7) {
@@ -471,6 +498,9 @@ impl Sim {
                 scenarios: 1,
                 ..Stats::default()
             },
+            stalled_until: None,
+            backlog: Vec::new(),
+            stall_watch: Vec::new(),
         };
         for _ in 0..to_submit {
             let at = add(epoch(), sim.rng.millis(0, submit_window.as_millis() as u64));
@@ -557,6 +587,24 @@ impl Sim {
         self.check(deadline)?;
         let mut same_instant_ticks = 0u32;
         loop {
+            if let Some(until) = self.stalled_until {
+                // The shell is stuck: the world goes on, its inputs wait.
+                if self.events.peek().is_some_and(|Reverse(s)| s.at < until) {
+                    let Reverse(s) = self.events.pop().expect("peeked");
+                    self.now = self.now.max(s.at);
+                    self.log(|| format!("{:?} (held by the stall)", s.ev));
+                    self.backlog.push(s.ev);
+                    continue;
+                }
+                self.now = self.now.max(until);
+                self.stalled_until = None;
+                self.end_stall()?;
+                self.stats.steps += 1;
+                self.after_step()?;
+                deadline = self.engine.next_deadline();
+                self.check(deadline)?;
+                continue;
+            }
             let next_ev = self.events.peek().map(|Reverse(s)| s.at);
             let tick = match (deadline, next_ev) {
                 (Some(d), Some(e)) => d <= e,
@@ -646,9 +694,54 @@ impl Sim {
             if w.alive && w.link && w.frozen_until.is_none() && now - w.last_hb >= chrono_of(every)
             {
                 w.last_hb = now;
+                let was_down = self.engine.worker(*id).is_some_and(|e| !e.connected);
                 self.engine.handle_heartbeat(now, *id);
+                if was_down && self.engine.worker(*id).is_some_and(|e| e.connected) {
+                    self.stats.revivals += 1;
+                }
             }
         }
+    }
+
+    /// The stall ends: the late tick and the inputs queued behind it reach
+    /// the engine together, the tick first or last. Heartbeats sent
+    /// meanwhile come first among the queued inputs.
+    fn end_stall(&mut self) -> Result<(), String> {
+        self.log(|| "stall ends".into());
+        let tick_first = self.rng.chance(0.5);
+        if tick_first {
+            self.engine.handle_tick(self.now);
+            self.drain()?;
+        }
+        self.heartbeats();
+        self.drain()?;
+        for ev in std::mem::take(&mut self.backlog) {
+            self.log(|| format!("{ev:?} (after the stall)"));
+            self.handle(ev)?;
+            self.drain()?;
+        }
+        if !tick_first {
+            self.engine.handle_tick(self.now);
+            self.drain()?;
+        }
+        // A worker that heartbeated all along (and still runs, reachable)
+        // is not lost, nor left disconnected, for the shell's stall.
+        for id in std::mem::take(&mut self.stall_watch) {
+            let w = &self.workers[&id];
+            if !(w.alive && w.link && w.frozen_until.is_none()) {
+                continue;
+            }
+            match self.engine.worker(id) {
+                Some(e) if e.connected => {}
+                Some(_) => {
+                    return Err(format!(
+                        "worker {id} heartbeated through a stall and is left disconnected"
+                    ));
+                }
+                None => return Err(format!("worker {id} was lost for a stall of the shell")),
+            }
+        }
+        Ok(())
     }
 
     fn next_request(&mut self, actor: &str) -> hodei_core::ports::RequestContext {
@@ -781,7 +874,10 @@ impl Sim {
                 w.frozen_until = None;
                 w.last_hb = self.now;
                 if w.link {
-                    if self.engine.worker(worker).is_some_and(|e| e.connected) {
+                    // The session is still up unless the engine forgot the
+                    // worker (lost): its heartbeat brings it back if the
+                    // heartbeat timeout disconnected it meanwhile.
+                    if self.engine.worker(worker).is_some() {
                         self.engine.handle_heartbeat(self.now, worker);
                         let inbox = std::mem::take(&mut w.inbox);
                         for msg in inbox {
@@ -866,7 +962,7 @@ impl Sim {
             .filter(|(_, w)| w.alive && w.registered)
             .map(|(id, _)| *id)
             .collect();
-        let roll = self.rng.range(0, 9);
+        let roll = self.rng.range(0, 10);
         let target = self.rng.pick(&live).copied();
         match (roll, target) {
             (0, Some(w)) => {
@@ -963,6 +1059,25 @@ impl Sim {
                         self.schedule(d, Ev::BusNotify(job));
                     }
                 }
+            }
+            (9, _) => {
+                // A control plane stall: the shell hears nothing for up to
+                // three heartbeat timeouts (the driver waits on a store).
+                self.stats.stalls += 1;
+                let max = self.config.heartbeat_timeout.as_millis() as u64 * 3;
+                let d = self.rng.millis(500, max);
+                self.stalled_until = Some(add(self.now, d));
+                self.stall_watch = self
+                    .workers
+                    .iter()
+                    .filter(|(id, w)| {
+                        w.alive
+                            && w.link
+                            && w.frozen_until.is_none()
+                            && self.engine.worker(**id).is_some_and(|e| e.connected)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
             }
             (8, _) => {
                 let p = *self.rng.pick(&["eph", "pool", "img"]).expect("non-empty");
@@ -1419,13 +1534,22 @@ impl Sim {
             }
             match self.engine.worker(id) {
                 Some(e) if e.connected => {}
+                Some(_) if !self.knobs.close_on_timeout => {
+                    // The heartbeat timeout disconnected it but, as in the
+                    // runtime, its session stays up: its next message
+                    // revives it (or it is lost after the grace).
+                }
                 Some(_) => {
                     // The engine declared the stream dead (heartbeat
-                    // timeout): the server closes it, the agent reconnects.
+                    // timeout): here the server closes it (and says so),
+                    // and the agent reconnects.
                     let w = self.workers.get_mut(&id).expect("listed");
                     w.link = false;
                     w.inbox.clear();
-                    if w.frozen_until.is_none() {
+                    let frozen = w.frozen_until.is_some();
+                    self.engine
+                        .handle_disconnected(self.now, id, "stream closed by the server");
+                    if !frozen {
                         let d = self.rng.millis(10, 2000);
                         self.schedule(d, Ev::Connect(id));
                     }
