@@ -58,9 +58,12 @@
 //! tolerates is tolerated after a stall too. It cannot postpone a silent
 //! worker forever: [`Engine::next_deadline`] asks for a tick at least
 //! every half `heartbeat_timeout` while any worker is watched, so a shell
-//! that honours its deadlines never looks stalled. Job deadlines are not
-//! deferred: an acknowledgement due during a stall still fails its
-//! attempt as `DispatchFailed` (retried by policy).
+//! that honours its deadlines never looks stalled. While the shell keeps
+//! stalling (every pass blocked on a store that is down), no worker is
+//! timed out at all: that is decided once it runs smoothly again for one
+//! `heartbeat_timeout`. Job deadlines are not deferred: an
+//! acknowledgement due during a stall still fails its attempt as
+//! `DispatchFailed` (retried by policy).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
