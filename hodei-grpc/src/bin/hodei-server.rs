@@ -65,7 +65,6 @@ async fn serve(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             .map(|t| (t.token.clone(), t.name.clone()))
             .collect(),
         max_body_bytes: hodei_http::body_limit_for_spec(config.runtime.limits.max_spec_bytes),
-        ..hodei_http::HttpConfig::default()
     };
     let options = ServerOptions {
         http: Some(Arc::new(move |listener, cp, stop| {
