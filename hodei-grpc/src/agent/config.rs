@@ -48,18 +48,22 @@ pub struct AgentConfig {
     pub image: Option<String>,
     /// Jobs run at the same time; more are refused. At least 1.
     pub capacity: u32,
-    /// Log lines per batch; `None` takes the server's `Welcome` value
-    /// (else [`DEFAULT_LOG_BATCH_SIZE`]).
+    /// Most log lines per batch; `None` takes a non-zero `Welcome` value
+    /// (hodei-server sends 0), else [`DEFAULT_LOG_BATCH_SIZE`]. A batch is
+    /// also cut at [`super::MAX_LOG_BATCH_BYTES`].
     pub log_batch_size: Option<usize>,
-    /// Longest wait of the first line of a partial batch; `None` takes the
-    /// server's `Welcome` value (else [`DEFAULT_LOG_FLUSH`]).
+    /// Longest wait of the first line of a partial batch; `None` takes a
+    /// non-zero `Welcome` value (hodei-server sends 0), else
+    /// [`DEFAULT_LOG_FLUSH`].
     pub log_flush: Option<Duration>,
     /// Heartbeat interval; `None` takes the server's `Welcome` value (else
     /// [`DEFAULT_HEARTBEAT_INTERVAL`]).
     pub heartbeat_interval: Option<Duration>,
     /// How long a drain lets running jobs finish before cancelling them.
     pub drain_grace: Duration,
-    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    /// Time between SIGTERM and SIGKILL when a job is stopped (cancel,
+    /// timeout, drain). SIGTERM itself goes to the job's process group as
+    /// soon as the agent reads a `CancelJob`.
     pub kill_grace: Duration,
     /// First reconnect delay; doubles after each failed attempt.
     pub reconnect_initial: Duration,
@@ -193,11 +197,13 @@ pub struct WorkerArgs {
     #[arg(long = "capacity", env = "HODEI_WORKER_CAPACITY", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub capacity: u32,
-    /// Log lines per batch [default: the server's, else 100].
+    /// Most log lines per batch [default: 100, or a non-zero value the
+    /// server's `Welcome` sends (hodei-server sends none)].
     #[arg(long = "log-batch-size", env = "HODEI_LOG_BATCH_SIZE",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub log_batch_size: Option<u32>,
-    /// Longest wait in ms of a partial log batch [default: the server's, else 250].
+    /// Longest wait in ms of a partial log batch [default: 250, or a
+    /// non-zero value the server's `Welcome` sends (hodei-server sends none)].
     #[arg(long = "log-flush-ms", env = "HODEI_LOG_FLUSH_MS")]
     pub log_flush_ms: Option<u64>,
     /// Heartbeat interval in ms [default: the server's, else 5000].

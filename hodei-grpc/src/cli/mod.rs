@@ -832,6 +832,9 @@ async fn job_logs(
         }
         return Ok(());
     }
+    // Pages of up to 5,000 lines; the server also cuts a page at 1 MiB
+    // (lines can be 64 KiB each), so a short page does not mean the end:
+    // only an empty one does.
     let mut after = 0;
     loop {
         let page = client
