@@ -68,24 +68,19 @@ fn lines_bytes(lines: &[proto::LogLine]) -> usize {
     .encoded_len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn huge_lines_arrive_complete_and_in_order_via_pages_and_follow() {
-    let server = TestServer::start();
-    let client = server.client().await;
-    let expected = expected_output();
-    let job = client.submit(sh(&big_output_script())).await;
-
-    // Follow from the start while the job runs, with tonic's default 4 MiB
-    // receive limit: every chunk must fit in it.
+/// Follows a job's log from the start to its end with tonic's default
+/// 4 MiB receive limit; returns the lines and the number of chunks, each
+/// checked to be non-empty and within [`LOG_MESSAGE_BYTES`].
+async fn follow_all(client: &Client, job_id: &str) -> (Vec<proto::LogLine>, usize) {
     let mut follow = proto::log_service_client::LogServiceClient::new(client.channel.clone())
         .follow(proto::FollowLogsRequest {
-            job_id: job.job_id.clone(),
+            job_id: job_id.to_owned(),
             after: 0,
         })
         .await
         .expect("follow")
         .into_inner();
-    let mut followed = Vec::new();
+    let mut lines = Vec::new();
     let mut chunks = 0;
     while let Some(chunk) = follow.message().await.expect("follow chunk") {
         assert!(!chunk.lines.is_empty(), "empty follow chunk");
@@ -96,12 +91,30 @@ async fn huge_lines_arrive_complete_and_in_order_via_pages_and_follow() {
             chunk.lines.len()
         );
         chunks += 1;
-        followed.extend(chunk.lines);
+        lines.extend(chunk.lines);
     }
-    assert_complete("follow", &followed, &expected);
+    (lines, chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_lines_arrive_complete_and_in_order_via_pages_and_follow() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let expected = expected_output();
+    let job = client.submit(sh(&big_output_script())).await;
+
+    // Follow from the start while the job runs, with tonic's default 4 MiB
+    // receive limit: every chunk must fit in it.
+    let (followed, chunks) = follow_all(&client, &job.job_id).await;
+    assert_complete("live follow", &followed, &expected);
     assert!(chunks >= 36_000_000 / LOG_MESSAGE_BYTES, "{chunks} chunks");
     let done = client.wait_terminal(&job.job_id).await;
     assert_eq!(done.state, JobState::Succeeded as i32);
+    // Following a finished job replays the stored lines: all are ready at
+    // once, so chunks are as full as they may be.
+    let (replayed, chunks) = follow_all(&client, &job.job_id).await;
+    assert_complete("replayed follow", &replayed, &expected);
+    assert!(chunks >= 36_000_000 / LOG_MESSAGE_BYTES, "{chunks} chunks");
 
     // Pages of up to 10,000 lines, also with the default receive limit:
     // each is cut at 1 MiB and the next one continues after it.
