@@ -590,6 +590,25 @@ impl WorkerRegistry for MemoryStore {
             }
         })
     }
+
+    async fn consume_token_for(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        let mut st = self.state();
+        Ok(match st.tokens.get_mut(token) {
+            None => Err(TokenRejection::Unknown),
+            Some((w, _, _)) if *w != worker => Err(TokenRejection::OtherWorker),
+            Some((_, _, true)) => Err(TokenRejection::Reused),
+            Some((_, expires, _)) if *expires <= now => Err(TokenRejection::Expired),
+            Some((w, _, used)) => {
+                *used = true;
+                Ok(*w)
+            }
+        })
+    }
 }
 
 #[async_trait]

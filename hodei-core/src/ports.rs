@@ -301,6 +301,8 @@ pub enum TokenRejection {
     Reused,
     /// Past its expiry.
     Expired,
+    /// Issued for another worker; it was left unused.
+    OtherWorker,
 }
 
 impl std::fmt::Display for TokenRejection {
@@ -309,6 +311,9 @@ impl std::fmt::Display for TokenRejection {
             TokenRejection::Unknown => "unknown registration token",
             TokenRejection::Reused => "registration token already used",
             TokenRejection::Expired => "registration token expired",
+            TokenRejection::OtherWorker => {
+                "registration token was issued for another worker id (check the worker id, e.g. HODEI_WORKER_ID); the token was not used and stays valid for its worker"
+            }
         })
     }
 }
@@ -335,6 +340,19 @@ pub trait WorkerRegistry: Send + Sync {
         token: &str,
         now: Timestamp,
     ) -> Result<Result<WorkerId, TokenRejection>, StoreError>;
+    /// Consumes a token only if it was issued for `worker`: a token of
+    /// another worker is left usable and reported as
+    /// [`TokenRejection::OtherWorker`]. The default consumes it whatever
+    /// worker it names (adapters should override it).
+    async fn consume_token_for(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        let _ = worker;
+        self.consume_token(token, now).await
+    }
 }
 
 /// Leases on singleton duties (deadline sweeps, retention, orphan

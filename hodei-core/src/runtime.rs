@@ -336,6 +336,8 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     counters: Arc<Counters>,
     providers: Vec<ProviderSetup>,
+    /// Log pipes by worker and job.
+    log_pipes: Mutex<HashMap<(WorkerId, JobId), LogPipe>>,
 }
 
 enum Cmd {
@@ -452,6 +454,7 @@ impl ControlPlane {
             tasks: Mutex::new(Vec::new()),
             counters,
             providers,
+            log_pipes: Mutex::new(HashMap::new()),
         });
         let cp = ControlPlane { inner };
         let mut tasks = vec![tokio::spawn(driver.run(rx, stop_rx.clone()))];
@@ -738,8 +741,10 @@ impl ControlPlane {
         Ok(self.inner.stores.queue.depth().await?)
     }
 
-    /// A worker's first message on a session. Consumes its one-time token;
-    /// a bad token is recorded as `WorkerRegistrationRejected`.
+    /// A worker's first message on a session. Consumes its one-time token
+    /// if it was issued for this worker id (a token of another id is left
+    /// usable for its worker); a bad token is recorded as
+    /// `WorkerRegistrationRejected`.
     pub async fn worker_hello(
         &self,
         hello: WorkerHello,
@@ -748,7 +753,7 @@ impl ControlPlane {
         let stores = &self.inner.stores;
         let verdict = stores
             .workers
-            .consume_token(&hello.token, now_utc())
+            .consume_token_for(hello.worker, &hello.token, now_utc())
             .await?;
         let reason = match verdict {
             Ok(w) if w == hello.worker => None,
@@ -797,8 +802,9 @@ impl ControlPlane {
         .await?
     }
 
-    /// A message from a registered worker. Logs are stored right here
-    /// (the hot path); everything else goes to the engine.
+    /// A message from a registered worker. Logs go to the job's log pipe
+    /// (the hot path, see [`LogPipe`]); everything else goes to the
+    /// engine, a result only once the lines sent before it are stored.
     pub async fn worker_message(&self, worker: WorkerId, msg: FromWorker) -> Result<(), ApiError> {
         if let FromWorker::Logs {
             job,
@@ -806,42 +812,59 @@ impl ControlPlane {
             lines,
         } = msg
         {
-            let n = lines.len() as u64;
-            let bytes: u64 = lines.iter().map(|l| l.text.len() as u64).sum();
-            // A batch the store could not take while it was unavailable
-            // (the database restarts) is retried here, holding the
-            // worker's stream back, rather than dropped: the agent does not
-            // resend what its stream took. Appends are idempotent (lines
-            // are de-duplicated by attempt and agent sequence).
-            let mut backoff = Duration::from_millis(50);
-            let since = std::time::Instant::now();
-            loop {
-                match self
+            let key = (worker, job);
+            let (tx, failed) = {
+                let mut pipes = self
                     .inner
-                    .stores
-                    .logs
-                    .append(job, attempt, lines.clone())
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(StoreError::Unavailable(m)) if since.elapsed() < LOG_APPEND_PATIENCE => {
-                        tracing::warn!(%worker, %job, error = %m, "log append failed, retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+                    .log_pipes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let pipe = pipes.entry(key).or_insert_with(|| {
+                    LogPipe::start(&self.inner.stores, &self.inner.counters, job)
+                });
+                (pipe.tx.clone(), pipe.failed.clone())
+            };
+            if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Err(e);
             }
-            let c = &self.inner.counters;
-            c.log_lines.fetch_add(n, Ordering::Relaxed);
-            c.log_bytes.fetch_add(bytes, Ordering::Relaxed);
-            return Ok(());
+            // Waits while the pipe is full: the worker's stream is held
+            // back rather than lines dropped.
+            return tx
+                .send(LogMsg::Lines(attempt, lines))
+                .await
+                .map_err(|_| ApiError::Unavailable("the log pipe of the job stopped".into()));
+        }
+        if let FromWorker::Result { job, .. } = &msg {
+            self.flush_logs(worker, *job).await;
         }
         self.send(Cmd::Worker { worker, msg })
     }
 
+    /// Waits until the lines this worker sent for `job` are stored, and
+    /// closes the job's log pipe.
+    async fn flush_logs(&self, worker: WorkerId, job: JobId) {
+        let pipe = self
+            .inner
+            .log_pipes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(worker, job));
+        if let Some(pipe) = pipe {
+            let (done, stored) = oneshot::channel();
+            if pipe.tx.send(LogMsg::Flush(done)).await.is_ok() {
+                let _ = stored.await;
+            }
+        }
+    }
+
     /// The worker's session ended.
     pub async fn worker_gone(&self, worker: WorkerId, session: u64, reason: &str) {
+        // Its log pipes store what they hold, then stop.
+        self.inner
+            .log_pipes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(w, _), _| *w != worker);
         let _ = self.send(Cmd::Gone {
             worker,
             session,
@@ -1070,6 +1093,128 @@ impl ControlPlane {
             let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
         }
     }
+}
+
+/// Batches a log pipe holds before the worker's stream waits.
+const LOG_PIPE_DEPTH: usize = 16;
+/// Most text one coalesced append carries.
+const MAX_APPEND_BYTES: usize = 1024 * 1024;
+
+enum LogMsg {
+    Lines(u32, Vec<NewLogLine>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The log lines of one job from one worker session, on their way to the
+/// store: a bounded queue and a task that appends them in order. While an
+/// append is in flight the next batches queue up; the task then stores the
+/// queued batches of one attempt as one append (up to
+/// [`MAX_APPEND_BYTES`] of text), so on a store with round trips the rate
+/// no longer depends on the agent's batch size. A full queue holds the
+/// worker's stream back. A result is handed to the engine only after a
+/// flush (see [`ControlPlane::worker_message`]), so a job's log is
+/// complete before it is finished.
+struct LogPipe {
+    tx: mpsc::Sender<LogMsg>,
+    /// An append that failed for good, reported on the next batch.
+    failed: Arc<Mutex<Option<ApiError>>>,
+}
+
+impl LogPipe {
+    fn start(stores: &Stores, counters: &Arc<Counters>, job: JobId) -> LogPipe {
+        let (tx, rx) = mpsc::channel(LOG_PIPE_DEPTH);
+        let failed = Arc::new(Mutex::new(None));
+        tokio::spawn(run_log_pipe(
+            stores.logs.clone(),
+            counters.clone(),
+            job,
+            rx,
+            failed.clone(),
+        ));
+        LogPipe { tx, failed }
+    }
+}
+
+async fn run_log_pipe(
+    logs: Arc<dyn LogStore>,
+    counters: Arc<Counters>,
+    job: JobId,
+    mut rx: mpsc::Receiver<LogMsg>,
+    failed: Arc<Mutex<Option<ApiError>>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut queued = vec![first];
+        while queued.len() < LOG_PIPE_DEPTH {
+            match rx.try_recv() {
+                Ok(m) => queued.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut batch: Option<(u32, Vec<NewLogLine>, usize)> = None;
+        for m in queued {
+            match m {
+                LogMsg::Lines(attempt, lines) => {
+                    let bytes: usize = lines.iter().map(|l| l.text.len()).sum();
+                    if let Some((a, held, size)) = &mut batch
+                        && *a == attempt
+                        && *size + bytes <= MAX_APPEND_BYTES
+                    {
+                        held.extend(lines);
+                        *size += bytes;
+                        continue;
+                    }
+                    if let Some((a, held, _)) = batch.take() {
+                        append_logs(&*logs, &counters, job, a, held, &failed).await;
+                    }
+                    batch = Some((attempt, lines, bytes));
+                }
+                LogMsg::Flush(done) => {
+                    if let Some((a, held, _)) = batch.take() {
+                        append_logs(&*logs, &counters, job, a, held, &failed).await;
+                    }
+                    let _ = done.send(());
+                }
+            }
+        }
+        if let Some((a, held, _)) = batch.take() {
+            append_logs(&*logs, &counters, job, a, held, &failed).await;
+        }
+    }
+}
+
+/// Stores lines, retrying while the store is unavailable (the database
+/// restarts) rather than dropping them: the agent does not resend what
+/// its stream took. Appends are idempotent (lines are de-duplicated by
+/// attempt and agent sequence).
+async fn append_logs(
+    logs: &dyn LogStore,
+    counters: &Counters,
+    job: JobId,
+    attempt: u32,
+    lines: Vec<NewLogLine>,
+    failed: &Mutex<Option<ApiError>>,
+) {
+    let n = lines.len() as u64;
+    let bytes: u64 = lines.iter().map(|l| l.text.len() as u64).sum();
+    let mut backoff = Duration::from_millis(50);
+    let since = std::time::Instant::now();
+    loop {
+        match logs.append(job, attempt, lines.clone()).await {
+            Ok(_) => break,
+            Err(StoreError::Unavailable(m)) if since.elapsed() < LOG_APPEND_PATIENCE => {
+                tracing::warn!(%job, error = %m, "log append failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(%job, error = %e, "log append failed");
+                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.into());
+                return;
+            }
+        }
+    }
+    counters.log_lines.fetch_add(n, Ordering::Relaxed);
+    counters.log_bytes.fetch_add(bytes, Ordering::Relaxed);
 }
 
 /// How long a log append is retried while the store is unavailable

@@ -342,3 +342,47 @@ async fn invalid_specs_are_refused_before_anything_is_stored() {
     assert!(page.jobs.is_empty());
     cp.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_token_presented_with_the_wrong_worker_id_stays_usable() {
+    let cp = start().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let right = WorkerId::from_u64_pair(7, 1);
+    let typo = WorkerId::from_u64_pair(7, 2);
+    let token = cp
+        .issue_worker_token(right, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let hello = WorkerHello {
+        worker: typo,
+        token: token.clone(),
+        provider: "local".into(),
+        labels: BTreeMap::new(),
+        image: None,
+        capacity: 1,
+        running: Vec::new(),
+    };
+    let err = cp
+        .worker_hello(hello.clone(), Arc::new(ChanLink(tx.clone())))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Unauthenticated(_)), "{err}");
+    assert!(err.to_string().contains("another worker"), "{err}");
+
+    let page = cp
+        .audit(&hodei_core::ports::AuditFilter {
+            event_type: Some("WorkerRegistrationRejected".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.total, 1);
+
+    // The worker the token was issued for still registers with it.
+    let ok = WorkerHello {
+        worker: right,
+        ..hello
+    };
+    cp.worker_hello(ok, Arc::new(ChanLink(tx))).await.unwrap();
+    cp.shutdown().await;
+}

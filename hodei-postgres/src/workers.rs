@@ -120,6 +120,26 @@ impl WorkerRegistry for PgStore {
             Some(None) => TokenRejection::Expired,
         }))
     }
+
+    async fn consume_token_for(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        // A token of another worker is left unused (a typo in the worker
+        // id must not burn it); then the usual one-statement consume.
+        let owner: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT worker_id FROM worker_tokens WHERE token_sha256 = $1")
+                .bind(token_digest(token))
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(store_err)?;
+        if owner.is_some_and(|w| w != worker.0) {
+            return Ok(Err(TokenRejection::OtherWorker));
+        }
+        self.consume_token(token, now).await
+    }
 }
 
 #[async_trait]
