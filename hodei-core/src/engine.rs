@@ -1585,6 +1585,25 @@ impl Engine {
         }
     }
 
+    /// The shell could not hand the attempt over (it could not read a
+    /// secret, or record its delivery): the attempt fails with `failure`
+    /// without having started (no `JobStarted`). A transient cause is
+    /// [`FailureKind::DispatchFailed`] (retried by policy); a secret that
+    /// does not exist is permanent.
+    pub fn handle_dispatch_failed(
+        &mut self,
+        now: Timestamp,
+        worker: WorkerId,
+        job: JobId,
+        attempt: u32,
+        failure: Failure,
+    ) -> Result<(), EngineError> {
+        self.heard(now);
+        self.check_holder(now, worker, job, attempt)?;
+        let actor = Actor::system("dispatcher");
+        self.apply(now, job, JobCommand::Fail(failure), By::Actor(actor))
+    }
+
     /// The attempt ended on the worker.
     pub fn handle_result(
         &mut self,

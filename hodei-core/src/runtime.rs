@@ -31,7 +31,7 @@ use crate::engine::{
 use crate::error::{EngineError, SpecError};
 use crate::event::{DomainEvent, EventBody};
 use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
-use crate::job::{Job, JobCommand, JobState, TransitionContext};
+use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, TransitionContext};
 use crate::memory::MemoryStore;
 use crate::ports::{
     AuditFilter, AuditPage, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobPage,
@@ -1925,24 +1925,20 @@ impl Driver {
                     .engine
                     .handle_refused(now, worker, job, attempt, &reason);
             }
-            FollowUp::StartFailed {
+            FollowUp::DispatchFailed {
                 worker,
                 job,
                 attempt,
-                reason,
+                failure,
             } => {
-                // The attempt cannot start; this is not the worker's fault.
-                let _ = self.engine.handle_ack(now, worker, job, attempt);
-                let _ = self.engine.handle_result(
-                    now,
-                    worker,
-                    job,
-                    attempt,
-                    AttemptReport {
-                        start_error: Some(reason),
-                        ..AttemptReport::default()
-                    },
-                );
+                // The attempt never reached the worker: no acknowledgement
+                // is made up, it fails before it starts.
+                if let Err(e) = self
+                    .engine
+                    .handle_dispatch_failed(now, worker, job, attempt, failure)
+                {
+                    tracing::debug!(%worker, %job, error = %e, "dispatch failure ignored");
+                }
             }
         }
     }
@@ -2137,11 +2133,11 @@ enum FollowUp {
         attempt: u32,
         reason: String,
     },
-    StartFailed {
+    DispatchFailed {
         worker: WorkerId,
         job: JobId,
         attempt: u32,
-        reason: String,
+        failure: Failure,
     },
 }
 
@@ -2331,33 +2327,69 @@ async fn dispatch(
 ) -> Option<FollowUp> {
     let mut secrets = BTreeMap::new();
     let (id, attempt) = (job.id, job.attempt);
-    for name in job.spec.secrets() {
-        let reason = match ctx.stores.secrets.get(name).await {
-            Ok(Some(v)) => {
-                secrets.insert(name.clone(), v);
-                let e = DomainEvent::new(
-                    EventId::from_uuid(Uuid::new_v4()),
-                    now,
-                    job.correlation_id.clone(),
-                    Actor::system("dispatcher"),
-                    EventBody::SecretAccessed {
-                        name: name.clone(),
-                        job_id: Some(job.id),
-                        purpose: format!("delivered to attempt {} on worker {worker}", job.attempt),
-                    },
-                );
-                let _ = ctx.stores.events.append(vec![e]).await;
-                continue;
-            }
-            Ok(None) => format!("secret {name:?} does not exist"),
-            Err(e) => format!("secret {name:?} could not be read: {e}"),
-        };
-        return Some(FollowUp::StartFailed {
+    // Nothing is faked: an attempt whose secrets cannot be delivered (or
+    // their delivery recorded) fails before it starts, without an
+    // acknowledgement. A store error is transient (a `DispatchFailed`,
+    // retried by policy after the store was retried for a while); a
+    // secret that no longer exists is permanent.
+    let failed = |failure: Failure| {
+        Some(FollowUp::DispatchFailed {
             worker,
             job: id,
             attempt,
-            reason,
-        });
+            failure,
+        })
+    };
+    for name in job.spec.secrets() {
+        let read = retry_store_for(&ctx.stores, DISPATCH_STORE_PATIENCE, |s| async move {
+            s.secrets.get(name).await
+        })
+        .await;
+        let value = match read {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                return failed(Failure::new(
+                    FailureKind::Validation,
+                    format!(
+                        "secret {name:?} does not exist (deleted since the job was submitted?); \
+                         set it and submit the job again"
+                    ),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(job = %id, secret = %name, error = %e, "secret read failed");
+                return failed(Failure::new(
+                    FailureKind::DispatchFailed,
+                    format!("secret {name:?} could not be read: {e}"),
+                ));
+            }
+        };
+        // The audit record of the delivery comes first: no secret leaves
+        // without it.
+        let e = DomainEvent::new(
+            EventId::from_uuid(Uuid::new_v4()),
+            now,
+            job.correlation_id.clone(),
+            Actor::system("dispatcher"),
+            EventBody::SecretAccessed {
+                name: name.clone(),
+                job_id: Some(job.id),
+                purpose: format!("delivered to attempt {} on worker {worker}", job.attempt),
+            },
+        );
+        let recorded = retry_store_for(&ctx.stores, DISPATCH_STORE_PATIENCE, |s| {
+            let e = e.clone();
+            async move { s.events.append(vec![e]).await }
+        })
+        .await;
+        if let Err(e) = recorded {
+            tracing::warn!(job = %id, secret = %name, error = %e, "secret access not recorded");
+            return failed(Failure::new(
+                FailureKind::DispatchFailed,
+                format!("the delivery of secret {name:?} could not be recorded: {e}"),
+            ));
+        }
+        secrets.insert(name.clone(), value);
     }
     let sent = match link {
         Some(link) => link
@@ -2372,6 +2404,36 @@ async fn dispatch(
         attempt,
         reason,
     })
+}
+
+/// How long a dispatch retries a store call (reading a secret, recording
+/// its delivery) that finds the store unavailable before the attempt
+/// fails as `DispatchFailed` (retried by policy).
+const DISPATCH_STORE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Retries a store call while the store is unavailable, for at most
+/// `patience`; then returns the last error.
+async fn retry_store_for<T, F, Fut>(
+    stores: &Stores,
+    patience: Duration,
+    mut f: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut(Stores) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    let since = std::time::Instant::now();
+    loop {
+        match f(stores.clone()).await {
+            Err(StoreError::Unavailable(m)) if since.elapsed() < patience => {
+                tracing::warn!(error = %m, "store unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Retries a store call while the store is unavailable (e.g. the

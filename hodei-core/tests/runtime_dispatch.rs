@@ -1,0 +1,390 @@
+//! The driver's dispatch of jobs with secrets, on the in-memory store
+//! wrapped to inject store failures, with agents that are tokio tasks.
+#![cfg(feature = "runtime")]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use hodei_core::engine::{AttemptReport, ProviderConfig};
+use hodei_core::event::{DomainEvent, EventBody};
+use hodei_core::ids::{Actor, CorrelationId, JobId, ProviderId, WorkerId};
+use hodei_core::job::{AttemptOutcome, FailureKind, Job, JobState};
+use hodei_core::memory::MemoryStore;
+use hodei_core::ports::{
+    EventLog, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext, SecretMeta,
+    SecretStore, StoreError, ToWorker, WorkerExit, WorkerLaunch, WorkerLink, WorkerProvider,
+};
+use hodei_core::runtime::{
+    ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello,
+};
+use hodei_core::spec::RawJobSpec;
+use hodei_core::time::Timestamp;
+use tokio::sync::mpsc;
+
+/// What the next reads of a secret do.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Unavailable,
+    Broken,
+    Missing,
+}
+
+fn error(f: Fault) -> Option<StoreError> {
+    match f {
+        Fault::Unavailable => Some(StoreError::Unavailable("database restarts".into())),
+        Fault::Broken => Some(StoreError::Other("disk on fire".into())),
+        Fault::Missing => None,
+    }
+}
+
+/// Secrets whose reads fail as scripted.
+struct FlakySecrets {
+    inner: Arc<MemoryStore>,
+    faults: Mutex<VecDeque<Fault>>,
+}
+
+#[async_trait]
+impl SecretStore for FlakySecrets {
+    async fn put(&self, name: &str, value: &str, now: Timestamp) -> Result<(), StoreError> {
+        self.inner.put(name, value, now).await
+    }
+    async fn get(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let fault = self.faults.lock().unwrap().pop_front();
+        match fault {
+            Some(f) => match error(f) {
+                Some(e) => Err(e),
+                None => Ok(None),
+            },
+            None => self.inner.get(name).await,
+        }
+    }
+    async fn list(&self) -> Result<Vec<SecretMeta>, StoreError> {
+        SecretStore::list(&*self.inner).await
+    }
+    async fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.delete(name).await
+    }
+}
+
+/// An event log whose appends of `SecretAccessed` fail as scripted.
+struct FlakyEvents {
+    inner: Arc<MemoryStore>,
+    faults: Mutex<VecDeque<Fault>>,
+}
+
+#[async_trait]
+impl EventLog for FlakyEvents {
+    async fn append(&self, events: Vec<DomainEvent>) -> Result<Vec<DomainEvent>, StoreError> {
+        if events
+            .iter()
+            .any(|e| matches!(e.body, EventBody::SecretAccessed { .. }))
+            && let Some(e) = self.faults.lock().unwrap().pop_front().and_then(error)
+        {
+            return Err(e);
+        }
+        self.inner.append(events).await
+    }
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError> {
+        self.inner.read_after(after, limit).await
+    }
+    async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
+        self.inner.job_events(job).await
+    }
+}
+
+struct ChanLink(mpsc::UnboundedSender<ToWorker>);
+
+#[async_trait]
+impl WorkerLink for ChanLink {
+    async fn send(&self, message: ToWorker) -> Result<(), String> {
+        self.0.send(message).map_err(|_| "closed".to_owned())
+    }
+}
+
+/// Workers that acknowledge every attempt and report exit 0 at once,
+/// noting the secrets each attempt received.
+struct TaskProvider {
+    id: ProviderId,
+    cp: Arc<OnceLock<ControlPlane>>,
+    delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
+}
+
+#[async_trait]
+impl WorkerProvider for TaskProvider {
+    fn id(&self) -> &ProviderId {
+        &self.id
+    }
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+    fn runs_images(&self) -> bool {
+        false
+    }
+    async fn create(&self, launch: WorkerLaunch) -> Result<(), ProviderError> {
+        let cp = self.cp.get().expect("control plane set").clone();
+        tokio::spawn(agent(cp, launch, self.delivered.clone()));
+        Ok(())
+    }
+    async fn destroy(&self, _worker: WorkerId) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    async fn health(&self) -> ProviderHealth {
+        ProviderHealth {
+            healthy: true,
+            message: "ok".into(),
+        }
+    }
+    async fn list(&self) -> Result<Vec<ProvisionedWorker>, ProviderError> {
+        Ok(Vec::new())
+    }
+    fn exits(&self) -> BoxStream<'static, WorkerExit> {
+        futures::stream::pending().boxed()
+    }
+}
+
+async fn agent(
+    cp: ControlPlane,
+    launch: WorkerLaunch,
+    delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hello = WorkerHello {
+        worker: launch.worker,
+        token: launch.token,
+        provider: "local".into(),
+        labels: BTreeMap::new(),
+        image: None,
+        capacity: 1,
+        running: Vec::new(),
+    };
+    let w = launch.worker;
+    if cp
+        .worker_hello(hello, Arc::new(ChanLink(tx)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ToWorker::Run(run) => {
+                let (job, attempt) = (run.job.id, run.job.attempt);
+                delivered
+                    .lock()
+                    .unwrap()
+                    .push((attempt, run.secrets.clone()));
+                let _ = cp.worker_message(w, FromWorker::Ack { job, attempt }).await;
+                let report = AttemptReport {
+                    exit_code: Some(0),
+                    ..AttemptReport::default()
+                };
+                let _ = cp
+                    .worker_message(
+                        w,
+                        FromWorker::Result {
+                            job,
+                            attempt,
+                            report,
+                        },
+                    )
+                    .await;
+            }
+            ToWorker::Shutdown => return,
+            _ => {}
+        }
+    }
+}
+
+struct Harness {
+    cp: ControlPlane,
+    secret_faults: Arc<FlakySecrets>,
+    event_faults: Arc<FlakyEvents>,
+    delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
+}
+
+async fn start() -> Harness {
+    let mem = Arc::new(MemoryStore::new());
+    let secrets = Arc::new(FlakySecrets {
+        inner: mem.clone(),
+        faults: Mutex::new(VecDeque::new()),
+    });
+    let events = Arc::new(FlakyEvents {
+        inner: mem.clone(),
+        faults: Mutex::new(VecDeque::new()),
+    });
+    let stores = Stores {
+        secrets: secrets.clone(),
+        events: events.clone(),
+        ..Stores::from_store(mem)
+    };
+    let slot = Arc::new(OnceLock::new());
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let provider = Arc::new(TaskProvider {
+        id: ProviderId::new("local"),
+        cp: slot.clone(),
+        delivered: delivered.clone(),
+    });
+    let mut config = RuntimeConfig::default();
+    config.engine.retry.base = Duration::from_millis(10);
+    let cp = ControlPlane::start(
+        config,
+        stores,
+        vec![ProviderSetup {
+            config: ProviderConfig::ephemeral("local", "local", false, 8),
+            provider,
+        }],
+    )
+    .await
+    .unwrap();
+    slot.set(cp.clone()).unwrap();
+    let ctx = ctx();
+    cp.set_secret("API_KEY", "s3cret", &ctx).await.unwrap();
+    Harness {
+        cp,
+        secret_faults: secrets,
+        event_faults: events,
+        delivered,
+    }
+}
+
+fn ctx() -> RequestContext {
+    RequestContext {
+        correlation_id: CorrelationId::new("corr-secrets"),
+        actor: Actor::new("tester"),
+    }
+}
+
+async fn run_job(h: &Harness, max_attempts: u32) -> (Job, Vec<String>) {
+    let spec = RawJobSpec {
+        command: Some(vec!["true".into()]),
+        secrets: vec!["API_KEY".into()],
+        max_attempts: Some(max_attempts),
+        ..Default::default()
+    };
+    let job = h.cp.submit(spec, &ctx()).await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), h.cp.wait_terminal(job.id))
+        .await
+        .expect("the job ends")
+        .unwrap();
+    let types =
+        h.cp.job_events(job.id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event_type().to_owned())
+            .collect();
+    (done, types)
+}
+
+fn count(types: &[String], t: &str) -> usize {
+    types.iter().filter(|x| *x == t).count()
+}
+
+fn failure_of(job: &Job, attempt: usize) -> (FailureKind, String) {
+    match &job.attempts[attempt].outcome {
+        AttemptOutcome::Failed { failure } => (failure.kind, failure.message.clone()),
+        other => panic!("attempt {attempt} did not fail: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_short_store_outage_while_reading_a_secret_costs_no_attempt() {
+    let h = start().await;
+    h.secret_faults
+        .faults
+        .lock()
+        .unwrap()
+        .extend([Fault::Unavailable, Fault::Unavailable]);
+    let (job, types) = run_job(&h, 1).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{types:?}");
+    assert_eq!(job.attempts.len(), 1);
+    assert_eq!(count(&types, "JobStarted"), 1);
+    let delivered = h.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].1["API_KEY"], "s3cret");
+    h.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_secret_read_error_is_a_retried_dispatch_failure_not_a_start() {
+    let h = start().await;
+    h.secret_faults
+        .faults
+        .lock()
+        .unwrap()
+        .push_back(Fault::Broken);
+    let (job, types) = run_job(&h, 2).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{types:?}");
+    assert_eq!(job.attempts.len(), 2, "{types:?}");
+    let (kind, message) = failure_of(&job, 0);
+    assert_eq!(kind, FailureKind::DispatchFailed);
+    assert!(message.contains("API_KEY"), "{message}");
+    // Only the attempt that ran started.
+    assert_eq!(count(&types, "JobStarted"), 1, "{types:?}");
+    assert!(job.attempts[0].started_at.is_none());
+    let delivered = h.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.iter().map(|d| d.0).collect::<Vec<_>>(), vec![2]);
+    h.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deleted_secret_fails_the_job_for_good_without_a_start() {
+    let h = start().await;
+    h.secret_faults
+        .faults
+        .lock()
+        .unwrap()
+        .push_back(Fault::Missing);
+    let (job, types) = run_job(&h, 3).await;
+    assert_eq!(job.state(), JobState::Failed, "{types:?}");
+    assert_eq!(job.attempts.len(), 1, "{types:?}");
+    let (kind, message) = failure_of(&job, 0);
+    assert!(!kind.is_transient(), "{kind:?}");
+    assert!(message.contains("\"API_KEY\" does not exist"), "{message}");
+    assert_eq!(count(&types, "JobStarted"), 0, "{types:?}");
+    assert!(h.delivered.lock().unwrap().is_empty());
+    h.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_secret_is_delivered_without_its_audit_record() {
+    let h = start().await;
+    h.event_faults
+        .faults
+        .lock()
+        .unwrap()
+        .push_back(Fault::Broken);
+    let (job, types) = run_job(&h, 2).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{types:?}");
+    assert_eq!(job.attempts.len(), 2, "{types:?}");
+    let (kind, message) = failure_of(&job, 0);
+    assert_eq!(kind, FailureKind::DispatchFailed);
+    assert!(message.contains("could not be recorded"), "{message}");
+    assert_eq!(count(&types, "JobStarted"), 1, "{types:?}");
+    // Every delivery has its record.
+    let delivered = h.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.iter().map(|d| d.0).collect::<Vec<_>>(), vec![2]);
+    let accessed =
+        h.cp.audit(&hodei_core::ports::AuditFilter {
+            event_type: Some("SecretAccessed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // One for `set`, one for the delivery that happened.
+    assert_eq!(accessed.total, 2);
+
+    // A short outage of the event log is waited out.
+    h.event_faults
+        .faults
+        .lock()
+        .unwrap()
+        .extend([Fault::Unavailable, Fault::Unavailable]);
+    let (job, types) = run_job(&h, 1).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{types:?}");
+    h.cp.shutdown().await;
+}
