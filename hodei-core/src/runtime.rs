@@ -2201,15 +2201,26 @@ impl Op {
                 }
             }
             Op::Record(events) => {
-                let _ = retry_store(&ctx.stores, |s| {
+                let r = retry_store(&ctx.stores, |s| {
                     let events = events.clone();
                     async move { s.events.append(events).await }
                 })
                 .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "events not recorded");
+                }
                 (None, None)
             }
             Op::SaveWorker(worker) => {
-                let _ = ctx.stores.workers.upsert(&worker).await;
+                // Like job writes: retried while the store is unavailable.
+                let r = retry_store(&ctx.stores, |s| {
+                    let worker = worker.clone();
+                    async move { s.workers.upsert(&worker).await }
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!(worker = %worker.id, error = %e, "worker record not saved");
+                }
                 (None, None)
             }
             Op::Claim { limit, lease } => {

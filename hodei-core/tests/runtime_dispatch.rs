@@ -1,5 +1,6 @@
-//! The driver's dispatch of jobs with secrets, on the in-memory store
-//! wrapped to inject store failures, with agents that are tokio tasks.
+//! The driver's dispatch of jobs with secrets and its writes, on the
+//! in-memory store wrapped to inject store failures, with agents that are
+//! tokio tasks.
 #![cfg(feature = "runtime")]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -16,13 +17,15 @@ use hodei_core::job::{AttemptOutcome, FailureKind, Job, JobState};
 use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
     EventLog, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext, SecretMeta,
-    SecretStore, StoreError, ToWorker, WorkerExit, WorkerLaunch, WorkerLink, WorkerProvider,
+    SecretStore, StoreError, ToWorker, TokenRejection, WorkerExit, WorkerLaunch, WorkerLink,
+    WorkerProvider, WorkerRegistry,
 };
 use hodei_core::runtime::{
     ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello,
 };
 use hodei_core::spec::RawJobSpec;
 use hodei_core::time::Timestamp;
+use hodei_core::worker::Worker;
 use tokio::sync::mpsc;
 
 /// What the next reads of a secret do.
@@ -59,14 +62,14 @@ impl SecretStore for FlakySecrets {
                 Some(e) => Err(e),
                 None => Ok(None),
             },
-            None => self.inner.get(name).await,
+            None => SecretStore::get(&*self.inner, name).await,
         }
     }
     async fn list(&self) -> Result<Vec<SecretMeta>, StoreError> {
         SecretStore::list(&*self.inner).await
     }
     async fn delete(&self, name: &str) -> Result<bool, StoreError> {
-        self.inner.delete(name).await
+        SecretStore::delete(&*self.inner, name).await
     }
 }
 
@@ -93,6 +96,57 @@ impl EventLog for FlakyEvents {
     }
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
         self.inner.job_events(job).await
+    }
+}
+
+/// A worker registry whose next upserts fail as scripted; keeps every
+/// record it was asked to save and every one it saved.
+struct FlakyWorkers {
+    inner: Arc<MemoryStore>,
+    faults: Mutex<VecDeque<Fault>>,
+    failed: Mutex<Vec<Worker>>,
+    saved: Mutex<Vec<Worker>>,
+}
+
+#[async_trait]
+impl WorkerRegistry for FlakyWorkers {
+    async fn upsert(&self, worker: &Worker) -> Result<(), StoreError> {
+        if let Some(e) = self.faults.lock().unwrap().pop_front().and_then(error) {
+            self.failed.lock().unwrap().push(worker.clone());
+            return Err(e);
+        }
+        WorkerRegistry::upsert(&*self.inner, worker).await?;
+        self.saved.lock().unwrap().push(worker.clone());
+        Ok(())
+    }
+    async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
+        WorkerRegistry::get(&*self.inner, id).await
+    }
+    async fn list(&self) -> Result<Vec<Worker>, StoreError> {
+        WorkerRegistry::list(&*self.inner).await
+    }
+    async fn issue_token(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner.issue_token(worker, token, expires_at).await
+    }
+    async fn consume_token(
+        &self,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        self.inner.consume_token(token, now).await
+    }
+    async fn consume_token_for(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        self.inner.consume_token_for(worker, token, now).await
     }
 }
 
@@ -203,6 +257,7 @@ struct Harness {
     cp: ControlPlane,
     secret_faults: Arc<FlakySecrets>,
     event_faults: Arc<FlakyEvents>,
+    worker_faults: Arc<FlakyWorkers>,
     delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
 }
 
@@ -216,9 +271,16 @@ async fn start() -> Harness {
         inner: mem.clone(),
         faults: Mutex::new(VecDeque::new()),
     });
+    let workers = Arc::new(FlakyWorkers {
+        inner: mem.clone(),
+        faults: Mutex::new(VecDeque::new()),
+        failed: Mutex::new(Vec::new()),
+        saved: Mutex::new(Vec::new()),
+    });
     let stores = Stores {
         secrets: secrets.clone(),
         events: events.clone(),
+        workers: workers.clone(),
         ..Stores::from_store(mem)
     };
     let slot = Arc::new(OnceLock::new());
@@ -247,6 +309,7 @@ async fn start() -> Harness {
         cp,
         secret_faults: secrets,
         event_faults: events,
+        worker_faults: workers,
         delivered,
     }
 }
@@ -386,5 +449,26 @@ async fn no_secret_is_delivered_without_its_audit_record() {
         .extend([Fault::Unavailable, Fault::Unavailable]);
     let (job, types) = run_job(&h, 1).await;
     assert_eq!(job.state(), JobState::Succeeded, "{types:?}");
+    h.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn worker_saves_are_retried_while_the_store_is_unavailable() {
+    let h = start().await;
+    h.worker_faults.faults.lock().unwrap().extend([
+        Fault::Unavailable,
+        Fault::Unavailable,
+        Fault::Unavailable,
+    ]);
+    let (job, types) = run_job(&h, 1).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{types:?}");
+    // The saves of a pass are done before the next pass starts, so by the
+    // time the job is finished the failed saves were retried.
+    let failed = h.worker_faults.failed.lock().unwrap().clone();
+    let saved = h.worker_faults.saved.lock().unwrap().clone();
+    assert_eq!(failed.len(), 3);
+    for w in &failed {
+        assert!(saved.contains(w), "never saved: {w:?}\nsaved: {saved:?}");
+    }
     h.cp.shutdown().await;
 }
