@@ -827,6 +827,17 @@ impl ControlPlane {
             if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 return Err(e);
             }
+            // A sign of life for the engine (it revives a worker the
+            // heartbeat timeout disconnected): one command per batch, the
+            // lines themselves stay here.
+            self.send(Cmd::Worker {
+                worker,
+                msg: FromWorker::Logs {
+                    job,
+                    attempt,
+                    lines: Vec::new(),
+                },
+            })?;
             // Waits while the pipe is full: the worker's stream is held
             // back rather than lines dropped.
             return tx
@@ -1532,7 +1543,10 @@ impl Driver {
                         report,
                     } => self.engine.handle_result(now, worker, job, attempt, report),
                     FromWorker::Draining => self.engine.handle_draining(now, worker, None),
-                    FromWorker::Logs { .. } => Ok(()),
+                    FromWorker::Logs { job, attempt, .. } => {
+                        self.engine.handle_log_batch(now, worker, job, attempt);
+                        Ok(())
+                    }
                 };
                 if let Err(e) = r {
                     tracing::debug!(%worker, error = %e, "worker report ignored");
