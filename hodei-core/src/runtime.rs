@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::engine::{
     AttemptReport, Effect, Engine, EngineConfig, Entropy, LaunchRequest, ProviderConfig,
-    Registration,
+    RefusalCode, Registration,
 };
 use crate::error::{EngineError, SpecError};
 use crate::event::{DomainEvent, EventBody};
@@ -270,7 +270,10 @@ pub enum FromWorker {
         job: JobId,
         /// Attempt.
         attempt: u32,
-        /// Why.
+        /// Why, as far as the engine cares (a refusal for capacity or a
+        /// drain gives the attempt back, see [`RefusalCode`]).
+        code: RefusalCode,
+        /// Why, in words.
         reason: String,
     },
     /// Output.
@@ -1533,10 +1536,11 @@ impl Driver {
                     FromWorker::Refused {
                         job,
                         attempt,
+                        code,
                         reason,
                     } => self
                         .engine
-                        .handle_refused(now, worker, job, attempt, &reason),
+                        .handle_refusal(now, worker, job, attempt, code, &reason),
                     FromWorker::Result {
                         job,
                         attempt,
@@ -1935,9 +1939,16 @@ impl Driver {
                 attempt,
                 reason,
             } => {
-                let _ = self
-                    .engine
-                    .handle_refused(now, worker, job, attempt, &reason);
+                // Not the worker's word: never a code that gives the
+                // attempt back.
+                let _ = self.engine.handle_refusal(
+                    now,
+                    worker,
+                    job,
+                    attempt,
+                    RefusalCode::Unspecified,
+                    &reason,
+                );
             }
             FollowUp::DispatchFailed {
                 worker,

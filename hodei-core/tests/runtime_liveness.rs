@@ -1,5 +1,6 @@
 //! Worker liveness through the control plane: a worker the heartbeat
-//! timeout disconnected is revived by a log batch of its session.
+//! timeout disconnected is revived by a log batch of its session; typed
+//! refusal codes reach the engine.
 #![cfg(feature = "runtime")]
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use hodei_core::engine::{AttemptReport, ProviderConfig};
+use hodei_core::engine::{AttemptReport, ProviderConfig, RefusalCode};
 use hodei_core::event::{DomainEvent, EventBody};
 use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
 use hodei_core::job::JobState;
@@ -70,17 +71,32 @@ impl WorkerLink for ChanLink {
     }
 }
 
+/// The attempt of the next job the worker is given (a guard fails the
+/// test if none comes).
+async fn next_run(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> u32 {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match rx.recv().await.expect("the worker's link stays open") {
+                ToWorker::Run(run) => return run.job.attempt,
+                other => println!("worker got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a job is dispatched")
+}
+
 /// The next event of the stream matching `f` (a guard fails the test if
 /// it never comes).
 async fn next_matching(
     events: &mut BoxStream<'static, Result<DomainEvent, hodei_core::runtime::ApiError>>,
     what: &str,
-    f: impl Fn(&EventBody) -> bool,
+    f: impl Fn(&DomainEvent) -> bool,
 ) -> DomainEvent {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let e = events.next().await.expect("event stream open").unwrap();
-            if f(&e.body) {
+            if f(&e) {
                 return e;
             }
         }
@@ -137,11 +153,7 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     )
     .await
     .unwrap();
-    let attempt = loop {
-        if let Some(ToWorker::Run(run)) = rx.recv().await {
-            break run.job.attempt;
-        }
-    };
+    let attempt = next_run(&mut rx).await;
     cp.worker_message(
         w,
         FromWorker::Ack {
@@ -156,7 +168,7 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     next_matching(
         &mut events,
         "WorkerDisconnected",
-        |b| matches!(b, EventBody::WorkerDisconnected { worker_id, .. } if *worker_id == w),
+        |e| matches!(&e.body, EventBody::WorkerDisconnected { worker_id, .. } if *worker_id == w),
     )
     .await;
 
@@ -180,7 +192,7 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     next_matching(
         &mut events,
         "WorkerReconnected",
-        |b| matches!(b, EventBody::WorkerReconnected { worker_id, .. } if *worker_id == w),
+        |e| matches!(&e.body, EventBody::WorkerReconnected { worker_id, .. } if *worker_id == w),
     )
     .await;
 
@@ -208,5 +220,76 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
         .collect()
         .await;
     assert_eq!(lines, vec!["still here"]);
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_typed_capacity_refusal_gives_the_attempt_back() {
+    let (launches_tx, mut launches) = mpsc::unbounded_channel();
+    let cp = ControlPlane::start(
+        RuntimeConfig::default(),
+        Stores::memory(),
+        vec![ProviderSetup {
+            config: ProviderConfig::ephemeral("local", "local", false, 1),
+            provider: Arc::new(HandProvider {
+                id: ProviderId::new("local"),
+                launches: launches_tx,
+            }),
+        }],
+    )
+    .await
+    .unwrap();
+    let mut events = cp.watch_events(0);
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("corr-refuse"),
+        actor: Actor::new("tester"),
+    };
+    let spec = RawJobSpec {
+        command: Some(vec!["true".into()]),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let job = cp.submit(spec, &ctx).await.unwrap();
+    let launch = launches.recv().await.unwrap();
+    let w = launch.worker;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    cp.worker_hello(
+        WorkerHello {
+            worker: w,
+            token: launch.token,
+            provider: "local".into(),
+            labels: BTreeMap::new(),
+            image: None,
+            capacity: 1,
+            running: Vec::new(),
+        },
+        Arc::new(ChanLink(tx)),
+    )
+    .await
+    .unwrap();
+    let attempt = next_run(&mut rx).await;
+    cp.worker_message(
+        w,
+        FromWorker::Refused {
+            job: job.id,
+            attempt,
+            code: RefusalCode::AtCapacity,
+            reason: "worker is at capacity (1 running)".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // Requeued in the same attempt (its only one), not failed.
+    let id = job.id.to_string();
+    next_matching(&mut events, "JobDispatchFailed", |e| {
+        matches!(&e.body, EventBody::JobDispatchFailed { .. })
+    })
+    .await;
+    let next = next_matching(&mut events, "job event", |e| e.aggregate_id == id).await;
+    assert_eq!(next.event_type(), "JobQueued");
+    let now = cp.job(job.id).await.unwrap();
+    assert!(!now.is_terminal(), "{:?}", now.state());
+    assert!(now.attempts.is_empty(), "{:?}", now.attempts);
+
     cp.shutdown().await;
 }

@@ -274,9 +274,8 @@ fn from_worker(kind: In) -> Result<Option<FromWorker>, convert::ConvertError> {
         In::Refused(r) => FromWorker::Refused {
             job: job(&r.job_id)?,
             attempt: r.attempt,
-            // The control plane's report carries text only: the code
-            // travels as a tag the engine reads back (`RefusalCode::untag`).
-            reason: refusal_code(r.code, &r.reason).tag(&r.reason),
+            code: refusal_code(r.code, &r.reason),
+            reason: r.reason,
         },
         In::Logs(b) => FromWorker::Logs {
             job: job(&b.job_id)?,
@@ -324,14 +323,16 @@ mod tests {
             code: code as i32,
         });
         let Ok(Some(FromWorker::Refused {
-            attempt, reason, ..
+            attempt,
+            code,
+            reason,
+            ..
         })) = from_worker(msg)
         else {
             panic!("a refusal maps to FromWorker::Refused");
         };
         assert_eq!(attempt, 3);
-        let (code, text) = RefusalCode::untag(&reason);
-        (code, text.to_owned())
+        (code, reason)
     }
 
     #[test]
