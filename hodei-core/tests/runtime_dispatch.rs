@@ -150,6 +150,9 @@ impl WorkerRegistry for FlakyWorkers {
     }
 }
 
+/// The secrets each dispatched attempt received.
+type Delivered = Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>;
+
 struct ChanLink(mpsc::UnboundedSender<ToWorker>);
 
 #[async_trait]
@@ -164,7 +167,7 @@ impl WorkerLink for ChanLink {
 struct TaskProvider {
     id: ProviderId,
     cp: Arc<OnceLock<ControlPlane>>,
-    delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
+    delivered: Delivered,
 }
 
 #[async_trait]
@@ -200,11 +203,7 @@ impl WorkerProvider for TaskProvider {
     }
 }
 
-async fn agent(
-    cp: ControlPlane,
-    launch: WorkerLaunch,
-    delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
-) {
+async fn agent(cp: ControlPlane, launch: WorkerLaunch, delivered: Delivered) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let hello = WorkerHello {
         worker: launch.worker,
@@ -258,7 +257,7 @@ struct Harness {
     secret_faults: Arc<FlakySecrets>,
     event_faults: Arc<FlakyEvents>,
     worker_faults: Arc<FlakyWorkers>,
-    delivered: Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>,
+    delivered: Delivered,
 }
 
 async fn start() -> Harness {
