@@ -1057,7 +1057,8 @@ pub async fn workers_upsert_get_list<S: Store + ?Sized>(store: Arc<S>) {
 }
 
 /// Registration tokens are one-time: unknown, reused and expired tokens
-/// are told apart.
+/// are told apart, and a token presented with another worker's id is
+/// refused without being used.
 pub async fn worker_tokens_are_one_time<S: Store + ?Sized>(store: Arc<S>) {
     let s = &*store;
     let w = worker_id();
@@ -1110,6 +1111,37 @@ pub async fn worker_tokens_are_one_time<S: Store + ?Sized>(store: Arc<S>) {
         }
     }
     assert_eq!(wins, 1, "one consumer wins a token");
+
+    // A token presented with another worker's id is refused and left
+    // usable for its own worker.
+    let other = worker_id();
+    WorkerRegistry::issue_token(s, w, "tok-mine", at(10_000))
+        .await
+        .expect("issue");
+    assert_eq!(
+        WorkerRegistry::consume_token_for(s, other, "tok-mine", at(1_000))
+            .await
+            .expect("consume"),
+        Err(TokenRejection::OtherWorker)
+    );
+    assert_eq!(
+        WorkerRegistry::consume_token_for(s, w, "tok-mine", at(1_001))
+            .await
+            .expect("consume"),
+        Ok(w)
+    );
+    assert_eq!(
+        WorkerRegistry::consume_token_for(s, w, "tok-mine", at(1_002))
+            .await
+            .expect("consume"),
+        Err(TokenRejection::Reused)
+    );
+    assert_eq!(
+        WorkerRegistry::consume_token_for(s, w, "tok-unknown", at(1_000))
+            .await
+            .expect("consume"),
+        Err(TokenRejection::Unknown)
+    );
 }
 
 /// Provider records: upsert creates or replaces, list is sorted by name.

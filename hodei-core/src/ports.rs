@@ -342,17 +342,14 @@ pub trait WorkerRegistry: Send + Sync {
     ) -> Result<Result<WorkerId, TokenRejection>, StoreError>;
     /// Consumes a token only if it was issued for `worker`: a token of
     /// another worker is left usable and reported as
-    /// [`TokenRejection::OtherWorker`]. The default consumes it whatever
-    /// worker it names (adapters should override it).
+    /// [`TokenRejection::OtherWorker`]; otherwise as
+    /// [`WorkerRegistry::consume_token`].
     async fn consume_token_for(
         &self,
         worker: WorkerId,
         token: &str,
         now: Timestamp,
-    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
-        let _ = worker;
-        self.consume_token(token, now).await
-    }
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError>;
 }
 
 /// Leases on singleton duties (deadline sweeps, retention, orphan

@@ -422,6 +422,20 @@ impl WorkerRegistry for WorkerProbe {
         )
         .await
     }
+
+    async fn consume_token_for(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        timed(
+            &self.timing,
+            "workers.consume_token",
+            self.inner.consume_token_for(worker, token, now),
+        )
+        .await
+    }
 }
 
 #[derive(Default)]
