@@ -298,6 +298,17 @@ pub enum FromWorker {
     Draining,
 }
 
+/// The answer to a submission.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The job: the new one, or the earlier one with the same
+    /// idempotency key.
+    pub job: Job,
+    /// `true` when no job was created because an earlier submission with
+    /// the same idempotency key had created `job`.
+    pub replayed: bool,
+}
+
 /// Counters the control plane keeps (for metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -309,7 +320,12 @@ pub struct Counters {
     pub log_lines: AtomicU64,
     /// Log bytes stored.
     pub log_bytes: AtomicU64,
-    /// Log lines dropped (always 0: backpressure instead of drops).
+    /// Log lines lost before they were stored: the gaps in the agents'
+    /// sequence numbers of an attempt (lines a dead connection took),
+    /// plus the lines the server discarded for a reason other than
+    /// duplication (an append that failed for good, a stopped log pipe).
+    /// Agents are slowed down (backpressure) rather than their lines
+    /// dropped, so 0 is expected.
     pub log_lines_dropped: AtomicU64,
     /// Sum of submit→RUNNING latencies in microseconds, and their count.
     pub start_latency_us_sum: AtomicU64,
@@ -341,13 +357,72 @@ struct Inner {
     providers: Vec<ProviderSetup>,
     /// Log pipes by worker and job.
     log_pipes: Mutex<HashMap<(WorkerId, JobId), LogPipe>>,
+    /// Gap detection in the agents' log sequence numbers.
+    log_seqs: Arc<LogSeqs>,
+}
+
+/// The highest agent sequence number seen per job, for its latest attempt
+/// (lines of an earlier attempt are not tracked). A batch that starts
+/// above that number + 1 means lines were lost on the way (a batch a dead
+/// connection took before the agent reconnected): the gap is counted in
+/// [`Counters::log_lines_dropped`]. The first batch of an attempt this
+/// process sees sets the baseline: after a restart or a failover the
+/// lines sent to the previous process are not a gap (so lines lost before
+/// that first batch are not counted either). An entry goes when its
+/// attempt's result arrives or the job finishes, so the map holds the
+/// attempts in flight.
+#[derive(Default)]
+struct LogSeqs(Mutex<HashMap<JobId, (u32, u64)>>);
+
+impl LogSeqs {
+    /// Notes a batch of `attempt` of `job`; returns the lines missing
+    /// before or between its lines. Duplicates (at or below the highest
+    /// number seen) are not gaps.
+    fn note(&self, job: JobId, attempt: u32, lines: &[NewLogLine]) -> u64 {
+        if lines.is_empty() {
+            return 0;
+        }
+        let baseline = (attempt, lines[0].agent_seq.saturating_sub(1));
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(job).or_insert(baseline);
+        if entry.0 > attempt {
+            return 0;
+        }
+        if entry.0 < attempt {
+            *entry = baseline;
+        }
+        let mut missing = 0;
+        for l in lines {
+            if l.agent_seq > entry.1 {
+                missing += l.agent_seq - entry.1 - 1;
+                entry.1 = l.agent_seq;
+            }
+        }
+        missing
+    }
+
+    /// The attempt ended (its result arrived).
+    fn attempt_ended(&self, job: JobId, attempt: u32) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&job).is_some_and(|(a, _)| *a <= attempt) {
+            map.remove(&job);
+        }
+    }
+
+    /// The job is terminal.
+    fn job_finished(&self, job: JobId) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job);
+    }
 }
 
 enum Cmd {
     Submit {
         spec: Box<JobSpec>,
         ctx: RequestContext,
-        reply: oneshot::Sender<Result<Job, ApiError>>,
+        reply: oneshot::Sender<Result<Submitted, ApiError>>,
     },
     Cancel {
         job: JobId,
@@ -431,6 +506,7 @@ impl ControlPlane {
             providers.iter().map(|p| p.config.clone()).collect(),
             Box::new(OsEntropy),
         );
+        let log_seqs = Arc::new(LogSeqs::default());
         let driver = Driver {
             engine,
             stores: stores.clone(),
@@ -446,6 +522,7 @@ impl ControlPlane {
             counters: counters.clone(),
             submitted_at: HashMap::new(),
             submit_replies: HashMap::new(),
+            log_seqs: log_seqs.clone(),
             after_drain: Vec::new(),
             own_queued: std::collections::HashSet::new(),
         };
@@ -458,6 +535,7 @@ impl ControlPlane {
             counters,
             providers,
             log_pipes: Mutex::new(HashMap::new()),
+            log_seqs,
         });
         let cp = ControlPlane { inner };
         let mut tasks = vec![tokio::spawn(driver.run(rx, stop_rx.clone()))];
@@ -500,13 +578,23 @@ impl ControlPlane {
     }
 
     /// Submits a job. Honours `idempotency_key`: a second submission with
-    /// the same key returns the first job.
+    /// the same key returns the first job. See
+    /// [`ControlPlane::submit_with_outcome`] to tell the two apart.
     pub async fn submit(&self, raw: RawJobSpec, ctx: &RequestContext) -> Result<Job, ApiError> {
+        Ok(self.submit_with_outcome(raw, ctx).await?.job)
+    }
+
+    /// Submits a job and says whether it was created or an earlier job
+    /// with the same `idempotency_key` was returned (`replayed`). The
+    /// answer comes from the job store's atomic create
+    /// ([`Created::New`] / [`Created::Existing`]), not from clocks, so it
+    /// holds across replicas.
+    pub async fn submit_with_outcome(
+        &self,
+        raw: RawJobSpec,
+        ctx: &RequestContext,
+    ) -> Result<Submitted, ApiError> {
         let spec = JobSpec::parse(raw, &self.inner.config.limits)?;
-        if let Some(key) = spec.idempotency_key() {
-            // Fast path; the store enforces it again atomically.
-            let _ = key;
-        }
         self.call(|reply| Cmd::Submit {
             spec: Box::new(spec),
             ctx: ctx.clone(),
@@ -815,6 +903,12 @@ impl ControlPlane {
             lines,
         } = msg
         {
+            let lost = self.inner.log_seqs.note(job, attempt, &lines);
+            let dropped = &self.inner.counters.log_lines_dropped;
+            if lost > 0 {
+                tracing::warn!(%job, attempt, lost, "log lines missing (agent sequence gap)");
+                dropped.fetch_add(lost, Ordering::Relaxed);
+            }
             let key = (worker, job);
             let (tx, failed) = {
                 let mut pipes = self
@@ -828,6 +922,7 @@ impl ControlPlane {
                 (pipe.tx.clone(), pipe.failed.clone())
             };
             if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                dropped.fetch_add(lines.len() as u64, Ordering::Relaxed);
                 return Err(e);
             }
             // A sign of life for the engine (it revives a worker the
@@ -843,13 +938,18 @@ impl ControlPlane {
             })?;
             // Waits while the pipe is full: the worker's stream is held
             // back rather than lines dropped.
-            return tx
-                .send(LogMsg::Lines(attempt, lines))
-                .await
-                .map_err(|_| ApiError::Unavailable("the log pipe of the job stopped".into()));
+            return tx.send(LogMsg::Lines(attempt, lines)).await.map_err(
+                |mpsc::error::SendError(m)| {
+                    if let LogMsg::Lines(_, lines) = m {
+                        dropped.fetch_add(lines.len() as u64, Ordering::Relaxed);
+                    }
+                    ApiError::Unavailable("the log pipe of the job stopped".into())
+                },
+            );
         }
-        if let FromWorker::Result { job, .. } = &msg {
+        if let FromWorker::Result { job, attempt, .. } = &msg {
             self.flush_logs(worker, *job).await;
+            self.inner.log_seqs.attempt_ended(*job, *attempt);
         }
         self.send(Cmd::Worker { worker, msg })
     }
@@ -1221,7 +1321,8 @@ async fn append_logs(
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                tracing::warn!(%job, error = %e, "log append failed");
+                tracing::warn!(%job, error = %e, lines = n, "log append failed, lines dropped");
+                counters.log_lines_dropped.fetch_add(n, Ordering::Relaxed);
                 *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.into());
                 return;
             }
@@ -1375,7 +1476,10 @@ struct Driver {
     counters: Arc<Counters>,
     submitted_at: HashMap<JobId, Timestamp>,
     /// Submissions waiting for their job's creation to be stored.
-    submit_replies: HashMap<JobId, oneshot::Sender<Result<Job, ApiError>>>,
+    submit_replies: HashMap<JobId, oneshot::Sender<Result<Submitted, ApiError>>>,
+    /// Shared with [`ControlPlane::worker_message`]; entries of finished
+    /// jobs are removed here.
+    log_seqs: Arc<LogSeqs>,
     /// Answers sent once the effects of the inputs that decided them are
     /// carried out (stored).
     after_drain: Vec<Box<dyn FnOnce() + Send>>,
@@ -1929,6 +2033,7 @@ impl Driver {
             FollowUp::JobChanged(job) => self.engine.handle_job_changed(now, *job),
             FollowUp::Finished(job) => {
                 self.submitted_at.remove(&job);
+                self.log_seqs.job_finished(job);
             }
             FollowUp::ProvisionFailed { worker, reason } => {
                 self.engine.handle_provision_failed(now, worker, &reason);
@@ -2109,7 +2214,7 @@ enum Op {
     Create {
         job: Box<Job>,
         events: Vec<DomainEvent>,
-        reply: Option<oneshot::Sender<Result<Job, ApiError>>>,
+        reply: Option<oneshot::Sender<Result<Submitted, ApiError>>>,
     },
     Update {
         job: Box<Job>,
@@ -2180,8 +2285,14 @@ impl Op {
                 .await;
                 if let Some(reply) = reply {
                     let _ = reply.send(match r {
-                        Ok(Created::New(_)) => Ok(*job),
-                        Ok(Created::Existing(existing)) => Ok(*existing),
+                        Ok(Created::New(_)) => Ok(Submitted {
+                            job: *job,
+                            replayed: false,
+                        }),
+                        Ok(Created::Existing(existing)) => Ok(Submitted {
+                            job: *existing,
+                            replayed: true,
+                        }),
                         Err(e) => Err(ApiError::from(e)),
                     });
                 }

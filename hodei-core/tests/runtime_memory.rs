@@ -112,9 +112,19 @@ async fn fake_agent(cp: ControlPlane, launch: WorkerLaunch) {
                     tokio::select! {
                         line = out.next_line() => match line.unwrap() {
                             Some(text) => {
+                                // `lose:N` stands for N lines a dead
+                                // connection took: the sequence moves on.
+                                if let Some(n) = text.strip_prefix("lose:") {
+                                    seq += n.parse::<u64>().unwrap();
+                                }
                                 seq += 1;
+                                // `again` is sent twice, as a resend would.
+                                let times = if text == "again" { 2 } else { 1 };
                                 let line = NewLogLine { agent_seq: seq, stream: LogStream::Stdout, at: now_utc(), text };
-                                cp.worker_message(w, FromWorker::Logs { job, attempt, lines: vec![line] }).await.unwrap();
+                                for _ in 0..times {
+                                    let lines = vec![line.clone()];
+                                    cp.worker_message(w, FromWorker::Logs { job, attempt, lines }).await.unwrap();
+                                }
                             }
                             None => break false,
                         },
@@ -209,6 +219,8 @@ async fn a_job_runs_end_to_end_with_logs_and_a_full_event_trail() {
         .collect()
         .await;
     assert_eq!(lines, vec!["hello", "world"]);
+    let dropped = &cp.counters().log_lines_dropped;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
 
     let events = cp.job_events(job.id).await.unwrap();
     let types: Vec<&str> = events.iter().map(|e| e.event_type()).collect();
@@ -231,6 +243,28 @@ async fn a_job_runs_end_to_end_with_logs_and_a_full_event_trail() {
             .any(|e| e.actor.as_str().starts_with("worker:"))
     );
     assert!(events.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn gaps_in_agent_sequence_numbers_count_as_dropped_lines() {
+    let cp = start().await;
+    let script = "echo first; echo lose:3; echo again; echo last";
+    let job = cp
+        .submit(cmd(&["sh", "-c", script]), &ctx("gap"))
+        .await
+        .unwrap();
+    assert_eq!(wait(&cp, job.id).await.state(), JobState::Succeeded);
+    let texts: Vec<String> = cp
+        .follow_logs(job.id, 0)
+        .map(|l| l.unwrap().text)
+        .collect()
+        .await;
+    // The duplicate is stored once and is no gap; the 3 lines skipped
+    // before `lose:3` (agent sequence 1 then 5) are.
+    assert_eq!(texts, vec!["first", "lose:3", "again", "last"]);
+    let dropped = &cp.counters().log_lines_dropped;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 3);
     cp.shutdown().await;
 }
 

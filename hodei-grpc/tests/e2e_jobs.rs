@@ -355,6 +355,42 @@ async fn malformed_specs_are_rejected_with_the_field_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_resubmission_says_it_was_replayed() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    let mut spec = sh("true");
+    spec.idempotency_key = Some("deploy-7".into());
+    let submit = || {
+        let mut jobs = client.jobs();
+        let spec = spec.clone();
+        async move {
+            jobs.submit(proto::SubmitJobRequest { spec: Some(spec) })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = submit().await;
+    assert!(!first.replayed);
+    let second = submit().await;
+    assert!(second.replayed);
+    assert_eq!(
+        second.job.unwrap().job_id,
+        first.job.as_ref().unwrap().job_id
+    );
+    // The CLI shows it in JSON.
+    let args = ["--output", "json", "job", "submit", "--idempotency-key"];
+    let out = server.cli(&[&args[..], &["deploy-7", "--", "true"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["replayed"], true);
+    assert_eq!(v["id"], first.job.unwrap().job_id);
+    let out = server.cli(&[&args[..], &["deploy-8", "--", "true"]].concat());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["replayed"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_exit_codes() {
     let server = TestServer::start();
     let client = server.client().await;

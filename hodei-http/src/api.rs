@@ -17,7 +17,7 @@ use hodei_core::event::EVENT_TYPES;
 use hodei_core::ids::{JobId, WorkerId};
 use hodei_core::job::JobState;
 use hodei_core::ports::{AuditFilter, JobFilter, RequestContext};
-use hodei_core::runtime::now_utc;
+use hodei_core::runtime::Submitted;
 use hodei_core::spec::RawJobSpec;
 use hodei_core::time::Timestamp;
 
@@ -98,12 +98,12 @@ pub(crate) async fn submit_job(
             _ => spec.idempotency_key = Some(key),
         }
     }
-    let keyed = spec.idempotency_key.is_some();
-    let asked_at = now_utc();
-    let job = st.cp.submit(RawJobSpec::from(spec), &ctx).await?;
-    // A new job is created after the request arrived; an earlier one with
-    // the same key was created before.
-    let replayed = keyed && job.created_at < asked_at;
+    // `replayed` comes from the store's atomic create (new or existing
+    // job), not from clocks: it holds across replicas.
+    let Submitted { job, replayed } = st
+        .cp
+        .submit_with_outcome(RawJobSpec::from(spec), &ctx)
+        .await?;
     let location = format!("/api/v1/jobs/{}", job.id);
     let mut response = (StatusCode::CREATED, Json(JobDto::from(job))).into_response();
     let h = response.headers_mut();

@@ -25,7 +25,7 @@
 //! | `hodei_event_bus_events_total` | counter | | events the follower received |
 //! | `hodei_log_lines_total` | counter | | log lines stored |
 //! | `hodei_log_bytes_total` | counter | | log bytes stored |
-//! | `hodei_log_lines_dropped_total` | counter | | log lines dropped (always 0: backpressure, not drops) |
+//! | `hodei_log_lines_dropped_total` | counter | | log lines lost before they were stored: gaps in an attempt's agent sequence numbers, and lines the server discarded other than as duplicates (expected 0) |
 //! | `hodei_http_requests_total` | counter | `method`, `route`, `status` | HTTP requests |
 //! | `hodei_http_request_duration_seconds` | histogram | `method`, `route` | time to the response head |
 //! | `hodei_grpc_requests_total` | counter | `method`, `code` | gRPC requests |
@@ -328,7 +328,7 @@ impl Metrics {
             out,
             "hodei_log_lines_dropped_total",
             "counter",
-            "Log lines dropped (always 0: agents are slowed down instead).",
+            "Log lines lost before they were stored (agent sequence gaps, lines discarded by the server); expected 0.",
         );
         sample(
             out,

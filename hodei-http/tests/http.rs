@@ -999,6 +999,33 @@ async fn the_idempotency_key_returns_the_first_job() {
     )
     .await;
     assert_eq!(third["id"], first["id"]);
+    // `replayed` comes from the store, not from clocks: a job another
+    // replica created with a clock ahead of ours is still a replay.
+    let (skewed, _) = hodei_core::job::Job::submit(
+        hodei_core::ids::JobId::from_u64_pair(0x5e, 1),
+        hodei_core::spec::JobSpec::parse(
+            hodei_core::spec::RawJobSpec {
+                command: Some(vec!["true".into()]),
+                idempotency_key: Some("skewed".into()),
+                ..Default::default()
+            },
+            &Default::default(),
+        )
+        .unwrap(),
+        hodei_core::ids::CorrelationId::new("other-replica"),
+        hodei_core::ids::Actor::new("alice"),
+        hodei_core::time::add(hodei_core::runtime::now_utc(), Duration::from_secs(3600)),
+    );
+    s.cp.stores()
+        .jobs
+        .create(&skewed, Vec::new())
+        .await
+        .unwrap();
+    let r = post("skewed", json!({"command": ["true"]})).await.unwrap();
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let (status, replayed) = body(r).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(replayed["id"], skewed.id.to_string());
     // Header and body must agree.
     let r = post(
         "deploy-8",
@@ -1013,8 +1040,9 @@ async fn the_idempotency_key_returns_the_first_job() {
         &["Idempotency-Key", "differ"],
     )
     .await;
+    // The first job and the one "another replica" stored.
     let (_, list) = get(&s, "/api/v1/jobs").await;
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
 }
 
 // ---------------------------------------------------------------- SSE

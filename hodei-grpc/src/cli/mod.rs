@@ -436,8 +436,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Job(a) => match a.cmd {
             JobCmd::Run(_) => job_run(&client, &printer, spec.unwrap_or_default()).await,
             JobCmd::Submit(_) => {
-                let job = client.submit(spec.unwrap_or_default()).await?;
-                printer.submitted(&job)?;
+                let (job, replayed) = client.submit(spec.unwrap_or_default()).await?;
+                printer.submitted(&job, replayed)?;
                 Ok(exit::OK)
             }
             JobCmd::Get { id } => {
@@ -740,7 +740,7 @@ pub fn job_outcome(job: &proto::Job) -> (u8, Option<String>) {
 }
 
 async fn job_run(client: &Client, printer: &Printer, spec: RawJobSpec) -> Result<u8, CliError> {
-    let job = client.submit(spec).await?;
+    let (job, _) = client.submit(spec).await?;
     let id = job.job_id.clone();
     printer.run_started(&job);
     let mut logs = client
@@ -990,7 +990,8 @@ impl Client {
         proto::secret_service_client::SecretServiceClient::new(self.svc())
     }
 
-    async fn submit(&self, spec: RawJobSpec) -> Result<proto::Job, CliError> {
+    /// Submits; the job and whether it was an earlier one (idempotency key).
+    async fn submit(&self, spec: RawJobSpec) -> Result<(proto::Job, bool), CliError> {
         let resp = self
             .jobs()
             .submit(proto::SubmitJobRequest {
@@ -1004,7 +1005,8 @@ impl Client {
                 }
                 e
             })?;
-        Ok(resp.into_inner().job.unwrap_or_default())
+        let resp = resp.into_inner();
+        Ok((resp.job.unwrap_or_default(), resp.replayed))
     }
 }
 

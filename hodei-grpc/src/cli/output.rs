@@ -168,10 +168,19 @@ impl Printer {
     }
 
     /// `job submit`: the id (text) or the job (JSON).
-    pub(super) fn submitted(&self, job: &proto::Job) -> Result<(), CliError> {
+    /// `job submit`: the id (text), or the job with `"replayed": bool`
+    /// (JSON; `true` when an earlier job with the same idempotency key was
+    /// returned).
+    pub(super) fn submitted(&self, job: &proto::Job, replayed: bool) -> Result<(), CliError> {
         match self.format {
             OutputFormat::Text => self.text(&format!("{}\n", job.job_id)),
-            OutputFormat::Json => self.json(&job_value(job)?),
+            OutputFormat::Json => {
+                let mut v = job_value(job)?;
+                if let Value::Object(m) = &mut v {
+                    m.insert("replayed".into(), Value::Bool(replayed));
+                }
+                self.json(&v)
+            }
         }
     }
 

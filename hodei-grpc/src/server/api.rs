@@ -155,15 +155,16 @@ impl JobService for Api {
         if let Err(e) = JobSpec::parse(raw.clone(), self.cp.limits()) {
             return Err(invalid(&ctx, &e.field, e.to_string()));
         }
-        let job = self
+        let submitted = self
             .cp
-            .submit(raw, &ctx)
+            .submit_with_outcome(raw, &ctx)
             .await
             .map_err(|e| status(&ctx, e))?;
         Ok(reply(
             &ctx,
             proto::SubmitJobResponse {
-                job: Some(convert::job_to_proto(&job)),
+                job: Some(convert::job_to_proto(&submitted.job)),
+                replayed: submitted.replayed,
             },
         ))
     }
