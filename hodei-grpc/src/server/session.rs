@@ -158,7 +158,11 @@ impl WorkerService for Sessions {
         // Reader: the agent's messages, in order, until the stream ends.
         let cp = self.cp.clone();
         let stop = self.stop.clone();
+        // Ends the acknowledgement tasks with the session, so that none
+        // holds the outbound stream open after it.
+        let session_over = CancellationToken::new();
         tokio::spawn(async move {
+            let _over = session_over.clone().drop_guard();
             let reason = loop {
                 let msg = tokio::select! {
                     m = inbound.message() => m,
@@ -167,10 +171,13 @@ impl WorkerService for Sessions {
                 match msg {
                     Ok(Some(m)) => {
                         let Some(kind) = m.kind else { continue };
-                        // A result is acknowledged once the control plane
-                        // has it (a duplicate of a decided attempt is
-                        // ignored there): the agent then forgets it rather
-                        // than send it again on its next session.
+                        // A result is acknowledged once its attempt is
+                        // decided in the store (a duplicate of a decided
+                        // attempt is ignored by the control plane): the
+                        // agent then forgets it. Until then it keeps it and
+                        // sends it again on its next session, so a server
+                        // that dies between receiving and storing a result
+                        // does not lose it.
                         let ack = match &kind {
                             In::Result(r) => Some(proto::ResultAck {
                                 job_id: r.job_id.clone(),
@@ -178,8 +185,12 @@ impl WorkerService for Sessions {
                             }),
                             _ => None,
                         };
+                        let mut decided = None;
                         match from_worker(kind) {
                             Ok(Some(msg)) => {
+                                if let FromWorker::Result { job, attempt, .. } = &msg {
+                                    decided = Some((*job, *attempt));
+                                }
                                 if let Err(e) = cp.worker_message(worker, msg).await {
                                     tracing::warn!(%worker, error = %e, "worker message failed");
                                     if matches!(e, ApiError::Unavailable(_)) {
@@ -193,9 +204,24 @@ impl WorkerService for Sessions {
                             }
                         }
                         if let Some(ack) = ack {
-                            let _ = tx.send(Ok(proto::ServerMessage {
-                                kind: Some(Out::ResultAck(ack)),
-                            }));
+                            match decided {
+                                Some((job, attempt)) => {
+                                    let (cp, tx) = (cp.clone(), tx.clone());
+                                    let over = session_over.clone();
+                                    tokio::spawn(async move {
+                                        tokio::select! {
+                                            _ = ack_once_decided(cp, tx, job, attempt, ack) => {}
+                                            _ = over.cancelled() => {}
+                                        }
+                                    });
+                                }
+                                // Malformed: nothing to keep it for.
+                                None => {
+                                    let _ = tx.send(Ok(proto::ServerMessage {
+                                        kind: Some(Out::ResultAck(ack)),
+                                    }));
+                                }
+                            }
                         }
                     }
                     Ok(None) => break "stream closed by the worker".to_owned(),
@@ -262,6 +288,48 @@ fn refusal_code(code: i32, reason: &str) -> RefusalCode {
 
 /// A worker message as the control plane's input; `None` for a repeated
 /// `hello` (ignored).
+/// How long [`ack_once_decided`] waits for a result's attempt to be decided
+/// in the store before giving up (the agent then resends the result on its
+/// next session).
+const RESULT_ACK_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Sends `ack` once attempt `attempt` of `job` is decided in the store:
+/// the job moved on to a later attempt, is terminal, or lists the attempt
+/// as finished. A job the store does not know is acknowledged at once.
+async fn ack_once_decided(
+    cp: ControlPlane,
+    tx: mpsc::UnboundedSender<Result<proto::ServerMessage, Status>>,
+    job: JobId,
+    attempt: u32,
+    ack: proto::ResultAck,
+) {
+    let deadline = tokio::time::Instant::now() + RESULT_ACK_PATIENCE;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let decided = match cp.job(job).await {
+            Ok(j) => {
+                j.attempt > attempt
+                    || j.is_terminal()
+                    || j.attempts.iter().any(|a| a.number == attempt)
+            }
+            Err(ApiError::NotFound(_)) => true,
+            Err(_) => false,
+        };
+        if decided {
+            let _ = tx.send(Ok(proto::ServerMessage {
+                kind: Some(Out::ResultAck(ack)),
+            }));
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline || tx.is_closed() {
+            tracing::debug!(%job, attempt, "result not acknowledged: attempt not decided in time");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 fn from_worker(kind: In) -> Result<Option<FromWorker>, convert::ConvertError> {
     let job = |s: &str| convert::job_id("job_id", s);
     Ok(Some(match kind {
