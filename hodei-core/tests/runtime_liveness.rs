@@ -73,6 +73,30 @@ impl WorkerLink for ChanLink {
 
 /// The attempt of the next job the worker is given (a guard fails the
 /// test if none comes).
+/// Plays the launched agent: registers it with its one-time token over a
+/// channel link; returns its id and what the control plane sends it.
+async fn register(
+    cp: &ControlPlane,
+    launch: WorkerLaunch,
+) -> (WorkerId, mpsc::UnboundedReceiver<ToWorker>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    cp.worker_hello(
+        WorkerHello {
+            worker: launch.worker,
+            token: launch.token,
+            provider: "local".into(),
+            labels: BTreeMap::new(),
+            image: None,
+            capacity: 1,
+            running: Vec::new(),
+        },
+        Arc::new(ChanLink(tx)),
+    )
+    .await
+    .unwrap();
+    (launch.worker, rx)
+}
+
 async fn next_run(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> u32 {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -136,23 +160,7 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     let job = cp.submit(spec, &ctx).await.unwrap();
 
     // Play the agent: register, take the job, acknowledge it.
-    let launch = launches.recv().await.unwrap();
-    let w = launch.worker;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    cp.worker_hello(
-        WorkerHello {
-            worker: w,
-            token: launch.token,
-            provider: "local".into(),
-            labels: BTreeMap::new(),
-            image: None,
-            capacity: 1,
-            running: Vec::new(),
-        },
-        Arc::new(ChanLink(tx)),
-    )
-    .await
-    .unwrap();
+    let (w, mut rx) = register(&cp, launches.recv().await.unwrap()).await;
     let attempt = next_run(&mut rx).await;
     cp.worker_message(
         w,
@@ -250,23 +258,7 @@ async fn a_typed_capacity_refusal_gives_the_attempt_back() {
         ..Default::default()
     };
     let job = cp.submit(spec, &ctx).await.unwrap();
-    let launch = launches.recv().await.unwrap();
-    let w = launch.worker;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    cp.worker_hello(
-        WorkerHello {
-            worker: w,
-            token: launch.token,
-            provider: "local".into(),
-            labels: BTreeMap::new(),
-            image: None,
-            capacity: 1,
-            running: Vec::new(),
-        },
-        Arc::new(ChanLink(tx)),
-    )
-    .await
-    .unwrap();
+    let (w, mut rx) = register(&cp, launches.recv().await.unwrap()).await;
     let attempt = next_run(&mut rx).await;
     cp.worker_message(
         w,
