@@ -22,6 +22,9 @@
 //! and the engine falls in line (stops the attempt on its worker). The
 //! simplest shell drains every effect of one input before taking the next;
 //! see [`Effect::UpdateJob`] for what a shell that batches inputs must do.
+//! A job past its deadline that no live replica decided (its replica
+//! died) is decided by whichever replica runs the deadline sweep, with
+//! [`sweep_decision`].
 //!
 //! # Liveness of workers
 //! A worker is *disconnected* when its stream drops (the shell calls
@@ -128,6 +131,49 @@ impl Entropy for SeededEntropy {
 /// How long a worker of a reusable pool stays idle before the autoscaler
 /// may retire it (when the pool is above its target).
 pub const SCALE_DOWN_IDLE: Duration = Duration::from_secs(60);
+
+/// How long past its deadline a job in `SCHEDULED` or `ASSIGNED` waits
+/// before the deadline sweep decides it (see [`sweep_decision`]).
+pub const SWEEP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long past its deadline a job in `RUNNING` waits before the deadline
+/// sweep decides it: [`SWEEP_GRACE`] plus room for an orphaned agent to
+/// have killed the process at its own timeout (an agent sends SIGTERM at
+/// the timeout and SIGKILL 5 s later), so that the retry never overlaps
+/// the attempt it replaces.
+pub const SWEEP_GRACE_RUNNING: Duration = Duration::from_secs(10);
+
+/// The deadline sweep's decision on a job it found past its deadline and
+/// that this replica does not hold: another replica held it and did not
+/// decide it in time, so that replica is gone (or stalled; the job's
+/// version settles any race). `None` while the job is within its grace.
+///
+/// - `SCHEDULED` and `ASSIGNED`: the deadline passed
+///   ([`JobCommand::Expire`]: `provisioning_failed` / `dispatch_failed`,
+///   retried by policy).
+/// - `RUNNING`: the job's worker is lost with its replica, whose result can
+///   no longer arrive: the attempt fails as
+///   [`FailureKind::WorkerLost`] and is retried by policy, like a worker
+///   that vanishes under a live replica. (A job that really ran past its
+///   timeout was killed by its agent; that report is lost with the
+///   replica too, so the retry is what the user would otherwise redo.)
+/// - Any other state: nothing to decide.
+pub fn sweep_decision(job: &Job, now: Timestamp) -> Option<JobCommand> {
+    let deadline = job.status.deadline()?;
+    let (grace, command) = match job.state() {
+        JobState::Scheduled | JobState::Assigned => (SWEEP_GRACE, JobCommand::Expire),
+        JobState::Running => (
+            SWEEP_GRACE_RUNNING,
+            JobCommand::Fail(Failure::new(
+                FailureKind::WorkerLost,
+                "no result by the deadline: the replica that held the job and its worker \
+                 stopped answering (decided by the deadline sweep)",
+            )),
+        ),
+        _ => return None,
+    };
+    (add(deadline, grace) <= now).then_some(command)
+}
 
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -133,6 +133,12 @@ pub trait JobQueue: Send + Sync {
     async fn release(&self, id: JobId, owner: &str) -> Result<(), StoreError>;
     /// Jobs waiting in the queue (ready or not).
     async fn depth(&self) -> Result<u64, StoreError>;
+    /// Whether the store can serve: reachable and, for a store with a
+    /// schema, migrated to the version this build expects. The default
+    /// asks for the queue depth. An error says what is not ready.
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.depth().await.map(|_| ())
+    }
     /// Jobs in `SCHEDULED`, `ASSIGNED` or `RUNNING` whose deadline is at or
     /// before `now`: the sweeper decides them even if their replica died.
     async fn overdue(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError>;

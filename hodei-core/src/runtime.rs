@@ -821,9 +821,10 @@ impl ControlPlane {
         Ok(token)
     }
 
-    /// The stores answer.
+    /// The stores answer and their schema is the one this build expects
+    /// ([`JobQueue::ready`]).
     pub async fn ready(&self) -> Result<(), ApiError> {
-        self.inner.stores.queue.depth().await?;
+        self.inner.stores.queue.ready().await?;
         Ok(())
     }
 
@@ -2125,21 +2126,25 @@ impl Driver {
 
     /// Decides overdue jobs that no engine here owns (their replica died).
     async fn sweep(&mut self, now: Timestamp) {
-        let grace = chrono::Duration::seconds(2);
-        let Ok(overdue) = self.stores.queue.overdue(now - grace, 100).await else {
+        let grace =
+            chrono::Duration::from_std(crate::engine::SWEEP_GRACE).unwrap_or(chrono::Duration::MAX);
+        let Ok(overdue) = self.stores.queue.overdue(now - grace, 500).await else {
             return;
         };
         for mut job in overdue {
             if self.engine.job(job.id).is_some() {
                 continue;
             }
+            let Some(command) = crate::engine::sweep_decision(&job, now) else {
+                continue;
+            };
             let expected = job.version;
             let ctxt = TransitionContext {
                 now,
                 retry: &self.config.engine.retry,
                 unit_random: fastrand::f64(),
             };
-            if let Ok(bodies) = job.apply(JobCommand::Expire, ctxt) {
+            if let Ok(bodies) = job.apply(command, ctxt) {
                 let corr = job.correlation_id.clone();
                 let events = wrap(now, &corr, &Actor::system("sweeper"), bodies);
                 if self

@@ -635,6 +635,83 @@ fn a_start_emits_exactly_job_started() {
     assert_eq!(job.attempts.len(), 1);
 }
 
+/// The deadline sweep (a replica deciding jobs another, dead, replica
+/// held): ASSIGNED expires after a short grace; RUNNING waits longer (the
+/// orphaned agent's kill grace) and then fails as `worker_lost`, retried.
+#[test]
+fn the_sweep_retries_a_dead_replica_s_jobs_after_their_grace() {
+    use hodei_core::engine::{SWEEP_GRACE, SWEEP_GRACE_RUNNING, sweep_decision};
+    let now = from_millis(5_000);
+    let policy = RetryPolicy::default();
+    let ctx = TransitionContext {
+        now,
+        retry: &policy,
+        unit_random: 0.5,
+    };
+    let (mut job, _) = Job::submit(
+        JobId::from_u64_pair(0, 2),
+        support::spec(3, 30, false, 0, None, None),
+        CorrelationId::new("c"),
+        Actor::new("a"),
+        now,
+    );
+    assert_eq!(
+        sweep_decision(&job, add(now, Duration::from_secs(3600))),
+        None
+    );
+    let assigned_until = add(now, Duration::from_secs(10));
+    job.apply(
+        JobCommand::Assign {
+            worker: worker_id(1),
+            deadline: assigned_until,
+        },
+        ctx,
+    )
+    .unwrap();
+    assert_eq!(
+        sweep_decision(&job, assigned_until),
+        None,
+        "within its grace"
+    );
+    assert_eq!(
+        sweep_decision(&job, add(assigned_until, SWEEP_GRACE)),
+        Some(JobCommand::Expire)
+    );
+    job.apply(JobCommand::Start, ctx).unwrap();
+    let running_until = job.status.deadline().unwrap();
+    assert_eq!(
+        sweep_decision(&job, add(running_until, SWEEP_GRACE)),
+        None,
+        "RUNNING waits for the orphaned agent's own kill"
+    );
+    let later = add(running_until, SWEEP_GRACE_RUNNING);
+    let command = sweep_decision(&job, later).expect("decided after its grace");
+    match &command {
+        JobCommand::Fail(f) => {
+            assert_eq!(f.kind, FailureKind::WorkerLost);
+            assert!(f.message.contains("deadline sweep"), "{f:?}");
+        }
+        other => panic!("expected a worker_lost failure, got {other:?}"),
+    }
+    let events = job
+        .apply(
+            command,
+            TransitionContext {
+                now: later,
+                retry: &policy,
+                unit_random: 0.5,
+            },
+        )
+        .unwrap();
+    let types: Vec<_> = events.iter().map(EventBody::event_type).collect();
+    assert_eq!(types, ["JobRetryScheduled", "JobQueued"]);
+    assert_eq!((job.state(), job.attempt), (JobState::Pending, 2));
+    assert_eq!(
+        sweep_decision(&job, add(later, Duration::from_secs(3600))),
+        None
+    );
+}
+
 // ===================================================================
 // Worker state machine
 // ===================================================================

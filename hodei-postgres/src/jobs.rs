@@ -300,6 +300,10 @@ impl JobQueue for PgStore {
         Ok(to_u64(n))
     }
 
+    async fn ready(&self) -> Result<(), StoreError> {
+        crate::migrate::check_current(&self.inner.pool).await
+    }
+
     async fn overdue(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
         let limit = limit.min(MAX_BATCH);
         if limit == 0 {

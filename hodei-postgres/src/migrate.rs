@@ -4,7 +4,9 @@
 use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
 
-use crate::error::PgError;
+use hodei_core::ports::StoreError;
+
+use crate::error::{PgError, store_err};
 
 /// The migrations of `hodei-postgres/migrations`, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -49,4 +51,47 @@ async fn unknown_applied(pool: &PgPool) -> Result<Option<i64>, PgError> {
         .into_iter()
         .filter(|v| !MIGRATOR.version_exists(*v))
         .max())
+}
+
+/// Whether the schema is the one this build expects: every embedded
+/// migration applied and none unknown. `Err` says what differs, for
+/// `/readyz`.
+pub(crate) async fn check_current(pool: &PgPool) -> Result<(), StoreError> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(ref db) if db.code().as_deref() == Some("42P01") => {
+                    StoreError::Unavailable(
+                        "the database is not migrated (no _sqlx_migrations table); \
+                 start hodei-server on it to apply the migrations"
+                            .into(),
+                    )
+                }
+                other => store_err(other),
+            })?;
+    let known = latest_known();
+    if let Some(newer) = applied
+        .iter()
+        .copied()
+        .filter(|v| !MIGRATOR.version_exists(*v))
+        .max()
+    {
+        return Err(StoreError::Unavailable(format!(
+            "the database schema is at migration {newer}, newer than this build knows \
+             (latest {known}); another hodei version migrated it"
+        )));
+    }
+    if let Some(missing) = MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .find(|v| !applied.contains(v))
+    {
+        return Err(StoreError::Unavailable(format!(
+            "the database lacks migration {missing} of this build (latest {known}); \
+             restart hodei-server to apply it"
+        )));
+    }
+    Ok(())
 }

@@ -45,6 +45,8 @@ async fn migrations_apply_once_and_a_newer_schema_is_refused() {
         "each migration once"
     );
 
+    first.ready().await.expect("a migrated store is ready");
+
     // A newer hodei applied a migration this build does not know.
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
@@ -65,6 +67,32 @@ async fn migrations_apply_once_and_a_newer_schema_is_refused() {
             assert!(msg.contains("newer hodei"), "{msg}");
         }
         other => panic!("expected NewerSchema, got {other:?}"),
+    }
+    // A running store notices it too (`/readyz`).
+    match first.ready().await {
+        Err(StoreError::Unavailable(msg)) => {
+            assert!(msg.contains("99990101000000"), "{msg}");
+            assert!(msg.contains("newer than this build"), "{msg}");
+        }
+        other => panic!("expected not ready, got {other:?}"),
+    }
+    // A migration of this build missing (rolled back by hand): not ready.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 99990101000000")
+        .execute(first.pool())
+        .await
+        .unwrap();
+    first.ready().await.expect("ready again");
+    let last = MIGRATOR.iter().map(|m| m.version).max().unwrap();
+    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = $1")
+        .bind(last)
+        .execute(first.pool())
+        .await
+        .unwrap();
+    match first.ready().await {
+        Err(StoreError::Unavailable(msg)) => {
+            assert!(msg.contains(&format!("lacks migration {last}")), "{msg}");
+        }
+        other => panic!("expected not ready, got {other:?}"),
     }
     first.close().await;
     again.close().await;
