@@ -834,11 +834,16 @@ async fn provider_health_is_listed_and_an_unhealthy_provider_gets_no_jobs() {
         assert!(out.status.success(), "{}", stderr(&out));
         serde_json::from_str(&stdout(&out)).expect("provider list JSON")
     };
-    let listed = wait_for("docker listed healthy", DEADLINE, || async {
+    // Until its first health check a provider is listed healthy with the
+    // message "not checked yet": wait for the check's own message.
+    let listed = wait_for("docker listed healthy by a check", DEADLINE, || async {
         let v = list(&ds.server);
         let providers = v["providers"].as_array().cloned().unwrap_or_default();
         let docker = providers.iter().find(|p| p["id"] == "docker")?.clone();
-        (docker["healthy"] == true).then_some(v)
+        let checked = docker["health_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("docker engine reachable"));
+        (docker["healthy"] == true && checked).then_some(v)
     })
     .await;
     let providers = listed["providers"].as_array().unwrap();
