@@ -359,6 +359,66 @@ struct Inner {
     log_pipes: Mutex<HashMap<(WorkerId, JobId), LogPipe>>,
     /// Gap detection in the agents' log sequence numbers.
     log_seqs: Arc<LogSeqs>,
+    /// Who waits for an attempt to be decided in the store.
+    decisions: Arc<Decisions>,
+}
+
+/// Callers waiting until an attempt's outcome is stored (the session that
+/// acknowledges a result to its agent): fired by the driver right after
+/// the store write that decides the attempt commits (the job moved to a
+/// later attempt, ended, or lists the attempt as finished).
+#[derive(Default)]
+struct Decisions(Mutex<HashMap<JobId, Vec<(u32, oneshot::Sender<()>)>>>);
+
+impl Decisions {
+    fn watch(&self, job: JobId, attempt: u32) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let waiting = map.entry(job).or_default();
+        // Drop waiters that gave up.
+        waiting.retain(|(_, tx)| !tx.is_closed());
+        waiting.push((attempt, tx));
+        rx
+    }
+
+    /// `job` was just stored: fires the waiters whose attempt it decides.
+    fn stored(&self, job: &Job) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiting) = map.get_mut(&job.id) else {
+            return;
+        };
+        for (attempt, tx) in std::mem::take(waiting) {
+            if attempt_decided(job, attempt) {
+                let _ = tx.send(());
+            } else if !tx.is_closed() {
+                waiting.push((attempt, tx));
+            }
+        }
+        if waiting.is_empty() {
+            map.remove(&job.id);
+        }
+    }
+}
+
+/// Whether `job` (as stored) records the outcome of `attempt`.
+pub fn attempt_decided(job: &Job, attempt: u32) -> bool {
+    job.attempt > attempt || job.is_terminal() || job.attempts.iter().any(|a| a.number == attempt)
+}
+
+/// A wait for an attempt's outcome to be stored, from
+/// [`ControlPlane::watch_decision`].
+#[derive(Debug)]
+pub struct DecisionWatch(oneshot::Receiver<()>);
+
+impl DecisionWatch {
+    /// Waits at most `patience` for the store write that decides the
+    /// attempt; `true` once it committed. `false` when it did not happen
+    /// here in time: the result was stale (the attempt was decided before,
+    /// or by another replica), the write failed, or the store is slow; ask
+    /// the store ([`attempt_decided`] on [`ControlPlane::job`]).
+    pub async fn decided(self, patience: Duration) -> bool {
+        matches!(tokio::time::timeout(patience, self.0).await, Ok(Ok(())))
+    }
 }
 
 /// The highest agent sequence number seen per job, for its latest attempt
@@ -507,7 +567,9 @@ impl ControlPlane {
             Box::new(OsEntropy),
         );
         let log_seqs = Arc::new(LogSeqs::default());
+        let decisions = Arc::new(Decisions::default());
         let driver = Driver {
+            decisions: decisions.clone(),
             engine,
             stores: stores.clone(),
             config: config.clone(),
@@ -536,6 +598,7 @@ impl ControlPlane {
             providers,
             log_pipes: Mutex::new(HashMap::new()),
             log_seqs,
+            decisions,
         });
         let cp = ControlPlane { inner };
         let mut tasks = vec![tokio::spawn(driver.run(rx, stop_rx.clone()))];
@@ -892,6 +955,16 @@ impl ControlPlane {
             reply,
         })
         .await?
+    }
+
+    /// Starts waiting for attempt `attempt` of `job` to be decided in the
+    /// store by this control plane. Call it before handing the attempt's
+    /// result to [`ControlPlane::worker_message`]: the watch fires once
+    /// the write that records the outcome has committed, so a caller can
+    /// acknowledge the result to its agent without losing it to a crash
+    /// in between (and without polling the store).
+    pub fn watch_decision(&self, job: JobId, attempt: u32) -> DecisionWatch {
+        DecisionWatch(self.inner.decisions.watch(job, attempt))
     }
 
     /// A message from a registered worker. Logs go to the job's log pipe
@@ -1487,6 +1560,9 @@ struct Driver {
     /// `JobQueued` events this driver stored: their echo from the bus is
     /// no news (the engine claims after its own submissions and requeues).
     own_queued: std::collections::HashSet<EventId>,
+    /// Shared with [`ControlPlane::watch_decision`]: fired after each job
+    /// write.
+    decisions: Arc<Decisions>,
 }
 
 /// Most inputs taken from the command channel before their effects are
@@ -1891,6 +1967,7 @@ impl Driver {
             provision_timeout: self.config.engine.provision_timeout,
             tx: self.tx.clone(),
             counters: self.counters.clone(),
+            decisions: self.decisions.clone(),
             conflicted: Mutex::new(std::collections::HashSet::new()),
         });
         let mut done: Vec<futures::future::Shared<oneshot::Receiver<()>>> =
@@ -2112,6 +2189,7 @@ impl Driver {
             let events = wrap(now, &ctx.correlation_id, &ctx.actor, bodies);
             match self.stores.jobs.update(&job, expected, events).await {
                 Ok(_) => {
+                    self.decisions.stored(&job);
                     let _ = self.stores.logs.finish(id).await;
                     return Ok(job);
                 }
@@ -2153,9 +2231,11 @@ impl Driver {
                     .update(&job, expected, events)
                     .await
                     .is_ok()
-                    && job.is_terminal()
                 {
-                    let _ = self.stores.logs.finish(job.id).await;
+                    self.decisions.stored(&job);
+                    if job.is_terminal() {
+                        let _ = self.stores.logs.finish(job.id).await;
+                    }
                 }
             }
         }
@@ -2191,6 +2271,7 @@ struct PassCtx {
     provision_timeout: Duration,
     tx: mpsc::UnboundedSender<Cmd>,
     counters: Arc<Counters>,
+    decisions: Arc<Decisions>,
     /// Jobs whose update conflicted in this pass: their later effects of
     /// the pass are skipped (their base version is lost; the engine hears
     /// of the stored job after the pass and decides again).
@@ -2316,6 +2397,9 @@ impl Op {
                     async move { s.jobs.update(&job, expected_version, events).await }
                 })
                 .await;
+                if r.is_ok() {
+                    ctx.decisions.stored(&job);
+                }
                 match r {
                     Ok(_) if job.is_terminal() => {
                         let ix = JobState::ALL

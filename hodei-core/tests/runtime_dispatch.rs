@@ -16,12 +16,12 @@ use hodei_core::ids::{Actor, CorrelationId, JobId, ProviderId, WorkerId};
 use hodei_core::job::{AttemptOutcome, FailureKind, Job, JobState};
 use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
-    EventLog, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext, SecretMeta,
-    SecretStore, StoreError, ToWorker, TokenRejection, WorkerExit, WorkerLaunch, WorkerLink,
-    WorkerProvider, WorkerRegistry,
+    Created, EventLog, JobFilter, JobPage, JobStore, ProviderError, ProviderHealth,
+    ProvisionedWorker, RequestContext, SecretMeta, SecretStore, StoreError, ToWorker,
+    TokenRejection, WorkerExit, WorkerLaunch, WorkerLink, WorkerProvider, WorkerRegistry,
 };
 use hodei_core::runtime::{
-    ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello,
+    ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, attempt_decided,
 };
 use hodei_core::spec::RawJobSpec;
 use hodei_core::time::Timestamp;
@@ -150,6 +150,46 @@ impl WorkerRegistry for FlakyWorkers {
     }
 }
 
+/// Jobs whose terminal updates wait while the gate is closed; `entered`
+/// fires when one starts waiting.
+struct GatedJobs {
+    inner: Arc<MemoryStore>,
+    open: tokio::sync::watch::Sender<bool>,
+    entered: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl JobStore for GatedJobs {
+    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
+        self.inner.create(job, events).await
+    }
+    async fn update(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        if job.is_terminal() {
+            let mut open = self.open.subscribe();
+            if !*open.borrow() {
+                self.entered.notify_one();
+                let _ = open.wait_for(|o| *o).await;
+            }
+        }
+        self.inner.update(job, expected_version, events).await
+    }
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        JobStore::get(&*self.inner, id).await
+    }
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        JobStore::list(&*self.inner, filter).await
+    }
+}
+
+/// Per result an agent sent: whether the control plane's decision watch
+/// fired, and whether the store had the attempt decided at that moment.
+type Decided = Arc<Mutex<Vec<(JobId, u32, bool, bool)>>>;
+
 /// The secrets each dispatched attempt received.
 type Delivered = Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>;
 
@@ -168,6 +208,8 @@ struct TaskProvider {
     id: ProviderId,
     cp: Arc<OnceLock<ControlPlane>>,
     delivered: Delivered,
+    decided: Decided,
+    mem: Arc<MemoryStore>,
 }
 
 #[async_trait]
@@ -183,7 +225,13 @@ impl WorkerProvider for TaskProvider {
     }
     async fn create(&self, launch: WorkerLaunch) -> Result<(), ProviderError> {
         let cp = self.cp.get().expect("control plane set").clone();
-        tokio::spawn(agent(cp, launch, self.delivered.clone()));
+        tokio::spawn(agent(
+            cp,
+            launch,
+            self.delivered.clone(),
+            self.decided.clone(),
+            self.mem.clone(),
+        ));
         Ok(())
     }
     async fn destroy(&self, _worker: WorkerId) -> Result<(), ProviderError> {
@@ -203,7 +251,13 @@ impl WorkerProvider for TaskProvider {
     }
 }
 
-async fn agent(cp: ControlPlane, launch: WorkerLaunch, delivered: Delivered) {
+async fn agent(
+    cp: ControlPlane,
+    launch: WorkerLaunch,
+    delivered: Delivered,
+    decided: Decided,
+    mem: Arc<MemoryStore>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let hello = WorkerHello {
         worker: launch.worker,
@@ -235,6 +289,17 @@ async fn agent(cp: ControlPlane, launch: WorkerLaunch, delivered: Delivered) {
                     exit_code: Some(0),
                     ..AttemptReport::default()
                 };
+                // What a session does before it acknowledges a result.
+                let watch = cp.watch_decision(job, attempt);
+                let (decided, mem) = (decided.clone(), mem.clone());
+                tokio::spawn(async move {
+                    let fired = watch.decided(Duration::from_secs(30)).await;
+                    let stored = JobStore::get(&*mem, job)
+                        .await
+                        .unwrap()
+                        .is_some_and(|j| attempt_decided(&j, attempt));
+                    decided.lock().unwrap().push((job, attempt, fired, stored));
+                });
                 let _ = cp
                     .worker_message(
                         w,
@@ -257,7 +322,9 @@ struct Harness {
     secret_faults: Arc<FlakySecrets>,
     event_faults: Arc<FlakyEvents>,
     worker_faults: Arc<FlakyWorkers>,
+    jobs_gate: Arc<GatedJobs>,
     delivered: Delivered,
+    decided: Decided,
 }
 
 async fn start() -> Harness {
@@ -276,18 +343,27 @@ async fn start() -> Harness {
         failed: Mutex::new(Vec::new()),
         saved: Mutex::new(Vec::new()),
     });
+    let jobs = Arc::new(GatedJobs {
+        inner: mem.clone(),
+        open: tokio::sync::watch::Sender::new(true),
+        entered: tokio::sync::Notify::new(),
+    });
     let stores = Stores {
         secrets: secrets.clone(),
         events: events.clone(),
         workers: workers.clone(),
-        ..Stores::from_store(mem)
+        jobs: jobs.clone(),
+        ..Stores::from_store(mem.clone())
     };
     let slot = Arc::new(OnceLock::new());
     let delivered = Arc::new(Mutex::new(Vec::new()));
+    let decided: Decided = Arc::default();
     let provider = Arc::new(TaskProvider {
         id: ProviderId::new("local"),
         cp: slot.clone(),
         delivered: delivered.clone(),
+        decided: decided.clone(),
+        mem,
     });
     let mut config = RuntimeConfig::default();
     config.engine.retry.base = Duration::from_millis(10);
@@ -309,7 +385,9 @@ async fn start() -> Harness {
         secret_faults: secrets,
         event_faults: events,
         worker_faults: workers,
+        jobs_gate: jobs,
         delivered,
+        decided,
     }
 }
 
@@ -469,5 +547,54 @@ async fn worker_saves_are_retried_while_the_store_is_unavailable() {
     for w in &failed {
         assert!(saved.contains(w), "never saved: {w:?}\nsaved: {saved:?}");
     }
+    h.cp.shutdown().await;
+}
+
+/// A result is acknowledged (the session's decision watch fires) only once
+/// the write that decides its attempt has committed, not when the engine
+/// decides: a server that dies in between leaves the agent holding the
+/// result, to send again.
+#[tokio::test]
+async fn a_result_s_decision_watch_fires_only_after_the_write_commits() {
+    let h = start().await;
+    h.jobs_gate.open.send_replace(false);
+    let spec = RawJobSpec {
+        command: Some(vec!["true".into()]),
+        ..Default::default()
+    };
+    let job = h.cp.submit(spec, &ctx()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), h.jobs_gate.entered.notified())
+        .await
+        .expect("the terminal update reaches the store");
+    // The engine has decided; the store has not committed it.
+    assert!(
+        h.decided.lock().unwrap().is_empty(),
+        "fired before the write committed: {:?}",
+        h.decided.lock().unwrap()
+    );
+    // (The ack and the result may be stored as one write: ASSIGNED.)
+    let stored = h.cp.job(job.id).await.unwrap();
+    assert!(!attempt_decided(&stored, 1), "{:?}", stored.status);
+    h.jobs_gate.open.send_replace(true);
+    let done = tokio::time::timeout(Duration::from_secs(30), h.cp.wait_terminal(job.id))
+        .await
+        .expect("the job ends")
+        .unwrap();
+    assert_eq!(done.state(), JobState::Succeeded);
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(d) = h.decided.lock().unwrap().first().copied() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the watch fires");
+    assert_eq!(
+        seen,
+        (job.id, 1, true, true),
+        "(job, attempt, fired, stored)"
+    );
     h.cp.shutdown().await;
 }

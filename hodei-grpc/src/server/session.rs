@@ -16,7 +16,9 @@ use futures::StreamExt;
 use hodei_core::engine::{AttemptReport, RefusalCode};
 use hodei_core::ids::JobId;
 use hodei_core::ports::{NewLogLine, ToWorker, WorkerLink};
-use hodei_core::runtime::{ApiError, ControlPlane, FromWorker, WorkerHello};
+use hodei_core::runtime::{
+    ApiError, ControlPlane, DecisionWatch, FromWorker, WorkerHello, attempt_decided,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -189,7 +191,10 @@ impl WorkerService for Sessions {
                         match from_worker(kind) {
                             Ok(Some(msg)) => {
                                 if let FromWorker::Result { job, attempt, .. } = &msg {
-                                    decided = Some((*job, *attempt));
+                                    // Before the result goes in: the
+                                    // decision may be stored at once.
+                                    let watch = cp.watch_decision(*job, *attempt);
+                                    decided = Some((watch, *job, *attempt));
                                 }
                                 if let Err(e) = cp.worker_message(worker, msg).await {
                                     tracing::warn!(%worker, error = %e, "worker message failed");
@@ -205,12 +210,12 @@ impl WorkerService for Sessions {
                         }
                         if let Some(ack) = ack {
                             match decided {
-                                Some((job, attempt)) => {
+                                Some((watch, job, attempt)) => {
                                     let (cp, tx) = (cp.clone(), tx.clone());
                                     let over = session_over.clone();
                                     tokio::spawn(async move {
                                         tokio::select! {
-                                            _ = ack_once_decided(cp, tx, job, attempt, ack) => {}
+                                            _ = ack_once_decided(cp, tx, watch, job, attempt, ack) => {}
                                             _ = over.cancelled() => {}
                                         }
                                     });
@@ -286,35 +291,40 @@ fn refusal_code(code: i32, reason: &str) -> RefusalCode {
     }
 }
 
-/// A worker message as the control plane's input; `None` for a repeated
-/// `hello` (ignored).
 /// How long [`ack_once_decided`] waits for a result's attempt to be decided
 /// in the store before giving up (the agent then resends the result on its
 /// next session).
 const RESULT_ACK_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long [`ack_once_decided`] waits for the control plane's own write
+/// of the decision before it asks the store (a stale result, one decided
+/// by another replica, or a slow store).
+const RESULT_DECISION_WAIT: Duration = Duration::from_secs(3);
+
 /// Sends `ack` once attempt `attempt` of `job` is decided in the store:
 /// the job moved on to a later attempt, is terminal, or lists the attempt
-/// as finished. A job the store does not know is acknowledged at once.
+/// as finished. Normally `watch` fires right after the control plane's
+/// write of the decision commits; otherwise the store is asked, backing
+/// off, for up to [`RESULT_ACK_PATIENCE`]. A job the store does not know
+/// is acknowledged at once.
 async fn ack_once_decided(
     cp: ControlPlane,
     tx: mpsc::UnboundedSender<Result<proto::ServerMessage, Status>>,
+    watch: DecisionWatch,
     job: JobId,
     attempt: u32,
     ack: proto::ResultAck,
 ) {
     let deadline = tokio::time::Instant::now() + RESULT_ACK_PATIENCE;
-    let mut pause = Duration::from_millis(2);
+    let mut decided = watch.decided(RESULT_DECISION_WAIT).await;
+    let mut pause = Duration::from_millis(10);
     loop {
-        let decided = match cp.job(job).await {
-            Ok(j) => {
-                j.attempt > attempt
-                    || j.is_terminal()
-                    || j.attempts.iter().any(|a| a.number == attempt)
-            }
-            Err(ApiError::NotFound(_)) => true,
-            Err(_) => false,
-        };
+        decided = decided
+            || match cp.job(job).await {
+                Ok(j) => attempt_decided(&j, attempt),
+                Err(ApiError::NotFound(_)) => true,
+                Err(_) => false,
+            };
         if decided {
             let _ = tx.send(Ok(proto::ServerMessage {
                 kind: Some(Out::ResultAck(ack)),
@@ -330,6 +340,8 @@ async fn ack_once_decided(
     }
 }
 
+/// A worker message as the control plane's input; `None` for a repeated
+/// `hello` (ignored).
 fn from_worker(kind: In) -> Result<Option<FromWorker>, convert::ConvertError> {
     let job = |s: &str| convert::job_id("job_id", s);
     Ok(Some(match kind {
