@@ -974,6 +974,36 @@ pub async fn logs_follow_history_then_live_until_finished<S: Store + ?Sized>(sto
     LogStore::finish(&*store, silent).await.expect("finish");
     let mut empty = LogStore::follow(&*store, silent, 0);
     assert!(collect_until_end(&mut empty).await.is_empty());
+
+    // A store whose terminal job updates finish the log
+    // (`JobStore::update_finishes_logs`): a follower of a job that ends
+    // stops without a `finish` call.
+    if JobStore::update_finishes_logs(&*store) {
+        let (mut job, events) = new_job(7, JobOptions::default());
+        JobStore::create(&*store, &job, events)
+            .await
+            .expect("create");
+        LogStore::append(&*store, job.id, 1, lines(1..=2))
+            .await
+            .expect("append");
+        let mut follower = LogStore::follow(&*store, job.id, 0);
+        assert_eq!(take(&mut follower, 2).await.len(), 2);
+        let version = job.version;
+        let events = transition(
+            &mut job,
+            JobCommand::Cancel {
+                reason: "done".into(),
+            },
+            50,
+        );
+        JobStore::update(&*store, &job, version, events)
+            .await
+            .expect("update");
+        assert!(
+            collect_until_end(&mut follower).await.is_empty(),
+            "the follower of an ended job stops"
+        );
+    }
 }
 
 /// Secrets by name: put (create or replace), get, list names sorted,
@@ -1053,7 +1083,44 @@ pub async fn workers_upsert_get_list<S: Store + ?Sized>(store: Arc<S>) {
     );
     let mut listed = WorkerRegistry::list(s).await.expect("list");
     listed.sort_by_key(|w| w.created_at);
-    assert_eq!(listed, vec![first, second]);
+    assert_eq!(listed, vec![first.clone(), second.clone()]);
+
+    // A store that saves workers with job updates
+    // (`JobStore::update_saves_workers`) saves them in the same call,
+    // also when the job's version does not match.
+    if JobStore::update_saves_workers(s) {
+        let (mut job, events) = new_job(3, JobOptions::default());
+        JobStore::create(s, &job, events).await.expect("create");
+        let version = job.version;
+        let events = transition(&mut job, schedule(10_000), 100);
+        first.state = WorkerState::Ready;
+        first.jobs.clear();
+        let stored = JobStore::update_saving_workers(s, &job, version, events, &[first.clone()])
+            .await
+            .expect("update with a worker");
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            JobStore::get(s, job.id).await.expect("get"),
+            Some(job.clone())
+        );
+        assert_eq!(
+            WorkerRegistry::get(s, first.id).await.expect("get"),
+            Some(first.clone())
+        );
+        let mut other = second.clone();
+        other.state = WorkerState::Busy;
+        let stale =
+            JobStore::update_saving_workers(s, &job, version, Vec::new(), &[other.clone()]).await;
+        assert!(
+            matches!(stale, Err(StoreError::Conflict { .. })),
+            "{stale:?}"
+        );
+        assert_eq!(
+            WorkerRegistry::get(s, other.id).await.expect("get"),
+            Some(other),
+            "saved although the job update lost"
+        );
+    }
 }
 
 /// Registration tokens are one-time: unknown, reused and expired tokens

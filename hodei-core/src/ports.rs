@@ -105,6 +105,39 @@ pub trait JobStore: Send + Sync {
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
     /// Jobs, newest first.
     async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError>;
+    /// Whether [`JobStore::update`] of a job into a terminal state also
+    /// marks the job's log finished in this same object's [`LogStore`]
+    /// (what [`LogStore::finish`] does), in the same unit. The runtime then
+    /// saves its own `finish` call when one object serves as both its job
+    /// store and its log store. Default `false`.
+    fn update_finishes_logs(&self) -> bool {
+        false
+    }
+    /// [`JobStore::update`] that also saves `workers` (as
+    /// [`WorkerRegistry::upsert`] would, into this same object's
+    /// registry) in the same unit, whether or not the job's version
+    /// matched. The runtime calls it only when
+    /// [`JobStore::update_saves_workers`] is `true` and one object serves
+    /// as both its job store and its worker registry; the default refuses.
+    async fn update_saving_workers(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+        workers: &[Worker],
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        let _ = (job, expected_version, events, workers);
+        Err(StoreError::Invalid(
+            "this job store does not save workers with its updates \
+             (update_saves_workers is false)"
+                .into(),
+        ))
+    }
+    /// Whether [`JobStore::update_saving_workers`] is supported. Default
+    /// `false`.
+    fn update_saves_workers(&self) -> bool {
+        false
+    }
 }
 
 /// A claim on queued jobs.

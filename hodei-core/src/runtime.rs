@@ -130,6 +130,30 @@ impl std::fmt::Debug for Stores {
 }
 
 impl Stores {
+    /// Whether a terminal job update already finishes the job's log: the
+    /// job store says so ([`JobStore::update_finishes_logs`]) and the log
+    /// store is that same object.
+    pub fn terminal_update_finishes_logs(&self) -> bool {
+        self.jobs.update_finishes_logs()
+            && std::ptr::addr_eq(Arc::as_ptr(&self.jobs), Arc::as_ptr(&self.logs))
+    }
+
+    /// Whether a job update can carry worker records into the same unit:
+    /// the job store supports it ([`JobStore::update_saves_workers`]) and
+    /// the worker registry is that same object.
+    pub fn update_saves_workers(&self) -> bool {
+        self.jobs.update_saves_workers()
+            && std::ptr::addr_eq(Arc::as_ptr(&self.jobs), Arc::as_ptr(&self.workers))
+    }
+
+    /// Marks `job`'s log finished after its terminal update, unless that
+    /// update did it already.
+    async fn finish_log(&self, job: JobId) {
+        if !self.terminal_update_finishes_logs() {
+            let _ = self.logs.finish(job).await;
+        }
+    }
+
     /// Every port from one in-memory store.
     pub fn memory() -> Stores {
         Stores::from_store(Arc::new(MemoryStore::new()))
@@ -1897,6 +1921,7 @@ impl Driver {
                 _ => {}
             }
         }
+        let attach_saves = self.stores.update_saves_workers();
         let mut recorded: Vec<DomainEvent> = Vec::new();
         let mut record_lanes: Vec<Lane> = Vec::new();
         let mut ops: Vec<(Op, Vec<usize>)> = Vec::with_capacity(effects.len());
@@ -1946,6 +1971,30 @@ impl Driver {
                         std::mem::take(&mut record_lanes),
                     )
                 }
+                // The last save of a worker right after a job update (an
+                // assignment, a result) rides along with that update: one
+                // statement instead of two, when the store can.
+                Effect::SaveWorker(worker)
+                    if attach_saves && last_save.get(&worker.id) == Some(&i) =>
+                {
+                    let lane = Lane::Worker(worker.id);
+                    let before = last.get(&lane).copied();
+                    let at = ops.len().checked_sub(1);
+                    if let Some(k) = at
+                        && before.is_none_or(|p| p < k)
+                        && let (Op::Update { workers, .. }, deps) = &mut ops[k]
+                    {
+                        workers.push(worker);
+                        if let Some(p) = before
+                            && !deps.contains(&p)
+                        {
+                            deps.push(p);
+                        }
+                        last.insert(lane, k);
+                        continue;
+                    }
+                    self.prepare(i, Effect::SaveWorker(worker), &last_save)
+                }
                 other => self.prepare(i, other, &last_save),
             };
             let deps: Vec<usize> = if matches!(op, Op::Claim { .. }) {
@@ -1987,7 +2036,7 @@ impl Driver {
                 // mark needs no place in the order.
                 let _ = tx.send(());
                 if let Some(job) = finish {
-                    let _ = ctx.stores.logs.finish(job).await;
+                    ctx.stores.finish_log(job).await;
                 }
                 out
             });
@@ -2029,6 +2078,7 @@ impl Driver {
                         job: Box::new(job),
                         expected_version,
                         events,
+                        workers: Vec::new(),
                     },
                     lanes,
                 )
@@ -2190,7 +2240,7 @@ impl Driver {
             match self.stores.jobs.update(&job, expected, events).await {
                 Ok(_) => {
                     self.decisions.stored(&job);
-                    let _ = self.stores.logs.finish(id).await;
+                    self.stores.finish_log(id).await;
                     return Ok(job);
                 }
                 Err(StoreError::Conflict { .. }) => continue,
@@ -2234,7 +2284,7 @@ impl Driver {
                 {
                     self.decisions.stored(&job);
                     if job.is_terminal() {
-                        let _ = self.stores.logs.finish(job.id).await;
+                        self.stores.finish_log(job.id).await;
                     }
                 }
             }
@@ -2306,6 +2356,9 @@ enum Op {
         job: Box<Job>,
         expected_version: u64,
         events: Vec<DomainEvent>,
+        /// Worker records saved in the same unit (see
+        /// [`Stores::update_saves_workers`]), whatever the update's fate.
+        workers: Vec<Worker>,
     },
     Record(Vec<DomainEvent>),
     SaveWorker(Box<Worker>),
@@ -2388,15 +2441,34 @@ impl Op {
                 job,
                 expected_version,
                 events,
+                workers,
             } => {
                 if ctx.conflicted(job.id) {
+                    for worker in &workers {
+                        save_worker(ctx, worker).await;
+                    }
                     return (None, None);
                 }
                 let r = retry_store(&ctx.stores, |s| {
                     let (job, events) = (job.clone(), events.clone());
-                    async move { s.jobs.update(&job, expected_version, events).await }
+                    let workers = workers.clone();
+                    async move {
+                        if workers.is_empty() {
+                            s.jobs.update(&job, expected_version, events).await
+                        } else {
+                            s.jobs
+                                .update_saving_workers(&job, expected_version, events, &workers)
+                                .await
+                        }
+                    }
                 })
                 .await;
+                if let Err(e) = &r
+                    && !matches!(e, StoreError::Conflict { .. })
+                    && !workers.is_empty()
+                {
+                    tracing::error!(job = %job.id, error = %e, "worker records saved with a job update lost");
+                }
                 if r.is_ok() {
                     ctx.decisions.stored(&job);
                 }
@@ -2437,15 +2509,7 @@ impl Op {
                 (None, None)
             }
             Op::SaveWorker(worker) => {
-                // Like job writes: retried while the store is unavailable.
-                let r = retry_store(&ctx.stores, |s| {
-                    let worker = worker.clone();
-                    async move { s.workers.upsert(&worker).await }
-                })
-                .await;
-                if let Err(e) = r {
-                    tracing::error!(worker = %worker.id, error = %e, "worker record not saved");
-                }
+                save_worker(ctx, &worker).await;
                 (None, None)
             }
             Op::Claim { limit, lease } => {
@@ -2497,6 +2561,19 @@ impl Op {
                 (None, None)
             }
         }
+    }
+}
+
+/// Saves a worker record; like job writes, retried while the store is
+/// unavailable.
+async fn save_worker(ctx: &PassCtx, worker: &Worker) {
+    let r = retry_store(&ctx.stores, |s| {
+        let worker = worker.clone();
+        async move { s.workers.upsert(&worker).await }
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::error!(worker = %worker.id, error = %e, "worker record not saved");
     }
 }
 

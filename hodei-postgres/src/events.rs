@@ -50,11 +50,23 @@ pub(crate) const EVENT_PARAMS: usize = 9;
 /// is drawn. `unnest` yields the arrays in order, so sequences follow the
 /// order of the events.
 pub(crate) fn write_sql(first: &str, first_param: usize) -> String {
+    write_sql_with(first, first_param, "", "")
+}
+
+/// [`write_sql`] with more common table expressions after `j`'s (each
+/// starting with a comma) and more columns in the answer (each starting
+/// with a comma).
+pub(crate) fn write_sql_with(
+    first: &str,
+    first_param: usize,
+    more_ctes: &str,
+    more_columns: &str,
+) -> String {
     let p: Vec<String> = (first_param..first_param + EVENT_PARAMS)
         .map(|i| format!("${i}"))
         .collect();
     format!(
-        "WITH j AS ({first}), \
+        "WITH j AS ({first}){more_ctes}, \
          e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
                correlation_id, actor, occurred_at, job_id, payload) \
                SELECT u.* FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], \
@@ -66,7 +78,7 @@ pub(crate) fn write_sql(first: &str, first_param: usize) -> String {
          SELECT EXISTS (SELECT 1 FROM j) AS done, \
                 ARRAY(SELECT sequence FROM e ORDER BY sequence) AS seqs, \
                 ARRAY(SELECT event_id FROM e ORDER BY sequence) AS ids, \
-                (SELECT count(*) FROM n) AS notified",
+                (SELECT count(*) FROM n) AS notified{more_columns}",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
     )
 }

@@ -11,13 +11,15 @@ use hodei_core::job::{Attempt, Job, JobStatus};
 use hodei_core::ports::{Claim, Created, JobFilter, JobPage, JobQueue, JobStore, StoreError};
 use hodei_core::spec::JobSpec;
 use hodei_core::time::{Timestamp, add};
+use hodei_core::worker::Worker;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::PgStore;
 use crate::error::{corrupt, store_err, to_i64, to_u64};
-use crate::events::{bind_events, page_limit, stored_events, write_sql};
+use crate::events::{bind_events, page_limit, stored_events, write_sql, write_sql_with};
+use crate::logs::LOGS_CHANNEL;
 
 /// Columns read back into a [`Job`], for [`decode_job`].
 const JOB_COLUMNS: &str = "id, spec, status, attempts, attempt, version, correlation_id, \
@@ -90,61 +92,21 @@ impl JobStore for PgStore {
         expected_version: u64,
         events: Vec<DomainEvent>,
     ) -> Result<Vec<DomainEvent>, StoreError> {
-        // One statement: the conditional update, then (only if it matched)
-        // the events and their notification; one round trip, one
-        // transaction. In SET, bare column names are the values before
-        // the update: a job that enters PENDING gets a place at the end of
-        // its priority, one that stays keeps its place, one that leaves
-        // PENDING leaves the queue. Any change ends the claim on it.
-        static UPDATE: LazyLock<String> = LazyLock::new(|| {
-            write_sql(
-                "UPDATE jobs SET spec = $3, status = $4, attempts = $5, state = $6, \
-                 priority = $7, not_before = $8, deadline = $9, attempt = $10, version = $11, \
-                 updated_at = $12, \
-                 queue_order = CASE \
-                     WHEN $6 <> 'PENDING' THEN NULL \
-                     WHEN state = 'PENDING' THEN queue_order \
-                     ELSE nextval('job_queue_order') END, \
-                 claim_owner = NULL, claim_until = NULL \
-                 WHERE id = $1 AND version = $2 RETURNING id",
-                13,
-            )
-        });
-        let row = JobRow::of(job)?;
-        let q = sqlx::query(sqlx::AssertSqlSafe(UPDATE.as_str()))
-            .bind(job.id.0)
-            .bind(to_i64(expected_version))
-            .bind(row.spec)
-            .bind(row.status)
-            .bind(row.attempts)
-            .bind(row.state)
-            .bind(row.priority)
-            .bind(row.not_before)
-            .bind(row.deadline)
-            .bind(row.attempt)
-            .bind(row.version)
-            .bind(job.updated_at);
-        let answer = bind_events(q, &events)?
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(store_err)?;
-        let (updated, events) = stored_events(&answer, events)?;
-        if updated {
-            return Ok(events);
-        }
-        let found: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1")
-            .bind(job.id.0)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(store_err)?;
-        Err(match found {
-            None => StoreError::NotFound(format!("job {}", job.id)),
-            Some(found) => StoreError::Conflict {
-                job: job.id,
-                expected: expected_version,
-                found: to_u64(found),
-            },
-        })
+        update_job(self, job, expected_version, events, &[]).await
+    }
+
+    async fn update_saving_workers(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+        workers: &[Worker],
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        update_job(self, job, expected_version, events, workers).await
+    }
+
+    fn update_saves_workers(&self) -> bool {
+        true
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -156,6 +118,10 @@ impl JobStore for PgStore {
         .await
         .map_err(store_err)?;
         row.as_ref().map(decode_job).transpose()
+    }
+
+    fn update_finishes_logs(&self) -> bool {
+        true
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
@@ -191,6 +157,131 @@ impl JobStore for PgStore {
         };
         Ok(JobPage { jobs, next_cursor })
     }
+}
+
+/// [`JobStore::update`], and with `workers` also
+/// [`JobStore::update_saving_workers`]: one statement.
+async fn update_job(
+    store: &PgStore,
+    job: &Job,
+    expected_version: u64,
+    events: Vec<DomainEvent>,
+    workers: &[Worker],
+) -> Result<Vec<DomainEvent>, StoreError> {
+    // One statement: the conditional update, then (only if it matched)
+    // the events and their notification; one round trip, one
+    // transaction. In SET, bare column names are the values before
+    // the update: a job that enters PENDING gets a place at the end of
+    // its priority, one that stays keeps its place, one that leaves
+    // PENDING leaves the queue. Any change ends the claim on it. A job
+    // that ends also has its log marked finished and its followers
+    // woken (`lf`, `ln`: what `LogStore::finish` does), so the runtime
+    // needs no second statement (`update_finishes_logs`). With workers,
+    // `w` saves their records whether or not the job matched.
+    fn sql(with_workers: bool) -> String {
+        let mut ctes = format!(
+            ", lf AS (INSERT INTO log_heads (job_id, finished) \
+                 SELECT id, true FROM j \
+                 WHERE $6 IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT') \
+                 ON CONFLICT (job_id) DO UPDATE SET finished = true \
+                 RETURNING job_id, last_seq), \
+             ln AS (SELECT pg_notify('{LOGS_CHANNEL}', lf.job_id::text || ':' || lf.last_seq) \
+                 FROM lf)"
+        );
+        let mut columns = ", (SELECT count(*) FROM ln) AS log_notified".to_owned();
+        if with_workers {
+            let p = 13 + crate::events::EVENT_PARAMS;
+            ctes.push_str(&format!(
+                ", w AS (INSERT INTO workers (id, state, record, last_seen, created_at) \
+                     SELECT * FROM unnest(${}::uuid[], ${}::text[], ${}::jsonb[], \
+                         ${}::timestamptz[], ${}::timestamptz[]) \
+                     ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
+                         record = EXCLUDED.record, last_seen = EXCLUDED.last_seen, \
+                         created_at = EXCLUDED.created_at \
+                     RETURNING 1)",
+                p,
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4
+            ));
+            columns.push_str(", (SELECT count(*) FROM w) AS workers_saved");
+        }
+        write_sql_with(
+            "UPDATE jobs SET spec = $3, status = $4, attempts = $5, state = $6, \
+             priority = $7, not_before = $8, deadline = $9, attempt = $10, version = $11, \
+             updated_at = $12, \
+             queue_order = CASE \
+                 WHEN $6 <> 'PENDING' THEN NULL \
+                 WHEN state = 'PENDING' THEN queue_order \
+                 ELSE nextval('job_queue_order') END, \
+             claim_owner = NULL, claim_until = NULL \
+             WHERE id = $1 AND version = $2 RETURNING id",
+            13,
+            &ctes,
+            &columns,
+        )
+    }
+    static UPDATE: LazyLock<String> = LazyLock::new(|| sql(false));
+    static UPDATE_WITH_WORKERS: LazyLock<String> = LazyLock::new(|| sql(true));
+    let text = if workers.is_empty() {
+        UPDATE.as_str()
+    } else {
+        UPDATE_WITH_WORKERS.as_str()
+    };
+    let row = JobRow::of(job)?;
+    let q = sqlx::query(sqlx::AssertSqlSafe(text))
+        .bind(job.id.0)
+        .bind(to_i64(expected_version))
+        .bind(row.spec)
+        .bind(row.status)
+        .bind(row.attempts)
+        .bind(row.state)
+        .bind(row.priority)
+        .bind(row.not_before)
+        .bind(row.deadline)
+        .bind(row.attempt)
+        .bind(row.version)
+        .bind(job.updated_at);
+    let mut q = bind_events(q, &events)?;
+    if !workers.is_empty() {
+        let mut ids = Vec::with_capacity(workers.len());
+        let mut states = Vec::with_capacity(workers.len());
+        let mut records = Vec::with_capacity(workers.len());
+        let mut seen = Vec::with_capacity(workers.len());
+        let mut created = Vec::with_capacity(workers.len());
+        for w in workers {
+            ids.push(w.id.0);
+            states.push(w.state.as_str());
+            records.push(crate::workers::worker_record(w)?);
+            seen.push(w.last_seen);
+            created.push(w.created_at);
+        }
+        q = q
+            .bind(ids)
+            .bind(states)
+            .bind(records)
+            .bind(seen)
+            .bind(created);
+    }
+    let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
+    let (updated, events) = stored_events(&answer, events)?;
+    if updated {
+        return Ok(events);
+    }
+    let found: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1")
+        .bind(job.id.0)
+        .fetch_optional(&store.inner.pool)
+        .await
+        .map_err(store_err)?;
+    Err(match found {
+        None => StoreError::NotFound(format!("job {}", job.id)),
+        Some(found) => StoreError::Conflict {
+            job: job.id,
+            expected: expected_version,
+            found: to_u64(found),
+        },
+    })
 }
 
 #[async_trait]

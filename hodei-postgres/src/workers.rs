@@ -16,11 +16,16 @@ use sqlx::postgres::PgRow;
 use crate::PgStore;
 use crate::error::{corrupt, store_err};
 
+/// A worker's stored document.
+pub(crate) fn worker_record(worker: &Worker) -> Result<Value, StoreError> {
+    serde_json::to_value(worker)
+        .map_err(|e| StoreError::Invalid(format!("worker does not serialize: {e}")))
+}
+
 #[async_trait]
 impl WorkerRegistry for PgStore {
     async fn upsert(&self, worker: &Worker) -> Result<(), StoreError> {
-        let record = serde_json::to_value(worker)
-            .map_err(|e| StoreError::Invalid(format!("worker does not serialize: {e}")))?;
+        let record = worker_record(worker)?;
         sqlx::query(
             "INSERT INTO workers (id, state, record, last_seen, created_at) \
              VALUES ($1, $2, $3, $4, $5) \
