@@ -454,6 +454,33 @@ pub struct JobProbe {
 }
 
 impl JobProbe {
+    /// A change that starts the job, also when the same update ends it
+    /// (the driver stores an ack and a result decided together as one).
+    fn starts(job: &Job, events: &[DomainEvent]) -> bool {
+        job.state() == JobState::Running
+            || events
+                .iter()
+                .any(|e| matches!(e.body, EventBody::JobStarted { .. }))
+    }
+
+    /// Notes a stored update.
+    fn note(&self, job: &Job, starts: bool, stored: bool) {
+        if !stored {
+            return;
+        }
+        let now = Instant::now();
+        let state = job.state();
+        let mut marks = self.marks();
+        if starts {
+            marks.running.entry(job.id).or_insert(now);
+        }
+        if job.is_terminal() {
+            marks.terminal.entry(job.id).or_insert((now, state));
+        }
+        drop(marks);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
     fn marks(&self) -> MutexGuard<'_, JobMarks> {
         self.marks.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -538,32 +565,42 @@ impl JobStore for JobProbe {
         expected_version: u64,
         events: Vec<DomainEvent>,
     ) -> Result<Vec<DomainEvent>, StoreError> {
-        // A change that starts the job, also when the same update ends it
-        // (the driver stores an ack and a result decided together as one).
-        let starts = job.state() == JobState::Running
-            || events
-                .iter()
-                .any(|e| matches!(e.body, EventBody::JobStarted { .. }));
+        let starts = Self::starts(job, &events);
         let r = timed(
             &self.timing,
             "jobs.update",
             self.inner.update(job, expected_version, events),
         )
         .await;
-        if r.is_ok() {
-            let now = Instant::now();
-            let state = job.state();
-            let mut marks = self.marks();
-            if starts {
-                marks.running.entry(job.id).or_insert(now);
-            }
-            if job.is_terminal() {
-                marks.terminal.entry(job.id).or_insert((now, state));
-            }
-            drop(marks);
-            self.changed.send_modify(|v| *v += 1);
-        }
+        self.note(job, starts, r.is_ok());
         r
+    }
+
+    async fn update_saving_workers(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+        workers: &[Worker],
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        let starts = Self::starts(job, &events);
+        let r = timed(
+            &self.timing,
+            "jobs.update+workers",
+            self.inner
+                .update_saving_workers(job, expected_version, events, workers),
+        )
+        .await;
+        self.note(job, starts, r.is_ok());
+        r
+    }
+
+    fn update_saves_workers(&self) -> bool {
+        self.inner.update_saves_workers()
+    }
+
+    fn update_finishes_logs(&self) -> bool {
+        self.inner.update_finishes_logs()
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -648,6 +685,108 @@ impl LogStore for LogProbe {
     }
 }
 
+/// The job, log and worker probes as one object, for stores that are one.
+pub struct StoreProbe {
+    jobs: Arc<JobProbe>,
+    logs: Arc<LogProbe>,
+    workers: WorkerProbe,
+}
+
+#[async_trait]
+impl JobStore for StoreProbe {
+    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
+        self.jobs.create(job, events).await
+    }
+    async fn update(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        self.jobs.update(job, expected_version, events).await
+    }
+    async fn update_saving_workers(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+        workers: &[Worker],
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        self.jobs
+            .update_saving_workers(job, expected_version, events, workers)
+            .await
+    }
+    fn update_saves_workers(&self) -> bool {
+        self.jobs.update_saves_workers()
+    }
+    fn update_finishes_logs(&self) -> bool {
+        self.jobs.update_finishes_logs()
+    }
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        JobStore::get(&*self.jobs, id).await
+    }
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        JobStore::list(&*self.jobs, filter).await
+    }
+}
+
+#[async_trait]
+impl LogStore for StoreProbe {
+    async fn append(
+        &self,
+        job: JobId,
+        attempt: u32,
+        lines: Vec<NewLogLine>,
+    ) -> Result<u64, StoreError> {
+        self.logs.append(job, attempt, lines).await
+    }
+    async fn read(&self, job: JobId, after: u64, limit: usize) -> Result<Vec<LogLine>, StoreError> {
+        self.logs.read(job, after, limit).await
+    }
+    async fn finish(&self, job: JobId) -> Result<(), StoreError> {
+        self.logs.finish(job).await
+    }
+    fn follow(&self, job: JobId, after: u64) -> BoxStream<'static, Result<LogLine, StoreError>> {
+        self.logs.follow(job, after)
+    }
+}
+
+#[async_trait]
+impl WorkerRegistry for StoreProbe {
+    async fn upsert(&self, worker: &Worker) -> Result<(), StoreError> {
+        self.workers.upsert(worker).await
+    }
+    async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
+        WorkerRegistry::get(&self.workers, id).await
+    }
+    async fn list(&self) -> Result<Vec<Worker>, StoreError> {
+        WorkerRegistry::list(&self.workers).await
+    }
+    async fn issue_token(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.workers.issue_token(worker, token, expires_at).await
+    }
+    async fn consume_token(
+        &self,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        self.workers.consume_token(token, now).await
+    }
+    async fn consume_token_for(
+        &self,
+        worker: WorkerId,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<Result<WorkerId, TokenRejection>, StoreError> {
+        self.workers.consume_token_for(worker, token, now).await
+    }
+}
+
 /// Stores with probes on the job and log ports.
 #[derive(Clone)]
 pub struct Probed {
@@ -671,7 +810,31 @@ pub fn probe(stores: Stores) -> Probed {
         timing: timing.clone(),
         marks: Mutex::new(LogMarks::default()),
     });
+    // One object serving jobs, logs and workers stays one object, so that
+    // the runtime still lets a job update finish the log and carry the
+    // worker records (`Stores::terminal_update_finishes_logs`,
+    // `Stores::update_saves_workers`).
+    let one_object = std::ptr::addr_eq(Arc::as_ptr(&stores.jobs), Arc::as_ptr(&stores.logs))
+        && std::ptr::addr_eq(Arc::as_ptr(&stores.jobs), Arc::as_ptr(&stores.workers));
+    let workers = WorkerProbe {
+        inner: stores.workers.clone(),
+        timing: timing.clone(),
+    };
     let mut stores = stores;
+    if one_object {
+        let all = Arc::new(StoreProbe {
+            jobs: jobs.clone(),
+            logs: logs.clone(),
+            workers,
+        });
+        stores.jobs = all.clone();
+        stores.logs = all.clone();
+        stores.workers = all;
+    } else {
+        stores.jobs = jobs.clone();
+        stores.logs = logs.clone();
+        stores.workers = Arc::new(workers);
+    }
     stores.queue = Arc::new(QueueProbe {
         inner: stores.queue.clone(),
         timing: timing.clone(),
@@ -680,12 +843,6 @@ pub fn probe(stores: Stores) -> Probed {
         inner: stores.events.clone(),
         timing: timing.clone(),
     });
-    stores.workers = Arc::new(WorkerProbe {
-        inner: stores.workers.clone(),
-        timing: timing.clone(),
-    });
-    stores.jobs = jobs.clone();
-    stores.logs = logs.clone();
     Probed {
         stores,
         jobs,
