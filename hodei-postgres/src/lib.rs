@@ -22,7 +22,12 @@
 //!   around an `UPDATE … WHERE id = $1 AND version = $expected`, and reports
 //!   [`StoreError::Conflict`] with the version found when another replica
 //!   won. The idempotency key is a unique column: a second submission with
-//!   the same key stores nothing and returns the first job.
+//!   the same key stores nothing and returns the first job. An update that
+//!   ends the job also marks its log finished and wakes its followers
+//!   ([`JobStore::update_finishes_logs`]), and
+//!   [`JobStore::update_saving_workers`] saves the worker records a
+//!   decision changed in the same statement (whether or not the job's
+//!   version matched), so an assignment or a result is one statement.
 //! - **The queue is the `jobs` table.** A job is queued while its `state`
 //!   column is `PENDING`; `queue_order` (renewed each time it re-enters the
 //!   queue) gives FIFO order within a priority. [`JobQueue::claim`] selects
