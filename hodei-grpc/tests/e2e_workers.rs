@@ -410,3 +410,31 @@ async fn reflection_lists_the_services_and_sigterm_stops_the_server() {
         Ok(Some(_)) => unreachable!(),
     }
 }
+
+/// A provider's `env` table reaches the agents it starts: here `TZ`, one of
+/// the few variables an agent hands on to its jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_s_env_reaches_its_agents() {
+    let state = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start_with(ServerOpts {
+        extra_toml: format!(
+            "\n[[providers]]\nkind = \"local\"\nname = \"with-env\"\nstate_dir = \"{}\"\n\
+             env = {{ TZ = \"Etc/Hodei\", HODEI_LOG_BATCH_SIZE = \"7\" }}\n",
+            state.path().display()
+        ),
+        ..Default::default()
+    });
+    let client = server.client().await;
+    let mut spec = sh("echo \"tz=$TZ\"");
+    spec.provider = Some("with-env".into());
+    let job = client.submit(spec).await;
+    let done = client.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    let logs: Vec<String> = client
+        .logs_of(&job.job_id)
+        .await
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert_eq!(logs, ["tz=Etc/Hodei"]);
+}

@@ -21,6 +21,7 @@ mod session;
 
 pub use metrics::GrpcMetricsLayer;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -533,8 +534,38 @@ fn build_provider(
             ))),
         }
     };
+    let extra_table = |key: &str, example: &str| -> Result<BTreeMap<String, String>, ServerError> {
+        match s.extra.get(key) {
+            None => Ok(BTreeMap::new()),
+            Some(toml::Value::Table(t)) => t
+                .iter()
+                .map(|(k, v)| match v {
+                    toml::Value::String(v) => Ok((k.clone(), v.clone())),
+                    other => Err(fail(format!("`{key}.{k}` must be a string, not {other}"))),
+                })
+                .collect(),
+            Some(other) => Err(fail(format!(
+                "`{key}` must be a table of strings such as {example}, not {other}"
+            ))),
+        }
+    };
+    // Variables for the agents: names as a shell accepts them.
+    let agent_env = || -> Result<BTreeMap<String, String>, ServerError> {
+        let env = extra_table("env", "{ HODEI_LOG_BATCH_SIZE = \"500\" }")?;
+        if let Some(bad) = env.keys().find(|k| {
+            k.is_empty()
+                || k.starts_with(|c: char| c.is_ascii_digit())
+                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }) {
+            return Err(fail(format!(
+                "`env` name {bad:?} is not a variable name; accepted: letters, digits and `_`, \
+                 not starting with a digit"
+            )));
+        }
+        Ok(env)
+    };
     let known: &[&str] = match s.kind {
-        ProviderKind::Local => &["state_dir", "output", "stop_grace"],
+        ProviderKind::Local => &["state_dir", "output", "stop_grace", "env"],
         ProviderKind::Docker => &[
             "image",
             "agent_binary",
@@ -543,6 +574,7 @@ fn build_provider(
             "stop_grace",
             "call_timeout",
             "labels",
+            "env",
         ],
         ProviderKind::Kubernetes | ProviderKind::Inprocess => &[],
     };
@@ -601,6 +633,7 @@ fn build_provider(
             if let Some(g) = extra_duration("stop_grace")? {
                 lc.stop_grace = g;
             }
+            lc.extra_env = agent_env()?;
             let p = LocalProvider::new(lc).map_err(|e| fail(e.to_string()))?;
             (Arc::new(p), false)
         }
@@ -625,22 +658,8 @@ fn build_provider(
             if let Some(t) = extra_duration("call_timeout")? {
                 dc.call_timeout = t;
             }
-            match s.extra.get("labels") {
-                None => {}
-                Some(toml::Value::Table(t)) => {
-                    for (k, v) in t {
-                        let toml::Value::String(v) = v else {
-                            return Err(fail(format!("`labels.{k}` must be a string, not {v}")));
-                        };
-                        dc.extra_labels.insert(k.clone(), v.clone());
-                    }
-                }
-                Some(other) => {
-                    return Err(fail(format!(
-                        "`labels` must be a table of strings such as {{ team = \"ci\" }}, not {other}"
-                    )));
-                }
-            }
+            dc.extra_labels = extra_table("labels", "{ team = \"ci\" }")?;
+            dc.extra_env = agent_env()?;
             // What workers run when a job names no image: shown in the
             // provider's record, used for warm-pool workers.
             default_image = Some(dc.image.clone());
@@ -738,6 +757,38 @@ mod tests {
         };
         let err = build_providers(&config).err().unwrap().to_string();
         assert!(err.contains("`labels` must be a table"), "{err}");
+    }
+
+    #[test]
+    fn agent_env_is_checked() {
+        for (toml_text, expected) in [
+            ("env = \"X=1\"", "`env` must be a table of strings"),
+            ("env = { X = 1 }", "`env.X` must be a string"),
+            ("env = { \"1X\" = \"a\" }", "is not a variable name"),
+            ("env = { \"A-B\" = \"a\" }", "is not a variable name"),
+        ] {
+            for kind in [ProviderKind::Docker, ProviderKind::Local] {
+                let mut p = ProviderSettings::new(kind);
+                let extra: toml::Table = toml::from_str(toml_text).unwrap();
+                p.extra = extra.into_iter().collect();
+                let config = ServerConfig {
+                    providers: vec![p],
+                    worker_bin: Some("/bin/true".into()),
+                    ..Default::default()
+                };
+                let err = build_providers(&config).err().unwrap().to_string();
+                assert!(err.contains(expected), "{toml_text}: {err}");
+            }
+        }
+        let mut p = ProviderSettings::new(ProviderKind::Docker);
+        let extra: toml::Table =
+            toml::from_str("env = { HODEI_LOG_BATCH_SIZE = \"500\" }").unwrap();
+        p.extra = extra.into_iter().collect();
+        let config = ServerConfig {
+            providers: vec![p],
+            ..Default::default()
+        };
+        assert!(build_providers(&config).is_ok());
     }
 
     #[test]
