@@ -1609,16 +1609,15 @@ impl Driver {
                 }
                 None => Duration::from_secs(3600),
             };
+            let mut timer = false;
             tokio::select! {
+                biased;
                 _ = stop.changed() => break,
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
-                _ = tokio::time::sleep(sleep) => {
-                    let now = self.now();
-                    self.engine.handle_tick(now);
-                }
+                _ = tokio::time::sleep(sleep) => timer = true,
             }
             // Inputs that queued up meanwhile join this pass: their
             // effects are carried out together (see `drain`).
@@ -1627,6 +1626,15 @@ impl Driver {
                     Ok(cmd) => self.handle(cmd).await,
                     Err(_) => break,
                 }
+            }
+            // Deadlines are checked after the inputs that were waiting, so
+            // an acknowledgement or a result that queued up while the
+            // driver was held up (a slow store) counts before the deadline
+            // it met; and in every pass, so a steady stream of inputs
+            // cannot starve them.
+            let now = self.now();
+            if timer || self.engine.next_deadline().is_some_and(|d| d <= now) {
+                self.engine.handle_tick(now);
             }
             self.drain().await;
         }

@@ -1,6 +1,7 @@
 //! Worker liveness through the control plane: a worker the heartbeat
 //! timeout disconnected is revived by a log batch of its session; typed
-//! refusal codes reach the engine.
+//! refusal codes reach the engine; an acknowledgement that waited while
+//! the driver was held up by the store counts before the deadline it met.
 #![cfg(feature = "runtime")]
 
 use std::collections::BTreeMap;
@@ -13,10 +14,13 @@ use futures::stream::BoxStream;
 use hodei_core::engine::{AttemptReport, ProviderConfig, RefusalCode};
 use hodei_core::event::{DomainEvent, EventBody};
 use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
+use hodei_core::job::Job;
 use hodei_core::job::JobState;
+use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
-    LogStream, NewLogLine, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
-    ToWorker, WorkerExit, WorkerLaunch, WorkerLink, WorkerProvider,
+    Created, JobFilter, JobPage, JobStore, LogStream, NewLogLine, ProviderError, ProviderHealth,
+    ProvisionedWorker, RequestContext, StoreError, ToWorker, WorkerExit, WorkerLaunch, WorkerLink,
+    WorkerProvider,
 };
 use hodei_core::runtime::{
     ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, now_utc,
@@ -283,5 +287,133 @@ async fn a_typed_capacity_refusal_gives_the_attempt_back() {
     assert!(!now.is_terminal(), "{:?}", now.state());
     assert!(now.attempts.is_empty(), "{:?}", now.attempts);
 
+    cp.shutdown().await;
+}
+
+/// Jobs whose creations wait while `hold` is set: a slow store that holds
+/// the driver's pass up.
+struct SlowCreates {
+    inner: Arc<MemoryStore>,
+    hold: tokio::sync::watch::Sender<bool>,
+    held: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl JobStore for SlowCreates {
+    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
+        let mut hold = self.hold.subscribe();
+        if *hold.borrow() {
+            self.held.notify_one();
+            let _ = hold.wait_for(|h| !*h).await;
+        }
+        self.inner.create(job, events).await
+    }
+    async fn update(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        self.inner.update(job, expected_version, events).await
+    }
+    async fn get(&self, id: hodei_core::ids::JobId) -> Result<Option<Job>, StoreError> {
+        JobStore::get(&*self.inner, id).await
+    }
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        JobStore::list(&*self.inner, filter).await
+    }
+}
+
+#[tokio::test]
+async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
+    let (launches_tx, mut launches) = mpsc::unbounded_channel();
+    let mem = Arc::new(MemoryStore::new());
+    let jobs = Arc::new(SlowCreates {
+        inner: mem.clone(),
+        hold: tokio::sync::watch::Sender::new(false),
+        held: tokio::sync::Notify::new(),
+    });
+    let mut config = RuntimeConfig::default();
+    config.engine.dispatch_timeout = Duration::from_millis(300);
+    let cp = ControlPlane::start(
+        config,
+        Stores {
+            jobs: jobs.clone(),
+            ..Stores::from_store(mem)
+        },
+        vec![ProviderSetup {
+            config: ProviderConfig::ephemeral("local", "local", false, 4),
+            provider: Arc::new(HandProvider {
+                id: ProviderId::new("local"),
+                launches: launches_tx,
+            }),
+        }],
+    )
+    .await
+    .unwrap();
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("corr-held"),
+        actor: Actor::new("tester"),
+    };
+    let spec = RawJobSpec {
+        command: Some(vec!["true".into()]),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let job = cp.submit(spec.clone(), &ctx).await.unwrap();
+    let (w, mut rx) = register(&cp, launches.recv().await.unwrap()).await;
+    let attempt = next_run(&mut rx).await;
+
+    // The store holds the driver up (another submission's write) while
+    // the acknowledgement arrives and the dispatch deadline passes.
+    jobs.hold.send_replace(true);
+    let other = {
+        let (cp, ctx) = (cp.clone(), ctx.clone());
+        tokio::spawn(async move { cp.submit(spec, &ctx).await })
+    };
+    tokio::time::timeout(Duration::from_secs(30), jobs.held.notified())
+        .await
+        .expect("the driver's pass waits on the store");
+    cp.worker_message(
+        w,
+        FromWorker::Ack {
+            job: job.id,
+            attempt,
+        },
+    )
+    .await
+    .unwrap();
+    // Wall-clock time must pass for the deadline to pass: this wait is
+    // the condition under test, not a synchronisation.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    jobs.hold.send_replace(false);
+    other.await.unwrap().unwrap();
+
+    cp.worker_message(
+        w,
+        FromWorker::Result {
+            job: job.id,
+            attempt,
+            report: AttemptReport {
+                exit_code: Some(0),
+                ..AttemptReport::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), cp.wait_terminal(job.id))
+        .await
+        .expect("the job ends")
+        .unwrap();
+    let types: Vec<String> = cp
+        .job_events(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event_type().to_owned())
+        .collect();
+    assert_eq!(done.state(), JobState::Succeeded, "{types:?}");
+    assert!(!types.iter().any(|t| t == "JobDispatchFailed"), "{types:?}");
     cp.shutdown().await;
 }
