@@ -392,7 +392,10 @@ struct Inner {
 /// the store write that decides the attempt commits (the job moved to a
 /// later attempt, ended, or lists the attempt as finished).
 #[derive(Default)]
-struct Decisions(Mutex<HashMap<JobId, Vec<(u32, oneshot::Sender<()>)>>>);
+struct Decisions(Mutex<HashMap<JobId, Vec<DecisionWaiter>>>);
+
+/// An attempt someone waits for, and how to tell them.
+type DecisionWaiter = (u32, oneshot::Sender<()>);
 
 impl Decisions {
     fn watch(&self, job: JobId, attempt: u32) -> oneshot::Receiver<()> {
