@@ -169,6 +169,7 @@ impl Shell {
         let providers = vec![
             ProviderConfig::ephemeral("eph", "local", false, u32::from(input.eph_max % 4)),
             ProviderConfig {
+                min_workers: 0,
                 ephemeral: false,
                 warm_pool: u32::from(input.warm % 3).min(pool_max),
                 ..ProviderConfig::ephemeral("pool", "local", false, pool_max)

@@ -180,6 +180,7 @@ impl Bench {
     fn new(workers: u32, spec: &JobSpec) -> Self {
         let config = EngineConfig::default();
         let pool = ProviderConfig {
+            min_workers: 0,
             ephemeral: false,
             ..ProviderConfig::ephemeral("pool", "local", false, workers)
         };

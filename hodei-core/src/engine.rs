@@ -233,6 +233,10 @@ pub struct ProviderConfig {
     pub runs_images: bool,
     /// Most workers at once.
     pub max_workers: u32,
+    /// Fewest workers kept (reusable ones, busy or idle), whatever the
+    /// load; at most `max_workers`.
+    #[serde(default)]
+    pub min_workers: u32,
     /// Idle reusable workers kept ready (warm pool).
     pub warm_pool: u32,
     /// Workers are created per job and destroyed after it.
@@ -249,6 +253,7 @@ impl ProviderConfig {
             kind: kind.into(),
             runs_images,
             max_workers,
+            min_workers: 0,
             warm_pool: 0,
             ephemeral: true,
             default_image: None,
@@ -2301,10 +2306,11 @@ impl Engine {
         }
     }
 
-    /// Sizes the pools of reusable workers, between their warm pool and
+    /// Sizes the pools of reusable workers, between `min_workers` and
     /// `max_workers`: a provider wants its busy workers, plus one per job
     /// waiting in the queue (reusable, non-ephemeral providers only), plus
-    /// its warm pool of idle workers, and never more than `max_workers`.
+    /// its warm pool of idle workers, at least `min_workers` and never more
+    /// than `max_workers`.
     /// Below that it provisions the difference; above it, it retires idle
     /// workers that have been idle for [`SCALE_DOWN_IDLE`]. Each decision
     /// is an `AutoScalingTriggered` event.
@@ -2312,7 +2318,10 @@ impl Engine {
         let providers: Vec<(ProviderConfig, u32)> = self
             .providers
             .values()
-            .filter(|p| p.healthy && (p.config.warm_pool > 0 || !p.config.ephemeral))
+            .filter(|p| {
+                p.healthy
+                    && (p.config.warm_pool > 0 || p.config.min_workers > 0 || !p.config.ephemeral)
+            })
             .map(|p| (p.config.clone(), p.live))
             .collect();
         if providers.is_empty() {
@@ -2364,6 +2373,7 @@ impl Engine {
             let target = busy
                 .saturating_add(demand)
                 .saturating_add(p.warm_pool)
+                .max(p.min_workers)
                 .min(p.max_workers);
             let corr = CorrelationId::new(format!("autoscale-{}", p.id));
             if target > live {

@@ -166,6 +166,7 @@ impl Shell {
 
 fn pool(id: &str, warm_pool: u32, max_workers: u32) -> ProviderConfig {
     ProviderConfig {
+        min_workers: 0,
         id: ProviderId::new(id),
         kind: "docker".into(),
         runs_images: true,
@@ -241,6 +242,41 @@ fn idle_workers_beyond_the_target_are_retired_after_the_idle_time() {
     shell.tick();
     assert_eq!(shell.live("pool"), 1);
     assert_eq!(shell.destroyed.len(), 2);
+}
+
+#[test]
+fn min_workers_are_kept_whatever_the_load() {
+    // No warm pool: only `min_workers` keeps workers alive.
+    let mut config = pool("pool", 0, 4);
+    config.min_workers = 2;
+    let mut shell = Shell::new(vec![config]);
+    shell.tick();
+    assert_eq!(shell.live("pool"), 2, "filled to min_workers at start");
+    assert_eq!(shell.scaling, [("pool".into(), 0, 0, 2)]);
+    shell.register_all();
+
+    // Up with the queue, to max_workers.
+    shell.depth(10);
+    shell.register_all();
+    assert_eq!(shell.live("pool"), 4);
+
+    // The queue empties and time passes: back down to min_workers, not
+    // below it.
+    shell.depth(0);
+    for _ in 0..4 {
+        shell.advance(SCALE_DOWN_IDLE * 2);
+        shell.tick();
+    }
+    assert_eq!(shell.live("pool"), 2);
+    assert_eq!(shell.destroyed.len(), 2);
+    assert_eq!(shell.scaling.last(), Some(&("pool".into(), 0, 4, 2)));
+
+    // An ephemeral provider keeps its min_workers (reusable) too.
+    let mut eph = ProviderConfig::ephemeral("eph", "docker", true, 4);
+    eph.min_workers = 1;
+    let mut shell = Shell::new(vec![eph]);
+    shell.tick();
+    assert_eq!(shell.live("eph"), 1);
 }
 
 #[test]

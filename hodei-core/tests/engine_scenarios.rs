@@ -251,6 +251,7 @@ fn ephemeral_worker_runs_its_job_first_time() {
 #[test]
 fn a_job_without_room_waits_instead_of_spinning() {
     let pool = ProviderConfig {
+        min_workers: 0,
         ephemeral: false,
         ..ProviderConfig::ephemeral("pool", "local", false, 1)
     };
@@ -347,6 +348,7 @@ fn reconnect_failures_keep_the_job_correlation() {
 #[test]
 fn drain_survives_a_reconnect_and_ends_in_destroy() {
     let pool = ProviderConfig {
+        min_workers: 0,
         ephemeral: false,
         ..ProviderConfig::ephemeral("pool", "local", false, 2)
     };
@@ -598,6 +600,7 @@ fn fake_store_claims_by_priority_then_fifo() {
 #[test]
 fn a_restarted_engine_adopts_what_a_reconnecting_worker_holds() {
     let pool = ProviderConfig {
+        min_workers: 0,
         ephemeral: false,
         ..ProviderConfig::ephemeral("pool", "local", false, 2)
     };
@@ -701,6 +704,7 @@ fn a_restarted_engine_hands_a_scheduled_job_to_its_worker() {
 
 fn pool(max: u32) -> ProviderConfig {
     ProviderConfig {
+        min_workers: 0,
         ephemeral: false,
         ..ProviderConfig::ephemeral("pool", "local", false, max)
     }

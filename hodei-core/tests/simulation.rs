@@ -404,6 +404,7 @@ impl Sim {
         let mut providers = vec![
             ProviderConfig::ephemeral("eph", "local", false, rng.range(1, 4) as u32),
             ProviderConfig {
+                min_workers: 0,
                 warm_pool: rng.range(0, u64::from(pool_max).min(2)) as u32,
                 ephemeral: false,
                 ..ProviderConfig::ephemeral("pool", "local", false, pool_max)

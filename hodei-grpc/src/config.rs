@@ -145,6 +145,8 @@ pub struct ProviderSettings {
     pub kind: ProviderKind,
     /// Most workers at once.
     pub max_workers: u32,
+    /// Fewest reusable workers kept, whatever the load.
+    pub min_workers: u32,
     /// Idle reusable workers kept ready.
     pub warm_pool: u32,
     /// One worker per job, destroyed after it.
@@ -162,6 +164,7 @@ impl ProviderSettings {
             name: kind.as_str().into(),
             kind,
             max_workers: 8,
+            min_workers: 0,
             warm_pool: 0,
             ephemeral: true,
             default_image: None,
@@ -564,6 +567,8 @@ pub struct FileProvider {
     pub name: Option<String>,
     /// Most workers at once (default 8).
     pub max_workers: Option<u32>,
+    /// Fewest reusable workers kept, whatever the load (default 0).
+    pub min_workers: Option<u32>,
     /// Idle reusable workers kept ready (default 0).
     pub warm_pool: Option<u32>,
     /// One worker per job (default true).
@@ -719,6 +724,16 @@ impl FileConfig {
             }
             if let Some(n) = p.warm_pool {
                 s.warm_pool = n;
+            }
+            if let Some(n) = p.min_workers {
+                if n > s.max_workers {
+                    return Err(ConfigError::invalid(
+                        &format!("providers[{i}].min_workers"),
+                        format!("is {n}, more than max_workers ({})", s.max_workers),
+                        "0 to max_workers",
+                    ));
+                }
+                s.min_workers = n;
             }
             if let Some(e) = p.ephemeral {
                 s.ephemeral = e;
@@ -881,6 +896,7 @@ mod tests {
             [[providers]]
             kind = "local"
             max_workers = 3
+            min_workers = 2
             warm_pool = 1
             ephemeral = false
             [engine]
@@ -900,7 +916,18 @@ mod tests {
         assert_eq!(c.drain_grace, Duration::from_secs(5));
         assert_eq!(c.api_tokens[0].name, "ci");
         assert_eq!(c.providers[0].max_workers, 3);
+        assert_eq!(c.providers[0].min_workers, 2);
         assert!(!c.providers[0].ephemeral);
+        let too_many = FileConfig::parse(
+            "[[providers]]\nkind = \"local\"\nmax_workers = 2\nmin_workers = 3\n",
+        )
+        .unwrap()
+        .to_server_config()
+        .unwrap_err()
+        .to_string();
+        assert!(too_many.contains("providers[0].min_workers"), "{too_many}");
+        assert!(too_many.contains("more than max_workers (2)"), "{too_many}");
+        assert!(too_many.contains("0 to max_workers"), "{too_many}");
         assert_eq!(c.runtime.engine.dispatch_timeout, Duration::from_secs(2));
         assert_eq!(c.runtime.engine.claim_lease, Duration::from_secs(5));
         assert_eq!(c.runtime.engine.retry.base, Duration::from_millis(100));

@@ -582,17 +582,24 @@ fn build_provider(
     if s.kind != ProviderKind::Kubernetes
         && let Some(key) = s.extra.keys().find(|k| !known.contains(&k.as_str()))
     {
-        let accepted = ["kind", "name", "max_workers", "warm_pool", "ephemeral"]
-            .iter()
-            .chain(if s.kind == ProviderKind::Docker {
-                &["default_image"][..]
-            } else {
-                &[][..]
-            })
-            .chain(known)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
+        let accepted = [
+            "kind",
+            "name",
+            "max_workers",
+            "min_workers",
+            "warm_pool",
+            "ephemeral",
+        ]
+        .iter()
+        .chain(if s.kind == ProviderKind::Docker {
+            &["default_image"][..]
+        } else {
+            &[][..]
+        })
+        .chain(known)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
         return Err(fail(format!(
             "unknown key `{key}` for a {} provider; accepted: {accepted}",
             s.kind
@@ -675,6 +682,7 @@ fn build_provider(
     };
     Ok(ProviderSetup {
         config: ProviderConfig {
+            min_workers: s.min_workers,
             id: s.name.as_str().into(),
             kind: provider.kind().to_owned(),
             runs_images,
