@@ -397,10 +397,22 @@ struct Decisions(Mutex<HashMap<JobId, Vec<DecisionWaiter>>>);
 /// An attempt someone waits for, and how to tell them.
 type DecisionWaiter = (u32, oneshot::Sender<()>);
 
+/// Jobs with waiters in [`Decisions`] past which given-up waiters are
+/// swept.
+const MAX_DECISION_JOBS: usize = 4096;
+
 impl Decisions {
     fn watch(&self, job: JobId, attempt: u32) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Waiters of jobs no write touched again (stale results whose
+        // sessions gave up) are dropped once they pile up.
+        if map.len() >= MAX_DECISION_JOBS {
+            map.retain(|_, waiting| {
+                waiting.retain(|(_, tx)| !tx.is_closed());
+                !waiting.is_empty()
+            });
+        }
         let waiting = map.entry(job).or_default();
         // Drop waiters that gave up.
         waiting.retain(|(_, tx)| !tx.is_closed());
