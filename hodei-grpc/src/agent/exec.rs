@@ -27,7 +27,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -455,6 +455,16 @@ impl Prepared {
         };
         let secrets_file = write_secrets_file(&req.secrets, &mut temp_dir)?;
 
+        // The child's PATH, as execvp would search it: the secrets' or the
+        // request's if they set one, else the agent's, else the default.
+        let child_path: OsString = req
+            .secrets
+            .get("PATH")
+            .or_else(|| req.env.get("PATH"))
+            .map(OsString::from)
+            .or_else(|| std::env::var_os("PATH"))
+            .unwrap_or_else(|| DEFAULT_PATH.into());
+        let program = resolve_program(program, &child_path, req.working_dir.as_deref());
         let mut command = Command::new(program);
         command.args(args).env_clear();
         for name in INHERITED_ENV {
@@ -556,6 +566,44 @@ fn write_script(dir: &Path, text: &str) -> Result<PathBuf, String> {
 /// most one argument, then the script path) instead of executing the file:
 /// that works when the temp dir is mounted `noexec` and cannot fail with
 /// ETXTBSY when another thread forks while the script is being written.
+/// `program` looked up in `path` the way `execvp` would (relative entries
+/// against the child's working directory), so that the spawn gets a path.
+/// A bare name with an environment that sets `PATH` makes the standard
+/// library fork (it cannot hand the child's `PATH` to `posix_spawnp`), and
+/// a fork of a large multi-threaded process copies its page tables for
+/// every job; with a path it uses `posix_spawn` (a vfork). A name found
+/// nowhere is returned as is: the spawn then fails with the usual error.
+fn resolve_program(program: OsString, path: &OsStr, cwd: Option<&Path>) -> OsString {
+    if program.is_empty() || program.as_encoded_bytes().contains(&b'/') {
+        return program;
+    }
+    for dir in std::env::split_paths(path) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(&program);
+        let on_disk = match cwd {
+            Some(cwd) if candidate.is_relative() => cwd.join(&candidate),
+            _ => candidate.clone(),
+        };
+        if let Ok(meta) = std::fs::metadata(&on_disk)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o111 != 0
+        {
+            // A relative entry stays relative: it is resolved again in the
+            // child's working directory, as execvp would.
+            return if candidate.is_relative() && !candidate.starts_with(".") {
+                PathBuf::from(".").join(candidate).into_os_string()
+            } else {
+                candidate.into_os_string()
+            };
+        }
+    }
+    program
+}
+
 fn script_invocation(
     text: &str,
     path: &Path,
@@ -1125,6 +1173,56 @@ mod tests {
         // Never in the agent's own environment.
         assert!(std::env::var("SECRET_X").is_err());
         assert!(std::env::vars().all(|(_, v)| !v.contains(secret)));
+    }
+
+    #[test]
+    fn programs_are_looked_up_like_execvp() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let tool = bin.join("tool");
+        fs::write(&tool, "#!/bin/sh\necho tool\n").unwrap();
+        fs::set_permissions(&tool, Permissions::from_mode(0o755)).unwrap();
+        let plain = bin.join("plain");
+        fs::write(&plain, "not executable").unwrap();
+        let path = std::env::join_paths(["/nonexistent", bin.to_str().unwrap()]).unwrap();
+        // Found in the child's PATH.
+        assert_eq!(
+            resolve_program("tool".into(), &path, None),
+            tool.clone().into_os_string()
+        );
+        // Not executable, not found, or already a path: unchanged.
+        assert_eq!(resolve_program("plain".into(), &path, None), "plain");
+        assert_eq!(resolve_program("nothing".into(), &path, None), "nothing");
+        assert_eq!(resolve_program("./tool".into(), &path, None), "./tool");
+        // A relative entry is searched from the working directory and stays
+        // relative (the child resolves it after its chdir).
+        assert_eq!(
+            resolve_program("tool".into(), OsStr::new("bin"), Some(dir.path())),
+            "./bin/tool"
+        );
+        assert_eq!(
+            resolve_program("tool".into(), OsStr::new("bin"), None),
+            "tool",
+            "not found from the agent's own directory"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_s_own_path_finds_its_programs() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("only-here");
+        fs::write(&tool, "#!/bin/sh\necho found via job PATH\n").unwrap();
+        fs::set_permissions(&tool, Permissions::from_mode(0o755)).unwrap();
+        let mut req = command(&["only-here"]);
+        req.env.insert(
+            "PATH".into(),
+            format!("{}:{}", dir.path().display(), DEFAULT_PATH),
+        );
+        let (outcome, lines) = run(req).await;
+        assert!(outcome.succeeded(), "{outcome:?}");
+        assert_eq!(texts(&lines), ["found via job PATH"]);
     }
 
     #[tokio::test]
