@@ -3,6 +3,8 @@
 //! tokio tasks.
 #![cfg(feature = "runtime")]
 
+mod runtime_support;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -16,9 +18,9 @@ use hodei_core::ids::{Actor, CorrelationId, JobId, ProviderId, WorkerId};
 use hodei_core::job::{AttemptOutcome, FailureKind, Job, JobState};
 use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
-    Created, EventLog, JobFilter, JobPage, JobStore, ProviderError, ProviderHealth,
-    ProvisionedWorker, RequestContext, SecretMeta, SecretStore, StoreError, ToWorker,
-    TokenRejection, WorkerExit, WorkerLaunch, WorkerLink, WorkerProvider, WorkerRegistry,
+    EventLog, JobStore, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
+    SecretMeta, SecretStore, StoreError, ToWorker, TokenRejection, WorkerExit, WorkerLaunch,
+    WorkerProvider, WorkerRegistry,
 };
 use hodei_core::runtime::{
     ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, attempt_decided,
@@ -26,6 +28,7 @@ use hodei_core::runtime::{
 use hodei_core::spec::RawJobSpec;
 use hodei_core::time::Timestamp;
 use hodei_core::worker::Worker;
+use runtime_support::{ChanLink, HeldJobs};
 use tokio::sync::mpsc;
 
 /// What the next reads of a secret do.
@@ -150,57 +153,12 @@ impl WorkerRegistry for FlakyWorkers {
     }
 }
 
-/// Jobs whose terminal updates wait while the gate is closed; `entered`
-/// fires when one starts waiting.
-struct GatedJobs {
-    inner: Arc<MemoryStore>,
-    open: tokio::sync::watch::Sender<bool>,
-    entered: tokio::sync::Notify,
-}
-
-#[async_trait]
-impl JobStore for GatedJobs {
-    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
-        self.inner.create(job, events).await
-    }
-    async fn update(
-        &self,
-        job: &Job,
-        expected_version: u64,
-        events: Vec<DomainEvent>,
-    ) -> Result<Vec<DomainEvent>, StoreError> {
-        if job.is_terminal() {
-            let mut open = self.open.subscribe();
-            if !*open.borrow() {
-                self.entered.notify_one();
-                let _ = open.wait_for(|o| *o).await;
-            }
-        }
-        self.inner.update(job, expected_version, events).await
-    }
-    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        JobStore::get(&*self.inner, id).await
-    }
-    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
-        JobStore::list(&*self.inner, filter).await
-    }
-}
-
 /// Per result an agent sent: whether the control plane's decision watch
 /// fired, and whether the store had the attempt decided at that moment.
 type Decided = Arc<Mutex<Vec<(JobId, u32, bool, bool)>>>;
 
 /// The secrets each dispatched attempt received.
 type Delivered = Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>;
-
-struct ChanLink(mpsc::UnboundedSender<ToWorker>);
-
-#[async_trait]
-impl WorkerLink for ChanLink {
-    async fn send(&self, message: ToWorker) -> Result<(), String> {
-        self.0.send(message).map_err(|_| "closed".to_owned())
-    }
-}
 
 /// Workers that acknowledge every attempt and report exit 0 at once,
 /// noting the secrets each attempt received.
@@ -322,7 +280,7 @@ struct Harness {
     secret_faults: Arc<FlakySecrets>,
     event_faults: Arc<FlakyEvents>,
     worker_faults: Arc<FlakyWorkers>,
-    jobs_gate: Arc<GatedJobs>,
+    jobs_gate: Arc<HeldJobs>,
     delivered: Delivered,
     decided: Decided,
 }
@@ -343,11 +301,7 @@ async fn start() -> Harness {
         failed: Mutex::new(Vec::new()),
         saved: Mutex::new(Vec::new()),
     });
-    let jobs = Arc::new(GatedJobs {
-        inner: mem.clone(),
-        open: tokio::sync::watch::Sender::new(true),
-        entered: tokio::sync::Notify::new(),
-    });
+    let jobs = Arc::new(HeldJobs::new(mem.clone()));
     let stores = Stores {
         secrets: secrets.clone(),
         events: events.clone(),
@@ -557,13 +511,13 @@ async fn worker_saves_are_retried_while_the_store_is_unavailable() {
 #[tokio::test]
 async fn a_result_s_decision_watch_fires_only_after_the_write_commits() {
     let h = start().await;
-    h.jobs_gate.open.send_replace(false);
+    h.jobs_gate.hold_endings.send_replace(true);
     let spec = RawJobSpec {
         command: Some(vec!["true".into()]),
         ..Default::default()
     };
     let job = h.cp.submit(spec, &ctx()).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(30), h.jobs_gate.entered.notified())
+    tokio::time::timeout(Duration::from_secs(30), h.jobs_gate.held.notified())
         .await
         .expect("the terminal update reaches the store");
     // The engine has decided; the store has not committed it.
@@ -575,7 +529,7 @@ async fn a_result_s_decision_watch_fires_only_after_the_write_commits() {
     // (The ack and the result may be stored as one write: ASSIGNED.)
     let stored = h.cp.job(job.id).await.unwrap();
     assert!(!attempt_decided(&stored, 1), "{:?}", stored.status);
-    h.jobs_gate.open.send_replace(true);
+    h.jobs_gate.hold_endings.send_replace(false);
     let done = tokio::time::timeout(Duration::from_secs(30), h.cp.wait_terminal(job.id))
         .await
         .expect("the job ends")

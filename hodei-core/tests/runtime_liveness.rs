@@ -4,6 +4,8 @@
 //! the driver was held up by the store counts before the deadline it met.
 #![cfg(feature = "runtime")]
 
+mod runtime_support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,18 +16,17 @@ use futures::stream::BoxStream;
 use hodei_core::engine::{AttemptReport, ProviderConfig, RefusalCode};
 use hodei_core::event::{DomainEvent, EventBody};
 use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
-use hodei_core::job::Job;
 use hodei_core::job::JobState;
 use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
-    Created, JobFilter, JobPage, JobStore, LogStream, NewLogLine, ProviderError, ProviderHealth,
-    ProvisionedWorker, RequestContext, StoreError, ToWorker, WorkerExit, WorkerLaunch, WorkerLink,
-    WorkerProvider,
+    LogStream, NewLogLine, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
+    ToWorker, WorkerExit, WorkerLaunch, WorkerProvider,
 };
 use hodei_core::runtime::{
     ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, now_utc,
 };
 use hodei_core::spec::RawJobSpec;
+use runtime_support::{ChanLink, HeldJobs};
 use tokio::sync::mpsc;
 
 /// Hands every launch to the test, which plays the agent.
@@ -63,15 +64,6 @@ impl WorkerProvider for HandProvider {
     }
     fn exits(&self) -> BoxStream<'static, WorkerExit> {
         futures::stream::pending().boxed()
-    }
-}
-
-struct ChanLink(mpsc::UnboundedSender<ToWorker>);
-
-#[async_trait]
-impl WorkerLink for ChanLink {
-    async fn send(&self, message: ToWorker) -> Result<(), String> {
-        self.0.send(message).map_err(|_| "closed".to_owned())
     }
 }
 
@@ -290,49 +282,11 @@ async fn a_typed_capacity_refusal_gives_the_attempt_back() {
     cp.shutdown().await;
 }
 
-/// Jobs whose creations wait while `hold` is set: a slow store that holds
-/// the driver's pass up.
-struct SlowCreates {
-    inner: Arc<MemoryStore>,
-    hold: tokio::sync::watch::Sender<bool>,
-    held: tokio::sync::Notify,
-}
-
-#[async_trait]
-impl JobStore for SlowCreates {
-    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
-        let mut hold = self.hold.subscribe();
-        if *hold.borrow() {
-            self.held.notify_one();
-            let _ = hold.wait_for(|h| !*h).await;
-        }
-        self.inner.create(job, events).await
-    }
-    async fn update(
-        &self,
-        job: &Job,
-        expected_version: u64,
-        events: Vec<DomainEvent>,
-    ) -> Result<Vec<DomainEvent>, StoreError> {
-        self.inner.update(job, expected_version, events).await
-    }
-    async fn get(&self, id: hodei_core::ids::JobId) -> Result<Option<Job>, StoreError> {
-        JobStore::get(&*self.inner, id).await
-    }
-    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
-        JobStore::list(&*self.inner, filter).await
-    }
-}
-
 #[tokio::test]
 async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
     let (launches_tx, mut launches) = mpsc::unbounded_channel();
     let mem = Arc::new(MemoryStore::new());
-    let jobs = Arc::new(SlowCreates {
-        inner: mem.clone(),
-        hold: tokio::sync::watch::Sender::new(false),
-        held: tokio::sync::Notify::new(),
-    });
+    let jobs = Arc::new(HeldJobs::new(mem.clone()));
     let mut config = RuntimeConfig::default();
     config.engine.dispatch_timeout = Duration::from_millis(300);
     let cp = ControlPlane::start(
@@ -366,7 +320,7 @@ async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
 
     // The store holds the driver up (another submission's write) while
     // the acknowledgement arrives and the dispatch deadline passes.
-    jobs.hold.send_replace(true);
+    jobs.hold_creates.send_replace(true);
     let other = {
         let (cp, ctx) = (cp.clone(), ctx.clone());
         tokio::spawn(async move { cp.submit(spec, &ctx).await })
@@ -386,7 +340,7 @@ async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
     // Wall-clock time must pass for the deadline to pass: this wait is
     // the condition under test, not a synchronisation.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    jobs.hold.send_replace(false);
+    jobs.hold_creates.send_replace(false);
     other.await.unwrap().unwrap();
 
     cp.worker_message(

@@ -3,6 +3,8 @@
 //! public `ControlPlane` API and run real processes.
 #![cfg(feature = "runtime")]
 
+mod runtime_support;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,27 +17,19 @@ use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
 use hodei_core::job::JobState;
 use hodei_core::ports::{
     LogStream, NewLogLine, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
-    ToWorker, WorkerExit, WorkerLaunch, WorkerLink, WorkerProvider,
+    ToWorker, WorkerExit, WorkerLaunch, WorkerProvider,
 };
 use hodei_core::runtime::{
     ApiError, ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, now_utc,
 };
 use hodei_core::spec::RawJobSpec;
+use runtime_support::ChanLink;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 struct TaskProvider {
     id: ProviderId,
     cp: Arc<OnceLock<ControlPlane>>,
-}
-
-struct ChanLink(mpsc::UnboundedSender<ToWorker>);
-
-#[async_trait]
-impl WorkerLink for ChanLink {
-    async fn send(&self, message: ToWorker) -> Result<(), String> {
-        self.0.send(message).map_err(|_| "closed".to_owned())
-    }
 }
 
 #[async_trait]

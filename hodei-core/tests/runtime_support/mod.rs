@@ -1,0 +1,78 @@
+//! Pieces shared by the runtime tests (`runtime_*.rs`): a worker link over
+//! a channel, and a job store that can hold writes back like a slow
+//! database.
+#![allow(dead_code)] // each test file uses part of it
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use hodei_core::event::DomainEvent;
+use hodei_core::ids::JobId;
+use hodei_core::job::Job;
+use hodei_core::memory::MemoryStore;
+use hodei_core::ports::{Created, JobFilter, JobPage, JobStore, StoreError, ToWorker, WorkerLink};
+use tokio::sync::{Notify, mpsc, watch};
+
+/// A worker link that hands every message to the test.
+pub struct ChanLink(pub mpsc::UnboundedSender<ToWorker>);
+
+#[async_trait]
+impl WorkerLink for ChanLink {
+    async fn send(&self, message: ToWorker) -> Result<(), String> {
+        self.0.send(message).map_err(|_| "closed".to_owned())
+    }
+}
+
+/// The in-memory job store, with writes held back while a switch is on:
+/// `hold_creates` holds job creations, `hold_endings` holds updates that
+/// end a job. `held` fires each time a write starts waiting.
+pub struct HeldJobs {
+    pub inner: Arc<MemoryStore>,
+    pub hold_creates: watch::Sender<bool>,
+    pub hold_endings: watch::Sender<bool>,
+    pub held: Notify,
+}
+
+impl HeldJobs {
+    pub fn new(inner: Arc<MemoryStore>) -> Self {
+        Self {
+            inner,
+            hold_creates: watch::Sender::new(false),
+            hold_endings: watch::Sender::new(false),
+            held: Notify::new(),
+        }
+    }
+
+    async fn pass(&self, switch: &watch::Sender<bool>) {
+        let mut hold = switch.subscribe();
+        if *hold.borrow() {
+            self.held.notify_one();
+            let _ = hold.wait_for(|h| !*h).await;
+        }
+    }
+}
+
+#[async_trait]
+impl JobStore for HeldJobs {
+    async fn create(&self, job: &Job, events: Vec<DomainEvent>) -> Result<Created, StoreError> {
+        self.pass(&self.hold_creates).await;
+        self.inner.create(job, events).await
+    }
+    async fn update(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        if job.is_terminal() {
+            self.pass(&self.hold_endings).await;
+        }
+        self.inner.update(job, expected_version, events).await
+    }
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        JobStore::get(&*self.inner, id).await
+    }
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        JobStore::list(&*self.inner, filter).await
+    }
+}
