@@ -38,8 +38,8 @@ use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
 use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, JobStatus, TransitionContext};
 use crate::ports::{
     AuditFilter, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobQueue, JobStore,
-    Leases, LogLine, LogStore, LogStream, NewLogLine, ProviderRecord, ProviderStore, SecretStore,
-    StoreError, TokenRejection, WorkerRegistry,
+    JobUpdate, Leases, LogLine, LogStore, LogStream, NewLogLine, ProviderRecord, ProviderStore,
+    SecretStore, StoreError, TokenRejection, WorkerRegistry,
 };
 use crate::retry::RetryPolicy;
 use crate::spec::{JobSpec, RawJobSpec, SpecLimits};
@@ -119,6 +119,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@each $fixture;
             jobs_create_get_and_list,
             jobs_update_checks_the_version,
+            jobs_update_many_decides_each_entry,
             jobs_idempotency_key_returns_the_existing_job,
             queue_claims_by_priority_then_fifo,
             queue_honours_not_before,
@@ -301,6 +302,170 @@ pub async fn jobs_update_checks_the_version<S: Store + ?Sized>(store: Arc<S>) {
     assert!(
         matches!(missing, Err(StoreError::NotFound(_))),
         "updating an unknown job is NotFound, got {missing:?}"
+    );
+}
+
+/// `update_many`: each entry is decided on its own (a conflict and an
+/// unknown job fail only their entries), the answers come in entry order
+/// with sequences in that order, the queue follows each stored state, the
+/// workers of every entry are saved (where the store saves workers with
+/// updates), and a batch naming one job twice stores nothing.
+pub async fn jobs_update_many_decides_each_entry<S: Store + ?Sized>(store: Arc<S>) {
+    let s = &*store;
+    let (mut scheduled, events) = new_job(0, JobOptions::default());
+    JobStore::create(s, &scheduled, events)
+        .await
+        .expect("create");
+    let (mut stale, events) = new_job(1, JobOptions::default());
+    JobStore::create(s, &stale, events).await.expect("create");
+    let (mut cancelled, events) = new_job(2, JobOptions::default());
+    JobStore::create(s, &cancelled, events)
+        .await
+        .expect("create");
+    let (ghost, _) = new_job(3, JobOptions::default());
+    let stored_stale = stale.clone();
+
+    let scheduled_events = transition(&mut scheduled, schedule(10_000), 100);
+    let stale_events = transition(&mut stale, schedule(10_000), 101);
+    let cancel = JobCommand::Cancel {
+        reason: "no longer needed".into(),
+    };
+    let cancelled_events = transition(&mut cancelled, cancel, 102);
+    let saves = JobStore::update_saves_workers(s);
+    let (mut busy, mut idle) = (worker(0), worker(1));
+    busy.state = WorkerState::Busy;
+    busy.jobs = vec![scheduled.id];
+    idle.state = WorkerState::Ready;
+    let with = |w: &Worker| if saves { vec![w.clone()] } else { Vec::new() };
+    let answers = JobStore::update_many(
+        s,
+        vec![
+            JobUpdate {
+                job: scheduled.clone(),
+                expected_version: 1,
+                events: scheduled_events,
+                workers: with(&busy),
+            },
+            JobUpdate {
+                job: stale.clone(),
+                expected_version: 7,
+                events: stale_events,
+                workers: with(&idle),
+            },
+            JobUpdate {
+                job: cancelled.clone(),
+                expected_version: 1,
+                events: cancelled_events,
+                workers: Vec::new(),
+            },
+            JobUpdate {
+                job: ghost.clone(),
+                expected_version: 1,
+                events: Vec::new(),
+                workers: Vec::new(),
+            },
+        ],
+    )
+    .await
+    .expect("update_many");
+    assert_eq!(answers.len(), 4, "one answer per entry: {answers:?}");
+    let first = answers[0].as_ref().expect("the matching entry is stored");
+    assert_eq!(types(first), vec!["JobScheduled"]);
+    assert_eq!(
+        answers[1],
+        Err(StoreError::Conflict {
+            job: stale.id,
+            expected: 7,
+            found: 1
+        }),
+        "a stale entry loses alone"
+    );
+    let third = answers[2].as_ref().expect("the cancel is stored");
+    assert_eq!(types(third), vec!["JobCancelled"]);
+    assert!(
+        matches!(answers[3], Err(StoreError::NotFound(_))),
+        "an unknown job is NotFound, got {:?}",
+        answers[3]
+    );
+    let mut all = seqs(first);
+    all.extend(seqs(third));
+    assert!(all[0] > 0, "the store assigns sequences");
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "sequences follow the entries' order: {all:?}"
+    );
+
+    assert_eq!(
+        JobStore::get(s, scheduled.id).await.expect("get"),
+        Some(scheduled.clone())
+    );
+    assert_eq!(
+        JobStore::get(s, stale.id).await.expect("get"),
+        Some(stored_stale)
+    );
+    assert_eq!(
+        JobStore::get(s, cancelled.id).await.expect("get"),
+        Some(cancelled.clone())
+    );
+    assert_eq!(JobStore::get(s, ghost.id).await.expect("get"), None);
+    assert_eq!(
+        types(&EventLog::job_events(s, stale.id).await.expect("events")),
+        vec!["JobCreated", "JobQueued"],
+        "the losing entry's events are not stored"
+    );
+    assert_eq!(
+        types(&EventLog::job_events(s, cancelled.id).await.expect("events")),
+        vec!["JobCreated", "JobQueued", "JobCancelled"]
+    );
+    let claim = JobQueue::claim(s, "replica-a", at(200), 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(&claim.jobs),
+        vec![stale.id],
+        "only the job still pending is queued"
+    );
+    if saves {
+        assert_eq!(
+            WorkerRegistry::get(s, busy.id).await.expect("get"),
+            Some(busy)
+        );
+        assert_eq!(
+            WorkerRegistry::get(s, idle.id).await.expect("get"),
+            Some(idle),
+            "saved although its job's update lost"
+        );
+    }
+
+    // One job twice: refused as a whole, nothing stored.
+    let mut again = scheduled.clone();
+    let events = transition(&mut again, JobCommand::Cancel { reason: "x".into() }, 300);
+    let twice = JobStore::update_many(
+        s,
+        vec![
+            JobUpdate {
+                job: again.clone(),
+                expected_version: scheduled.version,
+                events: events.clone(),
+                workers: Vec::new(),
+            },
+            JobUpdate {
+                job: again,
+                expected_version: scheduled.version,
+                events,
+                workers: Vec::new(),
+            },
+        ],
+    )
+    .await;
+    assert!(
+        matches!(&twice, Err(StoreError::Invalid(m)) if m.contains("twice")),
+        "a batch naming one job twice is refused, got {twice:?}"
+    );
+    assert_eq!(
+        JobStore::get(s, scheduled.id).await.expect("get"),
+        Some(scheduled),
+        "a refused batch stores nothing"
     );
 }
 

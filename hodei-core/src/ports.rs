@@ -138,7 +138,63 @@ pub trait JobStore: Send + Sync {
     fn update_saves_workers(&self) -> bool {
         false
     }
+    /// Several updates of different jobs in one call: each entry is
+    /// [`JobStore::update`] (with workers, [`JobStore::update_saving_workers`])
+    /// and is decided on its own, so a version conflict or an unknown job
+    /// fails that entry only. The answers come in the order of `updates`.
+    /// An `Err` of the whole call means nothing was stored (the store was
+    /// unreachable, or two entries name the same job).
+    ///
+    /// The default makes one call per entry, in order; a store that can do
+    /// better (one statement, one transaction for all) says so with
+    /// [`JobStore::batches_updates`], and only then does the runtime
+    /// gather the updates of a pass into one call.
+    async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
+        for (i, u) in updates.iter().enumerate() {
+            if updates[..i].iter().any(|o| o.job.id == u.job.id) {
+                return Err(StoreError::Invalid(format!(
+                    "job {} appears twice in one batch of updates; \
+                     each entry must name a different job",
+                    u.job.id
+                )));
+            }
+        }
+        let mut answers = Vec::with_capacity(updates.len());
+        for u in updates {
+            let r = if u.workers.is_empty() {
+                self.update(&u.job, u.expected_version, u.events).await
+            } else {
+                self.update_saving_workers(&u.job, u.expected_version, u.events, &u.workers)
+                    .await
+            };
+            answers.push(r);
+        }
+        Ok(answers)
+    }
+    /// Whether [`JobStore::update_many`] stores its entries in one unit of
+    /// work (cheaper than one call each). Default `false`.
+    fn batches_updates(&self) -> bool {
+        false
+    }
 }
+
+/// One entry of [`JobStore::update_many`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobUpdate {
+    /// The job as it is to be stored.
+    pub job: Job,
+    /// The version the stored job must have.
+    pub expected_version: u64,
+    /// The events of the change.
+    pub events: Vec<DomainEvent>,
+    /// Worker records saved with it (see
+    /// [`JobStore::update_saving_workers`]); empty for none.
+    pub workers: Vec<Worker>,
+}
+
+/// Answers of [`JobStore::update_many`], one per entry, in order: the
+/// stored events with their sequences, or why that entry was not stored.
+pub type UpdateAnswers = Vec<Result<Vec<DomainEvent>, StoreError>>;
 
 /// A claim on queued jobs.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -187,9 +243,11 @@ pub trait EventLog: Send + Sync {
     async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError>;
     /// Every event of one job, in order.
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError>;
-    /// The highest sequence stored so far (0 when empty), used to start
-    /// live subscriptions "from now". The default pages through the log;
-    /// adapters override it with a cheap lookup.
+    /// The highest sequence stored so far (0 when empty). The default
+    /// pages through the log; adapters override it with a cheap lookup.
+    /// To start a subscription "from now", use
+    /// [`EventLog::settled_sequence`]: where transactions can commit out of
+    /// sequence order, an event below the highest one may still commit.
     async fn last_sequence(&self) -> Result<u64, StoreError> {
         let mut after = 0;
         loop {
@@ -199,6 +257,16 @@ pub trait EventLog: Send + Sync {
                 None => return Ok(after),
             }
         }
+    }
+    /// A sequence to start a live subscription "from now" without missing
+    /// anything: every event at or below it has committed (or never will),
+    /// and every event that commits after this call returns has a higher
+    /// sequence. The default is [`EventLog::last_sequence`], right for
+    /// stores that assign sequences in commit order (the in-memory one);
+    /// PostgreSQL waits for the transactions that were writing events when
+    /// it was called (see `hodei-postgres`'s bus).
+    async fn settled_sequence(&self) -> Result<u64, StoreError> {
+        self.last_sequence().await
     }
 }
 

@@ -35,9 +35,9 @@ use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, TransitionCont
 use crate::memory::MemoryStore;
 use crate::ports::{
     AuditFilter, AuditPage, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobPage,
-    JobQueue, JobStore, Leases, LogLine, LogStore, NewLogLine, ProviderRecord, ProviderStore,
-    RequestContext, RunJob, SecretMeta, SecretStore, StoreError, ToWorker, WorkerLaunch,
-    WorkerLink, WorkerProvider, WorkerRegistry,
+    JobQueue, JobStore, JobUpdate, Leases, LogLine, LogStore, NewLogLine, ProviderRecord,
+    ProviderStore, RequestContext, RunJob, SecretMeta, SecretStore, StoreError, ToWorker,
+    WorkerLaunch, WorkerLink, WorkerProvider, WorkerRegistry,
 };
 use crate::spec::{JobSpec, RawJobSpec, SpecLimits};
 use crate::time::{Timestamp, add};
@@ -599,7 +599,15 @@ impl ControlPlane {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        let start_seq = stores.events.last_sequence().await.unwrap_or(0);
+        // The bus follower starts here: nothing that commits from now on
+        // is below it, even when transactions commit out of order.
+        let start_seq = match stores.events.settled_sequence().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "event log not settled; following from its last event");
+                stores.events.last_sequence().await?
+            }
+        };
         let engine = Engine::new(
             config.engine.clone(),
             providers.iter().map(|p| p.config.clone()).collect(),
@@ -796,8 +804,9 @@ impl ControlPlane {
     }
 
     async fn last_sequence(&self) -> Result<u64, ApiError> {
-        // Re-checking the job after subscribing covers anything older.
-        Ok(self.inner.stores.events.last_sequence().await?)
+        // Re-checking the job after subscribing covers anything that
+        // committed before; what commits later is above this.
+        Ok(self.inner.stores.events.settled_sequence().await?)
     }
 
     /// Audit query.
@@ -1928,7 +1937,7 @@ impl Driver {
 
     /// Runs one pass (see [`Driver::drain`]); returns the follow-ups, in
     /// effect order.
-    async fn run_pass(&mut self, effects: Vec<Effect>) -> Vec<Option<FollowUp>> {
+    async fn run_pass(&mut self, effects: Vec<Effect>) -> Vec<Vec<FollowUp>> {
         let now = self.now();
         // A worker record saved twice in a pass: the last one is enough.
         let mut last_save: HashMap<WorkerId, usize> = HashMap::new();
@@ -2031,6 +2040,9 @@ impl Driver {
             }
             ops.push((op, deps));
         }
+        if self.stores.jobs.batches_updates() {
+            batch_updates(&mut ops);
+        }
         let ctx = Arc::new(PassCtx {
             stores: self.stores.clone(),
             replica: self.config.engine.replica_id.clone(),
@@ -2058,7 +2070,7 @@ impl Driver {
                 // Later effects of its lanes may start now; the log's end
                 // mark needs no place in the order.
                 let _ = tx.send(());
-                if let Some(job) = finish {
+                for job in finish {
                     ctx.stores.finish_log(job).await;
                 }
                 out
@@ -2383,6 +2395,8 @@ enum Op {
         /// [`Stores::update_saves_workers`]), whatever the update's fate.
         workers: Vec<Worker>,
     },
+    /// Updates of several jobs in one store call (see [`batch_updates`]).
+    UpdateMany(Vec<JobUpdate>),
     Record(Vec<DomainEvent>),
     SaveWorker(Box<Worker>),
     Claim {
@@ -2434,11 +2448,25 @@ enum FollowUp {
 }
 
 impl Op {
-    /// Carries the operation out. Also returns a job whose log is to be
-    /// marked finished (after the operation's lanes are released).
-    async fn run(self, ctx: &PassCtx, now: Timestamp) -> (Option<FollowUp>, Option<JobId>) {
+    /// Carries the operation out. Also returns the jobs whose logs are to
+    /// be marked finished (after the operation's lanes are released).
+    async fn run(self, ctx: &PassCtx, now: Timestamp) -> (Vec<FollowUp>, Vec<JobId>) {
         match self {
-            Op::Nothing => (None, None),
+            Op::UpdateMany(updates) => update_many(ctx, updates).await,
+            other => {
+                let (follow_up, finish) = other.run_one(ctx, now).await;
+                (
+                    follow_up.into_iter().collect(),
+                    finish.into_iter().collect(),
+                )
+            }
+        }
+    }
+
+    /// [`Op::run`] of the operations that concern one job at most.
+    async fn run_one(self, ctx: &PassCtx, now: Timestamp) -> (Option<FollowUp>, Option<JobId>) {
+        match self {
+            Op::Nothing | Op::UpdateMany(_) => (None, None),
             Op::Create { job, events, reply } => {
                 let r = retry_store(&ctx.stores, |s| {
                     let (job, events) = (job.clone(), events.clone());
@@ -2486,39 +2514,7 @@ impl Op {
                     }
                 })
                 .await;
-                if let Err(e) = &r
-                    && !matches!(e, StoreError::Conflict { .. })
-                    && !workers.is_empty()
-                {
-                    tracing::error!(job = %job.id, error = %e, "worker records saved with a job update lost");
-                }
-                if r.is_ok() {
-                    ctx.decisions.stored(&job);
-                }
-                match r {
-                    Ok(_) if job.is_terminal() => {
-                        let ix = JobState::ALL
-                            .iter()
-                            .position(|s| *s == job.state())
-                            .unwrap_or(0);
-                        ctx.counters.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
-                        (Some(FollowUp::Finished(job.id)), Some(job.id))
-                    }
-                    Ok(_) => (None, None),
-                    Err(StoreError::Conflict { .. }) => {
-                        ctx.mark_conflicted(job.id);
-                        match ctx.stores.jobs.get(job.id).await {
-                            Ok(Some(current)) => {
-                                (Some(FollowUp::JobChanged(Box::new(current))), None)
-                            }
-                            _ => (None, None),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %job.id, error = %e, "job update lost");
-                        (None, None)
-                    }
-                }
+                after_update(ctx, &job, r, !workers.is_empty()).await
             }
             Op::Record(events) => {
                 let r = retry_store(&ctx.stores, |s| {
@@ -2583,6 +2579,133 @@ impl Op {
                 }
                 (None, None)
             }
+        }
+    }
+}
+
+/// What follows the store's answer to a job update: the decision watchers
+/// hear of it, a terminal job is counted (and its log is to be finished),
+/// a conflict marks the job and reads what is stored instead.
+async fn after_update(
+    ctx: &PassCtx,
+    job: &Job,
+    r: Result<Vec<DomainEvent>, StoreError>,
+    with_workers: bool,
+) -> (Option<FollowUp>, Option<JobId>) {
+    if let Err(e) = &r
+        && !matches!(e, StoreError::Conflict { .. })
+        && with_workers
+    {
+        tracing::error!(job = %job.id, error = %e, "worker records saved with a job update lost");
+    }
+    if r.is_ok() {
+        ctx.decisions.stored(job);
+    }
+    match r {
+        Ok(_) if job.is_terminal() => {
+            let ix = JobState::ALL
+                .iter()
+                .position(|s| *s == job.state())
+                .unwrap_or(0);
+            ctx.counters.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
+            (Some(FollowUp::Finished(job.id)), Some(job.id))
+        }
+        Ok(_) => (None, None),
+        Err(StoreError::Conflict { .. }) => {
+            ctx.mark_conflicted(job.id);
+            match ctx.stores.jobs.get(job.id).await {
+                Ok(Some(current)) => (Some(FollowUp::JobChanged(Box::new(current))), None),
+                _ => (None, None),
+            }
+        }
+        Err(e) => {
+            tracing::error!(job = %job.id, error = %e, "job update lost");
+            (None, None)
+        }
+    }
+}
+
+/// [`Op::UpdateMany`]: one store call for the updates, retried as a whole
+/// while the store is unavailable, then each answer as [`Op::Update`]'s.
+async fn update_many(ctx: &PassCtx, updates: Vec<JobUpdate>) -> (Vec<FollowUp>, Vec<JobId>) {
+    let r = retry_store(&ctx.stores, |s| {
+        let updates = updates.clone();
+        async move { s.jobs.update_many(updates).await }
+    })
+    .await;
+    let answers = match r {
+        Ok(answers) if answers.len() == updates.len() => answers,
+        Ok(answers) => {
+            let e = format!(
+                "the store answered {} of {} updates",
+                answers.len(),
+                updates.len()
+            );
+            updates
+                .iter()
+                .map(|_| Err(StoreError::Other(e.clone())))
+                .collect()
+        }
+        Err(e) => updates.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut follow_ups = Vec::new();
+    let mut finish = Vec::new();
+    for (u, answer) in updates.iter().zip(answers) {
+        let (f, j) = after_update(ctx, &u.job, answer, !u.workers.is_empty()).await;
+        follow_ups.extend(f);
+        finish.extend(j);
+    }
+    (follow_ups, finish)
+}
+
+/// Gathers the job updates of a pass that wait for no earlier operation
+/// into one [`Op::UpdateMany`] at the place of the first: one store call
+/// (one statement, one transaction on PostgreSQL) instead of one each.
+/// They name different jobs (a job's later update waits for its earlier
+/// one), and each is still decided on its own. Operations that waited for
+/// any of them wait for the batch.
+fn batch_updates(ops: &mut [(Op, Vec<usize>)]) {
+    let roots: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, (op, deps))| deps.is_empty() && matches!(op, Op::Update { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let Some(&first) = roots.first() else {
+        return;
+    };
+    if roots.len() < 2 {
+        return;
+    }
+    let mut entries = Vec::with_capacity(roots.len());
+    for &i in &roots {
+        if let Op::Update {
+            job,
+            expected_version,
+            events,
+            workers,
+        } = std::mem::replace(&mut ops[i].0, Op::Nothing)
+        {
+            entries.push(JobUpdate {
+                job: *job,
+                expected_version,
+                events,
+                workers,
+            });
+        }
+    }
+    ops[first].0 = Op::UpdateMany(entries);
+    for (_, deps) in ops.iter_mut() {
+        let mut changed = false;
+        for d in deps.iter_mut() {
+            if *d != first && roots.binary_search(d).is_ok() {
+                *d = first;
+                changed = true;
+            }
+        }
+        if changed {
+            deps.sort_unstable();
+            deps.dedup();
         }
     }
 }

@@ -552,3 +552,72 @@ async fn a_result_s_decision_watch_fires_only_after_the_write_commits() {
     );
     h.cp.shutdown().await;
 }
+
+/// With a store that batches updates (`JobStore::batches_updates`), the
+/// job updates of one pass that wait for nothing else are stored by one
+/// `update_many` call, and every job still runs its whole course with its
+/// whole event trail. Three submissions queue up while the first creation
+/// is held, so they share a pass, and their claim schedules all three in
+/// the next one.
+#[tokio::test]
+async fn the_updates_of_a_pass_are_stored_in_one_batch() {
+    let h = start().await;
+    h.jobs_gate
+        .batching
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.jobs_gate.hold_creates.send_replace(true);
+    let mut submits = Vec::new();
+    for _ in 0..3 {
+        let cp = h.cp.clone();
+        submits.push(tokio::spawn(async move {
+            let spec = RawJobSpec {
+                command: Some(vec!["true".into()]),
+                ..Default::default()
+            };
+            cp.submit(spec, &ctx()).await.unwrap()
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(30), h.jobs_gate.held.notified())
+        .await
+        .expect("a creation reaches the store");
+    h.jobs_gate.hold_creates.send_replace(false);
+    for s in submits {
+        let job = s.await.unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(30), h.cp.wait_terminal(job.id))
+            .await
+            .expect("the job ends")
+            .unwrap();
+        assert_eq!(done.state(), JobState::Succeeded);
+        let types: Vec<String> =
+            h.cp.job_events(job.id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.event_type().to_owned())
+                .collect();
+        assert_eq!(
+            types,
+            [
+                "JobCreated",
+                "JobQueued",
+                "JobScheduled",
+                "WorkerProvisioningRequested",
+                "JobAssigned",
+                "JobStarted",
+                "JobSucceeded"
+            ],
+            "job {}",
+            job.id
+        );
+    }
+    let batches = h.jobs_gate.batches.lock().unwrap().clone();
+    assert!(
+        batches.iter().any(|n| *n >= 3),
+        "the three jobs scheduled in one pass were one batch: {batches:?}"
+    );
+    assert!(
+        batches.iter().all(|n| *n >= 2),
+        "a batch of one is not a batch: {batches:?}"
+    );
+    h.cp.shutdown().await;
+}

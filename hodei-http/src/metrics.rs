@@ -440,16 +440,10 @@ async fn follow(inner: Weak<Inner>, cp: ControlPlane) {
     }
 }
 
+/// Where the follower starts: every event that commits from now on comes
+/// after it (see `EventLog::settled_sequence`).
 async fn last_sequence(cp: &ControlPlane) -> Result<u64, hodei_core::ports::StoreError> {
-    let mut after = 0;
-    loop {
-        let batch = cp.stores().events.read_after(after, 10_000).await?;
-        match batch.last() {
-            Some(e) if batch.len() == 10_000 => after = e.sequence,
-            Some(e) => return Ok(e.sequence),
-            None => return Ok(after),
-        }
-    }
+    cp.stores().events.settled_sequence().await
 }
 
 async fn observe(inner: &Inner, cp: &ControlPlane, e: DomainEvent) {

@@ -500,33 +500,71 @@ impl Horizon {
     /// statements of a simple query run in order, so the locks are listed
     /// after the sequence was read.
     async fn read_writers(&self) -> Result<(u64, Vec<Writer>), StoreError> {
-        let rows = sqlx::raw_sql(WRITERS_SQL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(store_err)?;
-        let mut rows = rows.iter();
-        let last: Option<i64> = rows
-            .next()
-            .ok_or_else(|| StoreError::Other("event bus: no sequence row".into()))?
-            .try_get(0)
-            .map_err(store_err)?;
-        let mut writers: Vec<Writer> = Vec::new();
-        for row in rows {
-            let vxid: String = row.try_get(0).map_err(store_err)?;
-            let prepared: bool = row.try_get(1).map_err(store_err)?;
-            let xid: Option<String> = row.try_get(2).map_err(store_err)?;
-            // One row per (writer, transaction id it holds): merge them.
-            match writers.last_mut() {
-                Some(w) if w.vxid == vxid => w.xids.extend(xid),
-                _ => writers.push(Writer {
-                    vxid,
-                    prepared,
-                    xids: xid.into_iter().collect(),
-                }),
-            }
-        }
-        Ok((last.map_or(0, to_u64), writers))
+        read_writers(&self.pool).await
     }
+}
+
+/// Longest [`settled_sequence`] waits for the writers it found.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// [`EventLog::settled_sequence`](hodei_core::ports::EventLog::settled_sequence)
+/// on PostgreSQL: the last sequence drawn, once every transaction that was
+/// writing `events` when it was read has ended (a candidate of the
+/// horizon, waited for on its own, polled every 10 ms). Any event that
+/// commits later was drawn later, so it has a higher sequence. Gives up
+/// with `Unavailable` after [`SETTLE_PATIENCE`] (a writer left open).
+pub(crate) async fn settled_sequence(pool: &PgPool) -> Result<u64, StoreError> {
+    let (last, writers) = read_writers(pool).await?;
+    if writers.is_empty() {
+        return Ok(last);
+    }
+    let candidate = Candidate::new(last, &writers);
+    let deadline = tokio::time::Instant::now() + SETTLE_PATIENCE;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (_, now) = read_writers(pool).await?;
+        if candidate.ended(&now) {
+            return Ok(last);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Unavailable(format!(
+                "a transaction writing events has been open for over {} s; \
+                 sequences up to {last} are not settled yet",
+                SETTLE_PATIENCE.as_secs()
+            )));
+        }
+    }
+}
+
+/// Steps 1 and 2 of the module documentation, in one round trip (see
+/// [`WRITERS_SQL`]).
+async fn read_writers(pool: &PgPool) -> Result<(u64, Vec<Writer>), StoreError> {
+    let rows = sqlx::raw_sql(WRITERS_SQL)
+        .fetch_all(pool)
+        .await
+        .map_err(store_err)?;
+    let mut rows = rows.iter();
+    let last: Option<i64> = rows
+        .next()
+        .ok_or_else(|| StoreError::Other("event bus: no sequence row".into()))?
+        .try_get(0)
+        .map_err(store_err)?;
+    let mut writers: Vec<Writer> = Vec::new();
+    for row in rows {
+        let vxid: String = row.try_get(0).map_err(store_err)?;
+        let prepared: bool = row.try_get(1).map_err(store_err)?;
+        let xid: Option<String> = row.try_get(2).map_err(store_err)?;
+        // One row per (writer, transaction id it holds): merge them.
+        match writers.last_mut() {
+            Some(w) if w.vxid == vxid => w.xids.extend(xid),
+            _ => writers.push(Writer {
+                vxid,
+                prepared,
+                xids: xid.into_iter().collect(),
+            }),
+        }
+    }
+    Ok((last.map_or(0, to_u64), writers))
 }
 
 /// The horizon poll. Statement 1 reads the last sequence drawn; statement

@@ -248,6 +248,10 @@ impl EventLog for PgStore {
         Ok(to_u64(last))
     }
 
+    async fn settled_sequence(&self) -> Result<u64, StoreError> {
+        crate::bus::settled_sequence(&self.inner.pool).await
+    }
+
     async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE job_id = $1 ORDER BY sequence"

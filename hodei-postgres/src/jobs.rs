@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use hodei_core::event::DomainEvent;
 use hodei_core::ids::{Actor, CorrelationId, JobId};
 use hodei_core::job::{Attempt, Job, JobStatus};
-use hodei_core::ports::{Claim, Created, JobFilter, JobPage, JobQueue, JobStore, StoreError};
+use hodei_core::ports::{
+    Claim, Created, JobFilter, JobPage, JobQueue, JobStore, JobUpdate, StoreError, UpdateAnswers,
+};
 use hodei_core::spec::JobSpec;
 use hodei_core::time::{Timestamp, add};
 use hodei_core::worker::Worker;
@@ -18,7 +20,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::PgStore;
 use crate::error::{corrupt, store_err, to_i64, to_u64};
-use crate::events::{bind_events, page_limit, stored_events, write_sql, write_sql_with};
+use crate::events::{
+    EVENTS_CHANNEL, bind_events, page_limit, stored_events, write_sql, write_sql_with,
+};
 use crate::logs::LOGS_CHANNEL;
 
 /// Columns read back into a [`Job`], for [`decode_job`].
@@ -124,6 +128,14 @@ impl JobStore for PgStore {
         true
     }
 
+    async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
+        update_jobs(self, updates).await
+    }
+
+    fn batches_updates(&self) -> bool {
+        true
+    }
+
     async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
         let limit = page_limit(filter.limit);
         let cursor = filter.cursor.as_deref().map(Cursor::parse).transpose()?;
@@ -190,21 +202,7 @@ async fn update_job(
         );
         let mut columns = ", (SELECT count(*) FROM ln) AS log_notified".to_owned();
         if with_workers {
-            let p = 13 + crate::events::EVENT_PARAMS;
-            ctes.push_str(&format!(
-                ", w AS (INSERT INTO workers (id, state, record, last_seen, created_at) \
-                     SELECT * FROM unnest(${}::uuid[], ${}::text[], ${}::jsonb[], \
-                         ${}::timestamptz[], ${}::timestamptz[]) \
-                     ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
-                         record = EXCLUDED.record, last_seen = EXCLUDED.last_seen, \
-                         created_at = EXCLUDED.created_at \
-                     RETURNING 1)",
-                p,
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4
-            ));
+            ctes.push_str(&workers_cte(13 + crate::events::EVENT_PARAMS));
             columns.push_str(", (SELECT count(*) FROM w) AS workers_saved");
         }
         write_sql_with(
@@ -245,24 +243,7 @@ async fn update_job(
         .bind(job.updated_at);
     let mut q = bind_events(q, &events)?;
     if !workers.is_empty() {
-        let mut ids = Vec::with_capacity(workers.len());
-        let mut states = Vec::with_capacity(workers.len());
-        let mut records = Vec::with_capacity(workers.len());
-        let mut seen = Vec::with_capacity(workers.len());
-        let mut created = Vec::with_capacity(workers.len());
-        for w in workers {
-            ids.push(w.id.0);
-            states.push(w.state.as_str());
-            records.push(crate::workers::worker_record(w)?);
-            seen.push(w.last_seen);
-            created.push(w.created_at);
-        }
-        q = q
-            .bind(ids)
-            .bind(states)
-            .bind(records)
-            .bind(seen)
-            .bind(created);
+        q = bind_workers(q, workers.iter())?;
     }
     let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
     let (updated, events) = stored_events(&answer, events)?;
@@ -282,6 +263,239 @@ async fn update_job(
             found: to_u64(found),
         },
     })
+}
+
+/// Upsert of worker records from the five arrays [`bind_workers`] binds
+/// from parameter `$p` on: a common table expression named `w`.
+fn workers_cte(p: usize) -> String {
+    format!(
+        ", w AS (INSERT INTO workers (id, state, record, last_seen, created_at) \
+             SELECT * FROM unnest(${}::uuid[], ${}::text[], ${}::jsonb[], \
+                 ${}::timestamptz[], ${}::timestamptz[]) \
+             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
+                 record = EXCLUDED.record, last_seen = EXCLUDED.last_seen, \
+                 created_at = EXCLUDED.created_at \
+             RETURNING 1)",
+        p,
+        p + 1,
+        p + 2,
+        p + 3,
+        p + 4
+    )
+}
+
+/// Binds the arrays of [`workers_cte`].
+fn bind_workers<'q, 'w>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    workers: impl Iterator<Item = &'w Worker>,
+) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {
+    let mut ids = Vec::new();
+    let mut states = Vec::new();
+    let mut records = Vec::new();
+    let mut seen = Vec::new();
+    let mut created = Vec::new();
+    for w in workers {
+        ids.push(w.id.0);
+        states.push(w.state.as_str());
+        records.push(crate::workers::worker_record(w)?);
+        seen.push(w.last_seen);
+        created.push(w.created_at);
+    }
+    Ok(q.bind(ids)
+        .bind(states)
+        .bind(records)
+        .bind(seen)
+        .bind(created))
+}
+
+/// [`JobStore::update_many`]: every entry in one statement (one round
+/// trip, one transaction). The jobs whose version matches are updated as
+/// [`update_job`] does one (queue place, claim, log finished with its
+/// notification); only their events are stored, each tagged with the
+/// job of its entry; the workers of every entry are saved. The entries
+/// that did not match are then told apart (conflict, unknown job) by one
+/// read.
+///
+/// The bus's ordering holds as in [`write_sql`]: the lock on `events` is
+/// taken when the statement starts, and the events' `SELECT` filters on an
+/// uncorrelated `ARRAY(SELECT id FROM j)` (an init plan, run to the end
+/// before the first row), so every job row is written, and the
+/// transaction holds its id, before any sequence is drawn.
+async fn update_jobs(
+    store: &PgStore,
+    updates: Vec<JobUpdate>,
+) -> Result<UpdateAnswers, StoreError> {
+    if updates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(updates.len());
+    if let Some(dup) = updates.iter().find(|u| !seen.insert(u.job.id)) {
+        return Err(StoreError::Invalid(format!(
+            "job {} appears twice in one batch of updates; each entry must name a different job",
+            dup.job.id
+        )));
+    }
+    fn sql() -> String {
+        let e = 13;
+        let owner = e + crate::events::EVENT_PARAMS;
+        let ep: Vec<String> = (e..owner).map(|i| format!("${i}")).collect();
+        format!(
+            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::jsonb[], $4::jsonb[], \
+                 $5::jsonb[], $6::text[], $7::int4[], $8::timestamptz[], $9::timestamptz[], \
+                 $10::int4[], $11::int8[], $12::timestamptz[]) \
+                 AS u(id, expected, spec, status, attempts, state, priority, not_before, \
+                      deadline, attempt, version, updated_at)), \
+             j AS (UPDATE jobs SET spec = u.spec, status = u.status, attempts = u.attempts, \
+                 state = u.state, priority = u.priority, not_before = u.not_before, \
+                 deadline = u.deadline, attempt = u.attempt, version = u.version, \
+                 updated_at = u.updated_at, \
+                 queue_order = CASE \
+                     WHEN u.state <> 'PENDING' THEN NULL \
+                     WHEN jobs.state = 'PENDING' THEN jobs.queue_order \
+                     ELSE nextval('job_queue_order') END, \
+                 claim_owner = NULL, claim_until = NULL \
+                 FROM u WHERE jobs.id = u.id AND jobs.version = u.expected \
+                 RETURNING jobs.id, u.state), \
+             lf AS (INSERT INTO log_heads (job_id, finished) \
+                 SELECT id, true FROM j \
+                 WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT') \
+                 ON CONFLICT (job_id) DO UPDATE SET finished = true \
+                 RETURNING job_id, last_seq), \
+             ln AS (SELECT pg_notify('{LOGS_CHANNEL}', lf.job_id::text || ':' || lf.last_seq) \
+                 FROM lf){workers}, \
+             e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
+                   correlation_id, actor, occurred_at, job_id, payload) \
+                   SELECT ev.event_id, ev.event_type, ev.aggregate_type, ev.aggregate_id, \
+                       ev.correlation_id, ev.actor, ev.occurred_at, ev.job_id, ev.payload \
+                   FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], \
+                       {}::text[], {}::timestamptz[], {}::uuid[], {}::jsonb[], ${owner}::uuid[]) \
+                   AS ev(event_id, event_type, aggregate_type, aggregate_id, correlation_id, \
+                       actor, occurred_at, job_id, payload, owner) \
+                   WHERE ev.owner = ANY (ARRAY(SELECT id FROM j)) \
+                   RETURNING sequence, event_id), \
+             n AS (SELECT pg_notify('{EVENTS_CHANNEL}', max(sequence)::text) FROM e \
+                   HAVING count(*) > 0) \
+             SELECT ARRAY(SELECT id FROM j) AS updated, \
+                    ARRAY(SELECT sequence FROM e ORDER BY sequence) AS seqs, \
+                    ARRAY(SELECT event_id FROM e ORDER BY sequence) AS ids, \
+                    (SELECT count(*) FROM n) AS notified, \
+                    (SELECT count(*) FROM ln) AS log_notified, \
+                    (SELECT count(*) FROM w) AS workers_saved",
+            ep[0],
+            ep[1],
+            ep[2],
+            ep[3],
+            ep[4],
+            ep[5],
+            ep[6],
+            ep[7],
+            ep[8],
+            workers = workers_cte(owner + 1),
+        )
+    }
+    static UPDATE_MANY: LazyLock<String> = LazyLock::new(sql);
+
+    let n = updates.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    let mut specs = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut not_befores = Vec::with_capacity(n);
+    let mut deadlines = Vec::with_capacity(n);
+    let mut attempt_nos = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut updated_at = Vec::with_capacity(n);
+    let mut events: Vec<DomainEvent> = Vec::new();
+    let mut owners = Vec::new();
+    for u in &updates {
+        let row = JobRow::of(&u.job)?;
+        ids.push(u.job.id.0);
+        expected.push(to_i64(u.expected_version));
+        specs.push(row.spec);
+        statuses.push(row.status);
+        attempts.push(row.attempts);
+        states.push(row.state);
+        priorities.push(row.priority);
+        not_befores.push(row.not_before);
+        deadlines.push(row.deadline);
+        attempt_nos.push(row.attempt);
+        versions.push(row.version);
+        updated_at.push(u.job.updated_at);
+        events.extend(u.events.iter().cloned());
+        owners.extend(u.events.iter().map(|_| u.job.id.0));
+    }
+    let q = sqlx::query(sqlx::AssertSqlSafe(UPDATE_MANY.as_str()))
+        .bind(&ids)
+        .bind(expected)
+        .bind(specs)
+        .bind(statuses)
+        .bind(attempts)
+        .bind(states)
+        .bind(priorities)
+        .bind(not_befores)
+        .bind(deadlines)
+        .bind(attempt_nos)
+        .bind(versions)
+        .bind(updated_at);
+    let q = bind_events(q, &events)?.bind(owners);
+    let q = bind_workers(q, updates.iter().flat_map(|u| u.workers.iter()))?;
+    let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
+    let get_err = |e: sqlx::Error| corrupt("batch of job updates", e);
+    let updated: Vec<uuid::Uuid> = answer.try_get("updated").map_err(get_err)?;
+    let seqs: Vec<i64> = answer.try_get("seqs").map_err(get_err)?;
+    let event_ids: Vec<uuid::Uuid> = answer.try_get("ids").map_err(get_err)?;
+    let sequence_of: std::collections::HashMap<uuid::Uuid, i64> =
+        event_ids.into_iter().zip(seqs).collect();
+    let updated: std::collections::HashSet<uuid::Uuid> = updated.into_iter().collect();
+    let missed: Vec<uuid::Uuid> = ids
+        .iter()
+        .filter(|id| !updated.contains(id))
+        .copied()
+        .collect();
+    let found: std::collections::HashMap<uuid::Uuid, i64> = if missed.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_as::<_, (uuid::Uuid, i64)>("SELECT id, version FROM jobs WHERE id = ANY($1)")
+            .bind(&missed)
+            .fetch_all(&store.inner.pool)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .collect()
+    };
+    let mut answers = Vec::with_capacity(n);
+    for u in updates {
+        let id = u.job.id;
+        if !updated.contains(&id.0) {
+            answers.push(Err(match found.get(&id.0) {
+                None => StoreError::NotFound(format!("job {id}")),
+                Some(v) => StoreError::Conflict {
+                    job: id,
+                    expected: u.expected_version,
+                    found: to_u64(*v),
+                },
+            }));
+            continue;
+        }
+        let mut stored = u.events;
+        let mut missing = None;
+        for event in &mut stored {
+            match sequence_of.get(event.event_id.as_uuid()) {
+                Some(seq) => event.sequence = to_u64(*seq),
+                None => missing = Some(event.event_id),
+            }
+        }
+        answers.push(match missing {
+            None => Ok(stored),
+            Some(e) => Err(StoreError::Other(format!(
+                "event {e} of job {id} was not stored"
+            ))),
+        });
+    }
+    Ok(answers)
 }
 
 #[async_trait]

@@ -104,6 +104,74 @@ async fn the_newest_running_transaction_holds_the_horizon() {
     );
 }
 
+/// A subscription started "from now" (`EventLog::settled_sequence`, what
+/// `ControlPlane::wait_terminal`, the runtime's bus follower and the
+/// metrics start from) misses no event that commits after it: with `T`
+/// holding a lower sequence open while `V` commits a higher one, the
+/// call waits for `T` to end, and an event committed after it returns is
+/// delivered. (Starting from `MAX(sequence)`, `V`'s, would skip `T`'s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_from_now_waits_for_open_writers() {
+    let Some((store, _db)) = store().await else {
+        return;
+    };
+    let pool = store.pool().clone();
+    let warm = EventLog::append(&*store, vec![event()]).await.unwrap();
+    assert_eq!(
+        EventLog::settled_sequence(&*store).await.unwrap(),
+        warm[0].sequence,
+        "with no writer open, the last sequence drawn is settled"
+    );
+    let mut t = pool.begin().await.unwrap();
+    take_xid(&mut t).await;
+    let t_seq = insert_events(&mut t, 1).await[0].0;
+    let v = EventLog::append(&*store, vec![event()]).await.unwrap();
+    assert!(v[0].sequence > t_seq);
+    assert_eq!(
+        EventLog::last_sequence(&*store).await.unwrap(),
+        v[0].sequence
+    );
+
+    let (settled_tx, mut settled_rx) = oneshot::channel();
+    let waiting = store.clone();
+    tokio::spawn(async move {
+        let _ = settled_tx.send(EventLog::settled_sequence(&*waiting).await);
+    });
+    // Not settled while T is open: the call is still waiting after T has
+    // been seen by a few of its polls (observed through pg_stat_activity,
+    // not timed).
+    poll_until("settled_sequence polling the writers", || async {
+        let polls: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity              WHERE datname = current_database() AND query LIKE '%pg_locks%'              AND query NOT LIKE '%pg_stat_activity%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        polls > 0
+    })
+    .await;
+    assert!(
+        matches!(
+            settled_rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ),
+        "settled while a transaction holding sequence {t_seq} is open"
+    );
+    t.commit().await.unwrap();
+    let settled = tokio::time::timeout(STALL, settled_rx)
+        .await
+        .expect("settled once the writer ended")
+        .unwrap()
+        .unwrap();
+    assert!(settled >= v[0].sequence, "settled at {settled}");
+
+    // Anything committed after that is delivered to a subscription from
+    // the settled sequence.
+    let mut sub = store.subscribe(settled);
+    let later = EventLog::append(&*store, vec![event()]).await.unwrap();
+    assert_eq!(next_seqs(&mut sub, 1).await, vec![later[0].sequence]);
+}
+
 /// Eight raw writers and two store appenders hammer the table; pairs of
 /// writers commit out of sequence order on purpose, a long transaction
 /// stays open over hundreds of commits and then rolls back, others roll back

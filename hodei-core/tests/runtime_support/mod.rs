@@ -3,14 +3,18 @@
 //! database.
 #![allow(dead_code)] // each test file uses part of it
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use hodei_core::event::DomainEvent;
 use hodei_core::ids::JobId;
 use hodei_core::job::Job;
 use hodei_core::memory::MemoryStore;
-use hodei_core::ports::{Created, JobFilter, JobPage, JobStore, StoreError, ToWorker, WorkerLink};
+use hodei_core::ports::{
+    Created, JobFilter, JobPage, JobStore, JobUpdate, StoreError, ToWorker, UpdateAnswers,
+    WorkerLink,
+};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// A worker link that hands every message to the test.
@@ -25,12 +29,16 @@ impl WorkerLink for ChanLink {
 
 /// The in-memory job store, with writes held back while a switch is on:
 /// `hold_creates` holds job creations, `hold_endings` holds updates that
-/// end a job. `held` fires each time a write starts waiting.
+/// end a job. `held` fires each time a write starts waiting. With
+/// `batching` on it says it batches updates (`JobStore::batches_updates`)
+/// and records the size of each `update_many` call in `batches`.
 pub struct HeldJobs {
     pub inner: Arc<MemoryStore>,
     pub hold_creates: watch::Sender<bool>,
     pub hold_endings: watch::Sender<bool>,
     pub held: Notify,
+    pub batching: AtomicBool,
+    pub batches: Mutex<Vec<usize>>,
 }
 
 impl HeldJobs {
@@ -40,6 +48,8 @@ impl HeldJobs {
             hold_creates: watch::Sender::new(false),
             hold_endings: watch::Sender::new(false),
             held: Notify::new(),
+            batching: AtomicBool::new(false),
+            batches: Mutex::new(Vec::new()),
         }
     }
 
@@ -74,5 +84,24 @@ impl JobStore for HeldJobs {
     }
     async fn list(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
         JobStore::list(&*self.inner, filter).await
+    }
+    fn batches_updates(&self) -> bool {
+        self.batching.load(Ordering::SeqCst)
+    }
+    async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
+        self.batches.lock().unwrap().push(updates.len());
+        if updates.iter().any(|u| u.job.is_terminal()) {
+            self.pass(&self.hold_endings).await;
+        }
+        let mut answers = Vec::with_capacity(updates.len());
+        for u in updates {
+            assert!(u.workers.is_empty(), "this store does not save workers");
+            answers.push(
+                self.inner
+                    .update(&u.job, u.expected_version, u.events)
+                    .await,
+            );
+        }
+        Ok(answers)
     }
 }
