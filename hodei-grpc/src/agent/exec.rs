@@ -654,18 +654,46 @@ fn write_secrets_file(
         file.flush()?;
         Ok(file.into_temp_path())
     };
-    match write_in(Path::new("/dev/shm")) {
-        Ok(path) => Ok(path),
-        Err(e) => {
-            debug!(error = %e, "cannot use /dev/shm for the secrets file; using the temp dir");
-            let dir = match temp_dir {
-                Some(dir) => dir,
-                None => temp_dir.insert(private_temp_dir()?),
-            };
-            write_in(dir.path())
-                .map_err(|e| format!("writing the secrets file: {}", describe_io(&e)))
+    for dir in memory_dirs() {
+        match write_in(&dir) {
+            Ok(path) => return Ok(path),
+            Err(e) => {
+                debug!(dir = %dir.display(), error = %e, "cannot write the secrets file here")
+            }
         }
     }
+    warn!(
+        "no writable tmpfs (/dev/shm, $XDG_RUNTIME_DIR) for the secrets file; \
+         writing it to a private 0700 temp dir, which may be on disk"
+    );
+    let dir = match temp_dir {
+        Some(dir) => dir,
+        None => temp_dir.insert(private_temp_dir()?),
+    };
+    write_in(dir.path()).map_err(|e| format!("writing the secrets file: {}", describe_io(&e)))
+}
+
+/// Directories in memory where the secrets file may go, in order of
+/// preference: `/dev/shm`, then `$XDG_RUNTIME_DIR`, each only if it is
+/// a tmpfs (or ramfs), so a secret never lands on disk unnoticed.
+fn memory_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/dev/shm")];
+    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        dirs.push(PathBuf::from(run));
+    }
+    dirs.retain(|d| in_memory(d));
+    dirs
+}
+
+/// Whether `dir` is on a file system kept in memory.
+fn in_memory(dir: &Path) -> bool {
+    use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
+    /// `RAMFS_MAGIC` of `linux/magic.h` (nix names only tmpfs).
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    statfs(dir).is_ok_and(|fs| {
+        let kind = fs.filesystem_type();
+        kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+    })
 }
 
 /// `e` as a short lowercase reason, e.g. "permission denied".
@@ -1169,10 +1197,36 @@ mod tests {
         let file = texts[4].strip_prefix("file=").unwrap();
         assert!(!file.is_empty());
         assert!(!Path::new(file).exists(), "secrets file left behind");
+        if let Some(dir) = memory_dirs().first() {
+            assert!(
+                Path::new(file).starts_with(dir),
+                "secrets file {file} not in {} (tmpfs)",
+                dir.display()
+            );
+        }
 
         // Never in the agent's own environment.
         assert!(std::env::var("SECRET_X").is_err());
         assert!(std::env::vars().all(|(_, v)| !v.contains(secret)));
+    }
+
+    #[test]
+    fn the_secrets_file_goes_only_to_memory_file_systems() {
+        assert!(!in_memory(Path::new("/proc")), "procfs is not tmpfs");
+        assert!(!in_memory(Path::new("/nonexistent-dir")));
+        for dir in memory_dirs() {
+            assert!(
+                in_memory(&dir),
+                "{} listed but not in memory",
+                dir.display()
+            );
+        }
+        let shm = Path::new("/dev/shm");
+        assert_eq!(
+            memory_dirs().first().map(PathBuf::as_path) == Some(shm),
+            in_memory(shm),
+            "/dev/shm comes first whenever it is a tmpfs"
+        );
     }
 
     #[test]
