@@ -344,6 +344,37 @@ async fn bad_tokens_are_rejected_and_recorded() {
         .unwrap_err();
     assert!(reused.to_string().contains("already used"), "{reused}");
 
+    // An expired token: issued for 1 ms, presented once that has passed
+    // (time has to pass for a token to expire; nothing to wait on).
+    let late = WorkerId::from_u64_pair(1, 3);
+    let token = cp
+        .issue_worker_token(late, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (ltx, mut lrx) = mpsc::unbounded_channel();
+    let expired = cp
+        .worker_hello(
+            WorkerHello {
+                worker: late,
+                token,
+                ..hello.clone()
+            },
+            Arc::new(ChanLink(ltx)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(expired, ApiError::Unauthenticated(_)), "{expired}");
+    assert!(expired.to_string().contains("expired"), "{expired}");
+    assert!(
+        lrx.try_recv().is_err(),
+        "nothing is sent to a worker whose registration was rejected"
+    );
+    assert!(
+        !cp.workers().await.unwrap().iter().any(|w| w.id == late),
+        "a rejected worker is not registered"
+    );
+
     let page = cp
         .audit(&hodei_core::ports::AuditFilter {
             event_type: Some("WorkerRegistrationRejected".into()),
@@ -351,7 +382,18 @@ async fn bad_tokens_are_rejected_and_recorded() {
         })
         .await
         .unwrap();
-    assert_eq!(page.total, 2);
+    assert_eq!(page.total, 3);
+    let reasons: Vec<String> = page
+        .events
+        .iter()
+        .map(|e| serde_json::to_string(&e.body).unwrap())
+        .collect();
+    for (i, word) in ["unknown", "already used", "expired"].iter().enumerate() {
+        assert!(
+            reasons.iter().any(|r| r.contains(word)),
+            "rejection {i} ({word}) recorded with its reason: {reasons:?}"
+        );
+    }
     cp.shutdown().await;
 }
 
