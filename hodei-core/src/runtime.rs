@@ -571,6 +571,9 @@ enum Cmd {
         /// This replica holds the orphan lease of its server id: it may
         /// remove leftovers.
         owner: bool,
+        /// Leftover workers of servers that are gone, to remove (see
+        /// [`Adopter`]).
+        adopted: Vec<WorkerId>,
     },
     Workers {
         reply: oneshot::Sender<Vec<Worker>>,
@@ -1189,6 +1192,12 @@ impl ControlPlane {
             let provider = setup.provider.clone();
             let first = cfg.engine.reconnect_grace + Duration::from_secs(1);
             let duty = orphans.clone();
+            let adopter = Adopter {
+                server_id: cfg.server_id.clone(),
+                holder: cfg.engine.replica_id.clone(),
+                ttl: duty.ttl,
+                stores: self.inner.stores.clone(),
+            };
             tasks.push(periodic(
                 stop.clone(),
                 cfg.reconcile_interval,
@@ -1197,16 +1206,20 @@ impl ControlPlane {
                     let tx = tx.clone();
                     let provider = provider.clone();
                     let duty = duty.clone();
+                    let adopter = adopter.clone();
                     async move {
                         let owner = duty.hold().await;
                         if let Ok(Ok(list)) =
                             tokio::time::timeout(Duration::from_secs(30), provider.list()).await
                         {
+                            let (adopted, leases) = adopter.adopt(&list).await;
                             let _ = tx.send(Cmd::Reconcile {
                                 provider: provider.id().clone(),
                                 found: list,
                                 owner,
+                                adopted,
                             });
+                            adopter.release(leases).await;
                         }
                     }
                 },
@@ -1474,6 +1487,68 @@ const RETENTION_LEASE: Duration = Duration::from_secs(2 * 3600);
 /// Lease of the removal of leftover workers of a server id.
 pub fn orphan_duty(server_id: &str) -> String {
     format!("orphans/{server_id}")
+}
+
+/// Takes over the orphan duty of servers that are gone: a provider lists
+/// workers labelled with another server id whose orphan lease
+/// ([`orphan_duty`]) nobody holds (that server has not renewed it for a
+/// whole lease, so it is not running), and whose worker record is in this
+/// deployment's registry (so the worker is ours, not another deployment's
+/// sharing the engine). Such workers are adopted for removal; the lease is
+/// taken for the turn and given back, so the server takes its duty back
+/// as soon as it returns.
+#[derive(Clone)]
+struct Adopter {
+    server_id: String,
+    holder: String,
+    ttl: Duration,
+    stores: Stores,
+}
+
+impl Adopter {
+    /// The workers to remove, and the leases taken for them.
+    async fn adopt(
+        &self,
+        found: &[crate::ports::ProvisionedWorker],
+    ) -> (Vec<WorkerId>, Vec<String>) {
+        let mut servers: Vec<&str> = found
+            .iter()
+            .map(|pw| pw.server_id.as_str())
+            .filter(|s| !s.is_empty() && *s != self.server_id)
+            .collect();
+        servers.sort_unstable();
+        servers.dedup();
+        let mut adopted = Vec::new();
+        let mut leases = Vec::new();
+        for server in servers {
+            let duty = orphan_duty(server);
+            let take = self
+                .stores
+                .leases
+                .try_acquire(&duty, &self.holder, self.ttl, now_utc());
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(10), take).await,
+                Ok(Ok(true))
+            ) {
+                continue;
+            }
+            leases.push(duty);
+            for pw in found.iter().filter(|pw| pw.server_id == server) {
+                if let Ok(Some(_)) = self.stores.workers.get(pw.worker).await {
+                    tracing::info!(worker = %pw.worker, server, "adopting a leftover worker of a server that is gone");
+                    adopted.push(pw.worker);
+                }
+            }
+        }
+        (adopted, leases)
+    }
+
+    async fn release(&self, leases: Vec<String>) {
+        for duty in leases {
+            let release = self.stores.leases.release(&duty, &self.holder);
+            let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
+        }
+    }
 }
 
 /// A singleton duty: held through a lease in the shared store.
@@ -1861,6 +1936,7 @@ impl Driver {
                 provider,
                 found,
                 owner,
+                adopted,
             } => {
                 for pw in found {
                     let worker = pw.worker;
@@ -1879,9 +1955,10 @@ impl Driver {
                     }
                     // Only this server's leftovers (other servers sharing the
                     // backend own theirs), and only by the holder of its
-                    // orphan lease.
-                    if owner
-                        && pw.server_id == self.config.server_id
+                    // orphan lease; or those of a server that is gone,
+                    // adopted (see `Adopter`).
+                    let ours = owner && pw.server_id == self.config.server_id;
+                    if (ours || adopted.contains(&worker))
                         && !self.links.contains_key(&worker)
                         && let Some(p) = self.providers.get(&provider).cloned()
                     {
