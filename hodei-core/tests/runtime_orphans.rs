@@ -125,11 +125,13 @@ async fn leftovers_of_a_server_that_is_gone_are_adopted_and_of_a_live_one_kept()
         destroyed: Mutex::new(Vec::new()),
         lists: watch::Sender::new(0),
     });
-    let mut config = RuntimeConfig::default();
-    config.server_id = "srv-b".into();
+    let mut config = RuntimeConfig {
+        server_id: "srv-b".into(),
+        reconcile_interval: Duration::from_millis(50),
+        ..RuntimeConfig::default()
+    };
     config.engine.replica_id = "replica-b".into();
     config.engine.reconnect_grace = Duration::from_millis(10);
-    config.reconcile_interval = Duration::from_millis(50);
     let cp = ControlPlane::start(
         config,
         Stores::from_store(mem.clone()),
