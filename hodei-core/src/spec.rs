@@ -500,13 +500,10 @@ impl JobSpec {
                 format!("at most {} bytes in total", limits.max_spec_bytes),
             ));
         }
-        let raw: RawJobSpec = serde_json::from_str(text).map_err(|e| {
-            SpecError::new(
-                "spec",
-                format!("is not valid JSON for a job spec ({e})"),
-                "a JSON object with the fields documented in DESIGN.md",
-            )
-        })?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw: RawJobSpec = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| json_error(&e.path().to_string(), e.inner()))?;
+        de.end().map_err(|e| json_error(".", &e))?;
         Self::parse(raw, limits)
     }
 
@@ -727,6 +724,84 @@ fn raw_size(raw: &RawJobSpec) -> usize {
         + raw.working_dir.as_ref().map_or(0, String::len)
 }
 
+/// Fields of [`RawJobSpec`] and what each accepts, for error messages.
+const RAW_SPEC_FIELDS: &[(&str, &str)] = &[
+    ("name", "a string"),
+    ("command", "a list of strings (argv)"),
+    ("script", "a string"),
+    ("image", "a string"),
+    ("env", "an object of string values"),
+    ("secrets", "a list of secret names"),
+    ("working_dir", "a string"),
+    ("timeout_secs", "a whole number of seconds"),
+    ("max_attempts", "a whole number 1..=100"),
+    ("priority", "an integer -1000..=1000"),
+    ("labels", "an object of string values"),
+    ("provider", "a provider name"),
+    (
+        "resources",
+        "an object {\"cpu\": number, \"memory_mb\": whole number}",
+    ),
+    ("idempotency_key", "a string"),
+    ("retry_on_failure", "true or false"),
+];
+
+/// Fields of [`RawResources`] and what each accepts.
+const RAW_RESOURCE_FIELDS: &[(&str, &str)] = &[
+    ("cpu", "a number of CPUs, fractions allowed"),
+    ("memory_mb", "a whole number of MiB"),
+];
+
+/// The [`SpecError`] for a JSON error at `path` (`serde_path_to_error`'s
+/// form: `command`, `resources.cpu`, `secrets[1]`; `.` is the whole text).
+fn json_error(path: &str, e: &serde_json::Error) -> SpecError {
+    let names = |fields: &[(&str, &str)]| {
+        fields
+            .iter()
+            .map(|(f, _)| *f)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // The whole text (syntax, not an object) or the array form serde
+    // would map onto the struct: no field of the spec to name.
+    if path == "." || path.starts_with('[') {
+        return SpecError::new(
+            "spec",
+            format!("is not valid JSON for a job spec ({e})"),
+            format!("a JSON object with the fields {}", names(RAW_SPEC_FIELDS)),
+        );
+    }
+    let in_resources = path.starts_with("resources.");
+    let fields = if in_resources {
+        RAW_RESOURCE_FIELDS
+    } else {
+        RAW_SPEC_FIELDS
+    };
+    if e.to_string().starts_with("unknown field") {
+        let of = if in_resources {
+            "`resources`"
+        } else {
+            "a job spec"
+        };
+        return SpecError::new(
+            path,
+            format!("is not a field of {of}"),
+            format!("the fields {}", names(fields)),
+        );
+    }
+    let top = if in_resources {
+        path.trim_start_matches("resources.")
+    } else {
+        path
+    };
+    let top = top.split(['.', '[']).next().unwrap_or(top);
+    let accepted = fields
+        .iter()
+        .find(|(f, _)| *f == top)
+        .map_or("the type documented in DESIGN.md", |(_, a)| a);
+    SpecError::new(path, format!("is not valid ({e})"), accepted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,9 +903,73 @@ mod tests {
     fn unknown_fields_and_wrong_types_are_rejected_by_json() {
         let e = JobSpec::from_json(r#"{"command":["ls"],"bogus":1}"#, &SpecLimits::default())
             .unwrap_err();
-        assert!(e.problem.contains("bogus"), "{e}");
+        assert_eq!(e.field, "bogus", "{e}");
+        assert!(e.accepted.contains("command, script"), "{e}");
+        let e = JobSpec::from_json(
+            r#"{"command":["ls"],"resources":{"gpu":1}}"#,
+            &SpecLimits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "resources.gpu", "{e}");
+        assert_eq!(e.accepted, "the fields cpu, memory_mb", "{e}");
         let e = JobSpec::from_json(r#"{"command":"ls"}"#, &SpecLimits::default()).unwrap_err();
+        assert_eq!(e.field, "command", "{e}");
         assert!(e.problem.contains("invalid type"), "{e}");
+        assert!(e.to_string().contains("`command`"), "{e}");
+        assert_eq!(e.accepted, "a list of strings (argv)", "{e}");
+        let e = JobSpec::from_json(r#"{"secrets":["A",2]}"#, &SpecLimits::default()).unwrap_err();
+        assert_eq!(e.field, "secrets[1]", "{e}");
+        let e = JobSpec::from_json(
+            r#"{"command":["ls"],"resources":{"cpu":"two"}}"#,
+            &SpecLimits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "resources.cpu", "{e}");
+        let e = JobSpec::from_json(r#"{"command":["ls"]} trailing"#, &SpecLimits::default())
+            .unwrap_err();
+        assert_eq!(e.field, "spec", "{e}");
+        let e = JobSpec::from_json("[1]", &SpecLimits::default()).unwrap_err();
+        assert_eq!(e.field, "spec", "{e}");
+    }
+
+    #[test]
+    fn error_field_tables_list_every_raw_field() {
+        let full = RawJobSpec {
+            name: Some("n".into()),
+            command: Some(vec!["ls".into()]),
+            script: Some("s".into()),
+            image: Some("i".into()),
+            env: [("K".to_owned(), "V".to_owned())].into(),
+            secrets: vec!["S".into()],
+            working_dir: Some("/".into()),
+            timeout_secs: Some(1),
+            max_attempts: Some(1),
+            priority: Some(0),
+            labels: [("K".to_owned(), "V".to_owned())].into(),
+            provider: Some("local".into()),
+            resources: Some(RawResources {
+                cpu: Some(1.0),
+                memory_mb: Some(1),
+            }),
+            idempotency_key: Some("k".into()),
+            retry_on_failure: Some(true),
+        };
+        let v = serde_json::to_value(&full).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut listed: Vec<&str> = RAW_SPEC_FIELDS.iter().map(|(f, _)| *f).collect();
+        listed.sort_unstable();
+        assert_eq!(keys, listed);
+        let mut keys: Vec<&str> = v["resources"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut listed: Vec<&str> = RAW_RESOURCE_FIELDS.iter().map(|(f, _)| *f).collect();
+        listed.sort_unstable();
+        assert_eq!(keys, listed);
     }
 
     #[test]

@@ -723,6 +723,15 @@ impl FileConfig {
                 s.max_workers = n;
             }
             if let Some(n) = p.warm_pool {
+                // Idle workers count against max_workers: a bigger pool
+                // could never be filled.
+                if n > s.max_workers {
+                    return Err(ConfigError::invalid(
+                        &format!("providers[{i}].warm_pool"),
+                        format!("is {n}, more than max_workers ({})", s.max_workers),
+                        "0 to max_workers",
+                    ));
+                }
                 s.warm_pool = n;
             }
             if let Some(n) = p.min_workers {
@@ -928,11 +937,40 @@ mod tests {
         assert!(too_many.contains("providers[0].min_workers"), "{too_many}");
         assert!(too_many.contains("more than max_workers (2)"), "{too_many}");
         assert!(too_many.contains("0 to max_workers"), "{too_many}");
+        assert_eq!(c.providers[0].warm_pool, 1);
         assert_eq!(c.runtime.engine.dispatch_timeout, Duration::from_secs(2));
         assert_eq!(c.runtime.engine.claim_lease, Duration::from_secs(5));
         assert_eq!(c.runtime.engine.retry.base, Duration::from_millis(100));
         assert_eq!(c.runtime.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(c.runtime.limits.max_timeout_secs, 60);
+    }
+
+    #[test]
+    fn a_warm_pool_larger_than_max_workers_is_refused() {
+        let refused = |toml: &str| {
+            FileConfig::parse(toml)
+                .unwrap()
+                .to_server_config()
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused(
+            "[[providers]]\nkind = \"local\"\nmax_workers = 2\n\n\
+             [[providers]]\nkind = \"docker\"\nmax_workers = 2\nwarm_pool = 3\n",
+        );
+        assert!(err.contains("providers[1].warm_pool"), "{err}");
+        assert!(err.contains("is 3, more than max_workers (2)"), "{err}");
+        assert!(err.contains("accepted: 0 to max_workers"), "{err}");
+        // Without max_workers the default (8) is the bound.
+        let err = refused("[[providers]]\nkind = \"local\"\nwarm_pool = 9\n");
+        assert!(err.contains("providers[0].warm_pool"), "{err}");
+        assert!(err.contains("more than max_workers (8)"), "{err}");
+        let c =
+            FileConfig::parse("[[providers]]\nkind = \"local\"\nmax_workers = 2\nwarm_pool = 2\n")
+                .unwrap()
+                .to_server_config()
+                .unwrap();
+        assert_eq!(c.providers[0].warm_pool, 2);
     }
 
     #[test]

@@ -108,6 +108,15 @@ pub enum Command {
     Secret(SecretArgs),
 }
 
+/// Most jobs (`job list`) or events (`audit`) one `--limit` may ask for:
+/// the server refuses more, so the CLI refuses it before connecting.
+const MAX_LIMIT: u32 = 1000;
+
+/// `--limit`: 1..=[`MAX_LIMIT`].
+fn page_limit() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_LIMIT))
+}
+
 /// `--correlation-id` after a command name.
 #[derive(Debug, Clone, Args)]
 pub struct Correlation {
@@ -143,7 +152,12 @@ pub enum JobCmd {
         #[arg(long)]
         state: Option<String>,
         /// Most jobs to show (1..=1000).
-        #[arg(long, default_value_t = 50)]
+        #[arg(
+            long,
+            default_value_t = 50,
+            value_parser = page_limit(),
+            allow_negative_numbers = true
+        )]
         limit: u32,
         /// Continue after a previous page.
         #[arg(long)]
@@ -293,7 +307,12 @@ pub struct AuditArgs {
     #[arg(long)]
     pub until: Option<String>,
     /// Most events (1..=1000).
-    #[arg(long, default_value_t = 100)]
+    #[arg(
+        long,
+        default_value_t = 100,
+        value_parser = page_limit(),
+        allow_negative_numbers = true
+    )]
     pub limit: u32,
     /// Skip this many matching events.
     #[arg(long, default_value_t = 0)]
@@ -384,6 +403,10 @@ pub async fn main() -> u8 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            if let Some(line) = usage_error_line(&e) {
+                eprintln!("hodei: {line}");
+                return exit::USAGE;
+            }
             let code = if e.use_stderr() {
                 exit::USAGE
             } else {
@@ -402,6 +425,40 @@ pub async fn main() -> u8 {
             e.code
         }
     }
+}
+
+/// A command-line error as the one line docs/CLI.md promises (without the
+/// `hodei: ` prefix): clap's message with its details and tips joined,
+/// its usage block and help hint left out. `None` for help, version and
+/// the help printed when no command is given, which clap prints itself.
+fn usage_error_line(e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if !e.use_stderr()
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand
+        )
+    {
+        return None;
+    }
+    // `render` without colour: plain text, whatever the terminal.
+    let text = e.render().to_string();
+    let mut line = String::new();
+    for part in text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+    {
+        let part = part.strip_prefix("error: ").unwrap_or(part);
+        if !line.is_empty() {
+            // "...not provided:" is followed by its list; a tip is a
+            // sentence of its own.
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    Some(format!("{line} (see --help)"))
 }
 
 /// Runs one parsed command; `Ok` carries the exit code (a job's, for
@@ -1123,6 +1180,56 @@ mod tests {
         assert_eq!(code(Code::Unauthenticated), exit::UNAUTHENTICATED);
         assert_eq!(code(Code::FailedPrecondition), exit::CONFLICT);
         assert_eq!(code(Code::Internal), exit::ERROR);
+    }
+
+    #[test]
+    fn limits_outside_one_to_a_thousand_are_usage_errors() {
+        for args in [
+            &["hodei", "job", "list", "--limit", "0"][..],
+            &["hodei", "job", "list", "--limit", "1001"][..],
+            &["hodei", "audit", "--limit", "0"][..],
+            &["hodei", "audit", "--limit", "5000"][..],
+            &["hodei", "audit", "--limit", "-1"][..],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            let line = usage_error_line(&e).expect("a usage error");
+            assert!(!line.contains('\n'), "{line}");
+            assert!(line.contains("--limit"), "{line}");
+            assert!(line.contains("1..=1000"), "{line}");
+        }
+        for (args, limit) in [
+            (&["hodei", "job", "list", "--limit", "1000"][..], 1000),
+            (&["hodei", "job", "list"][..], 50),
+        ] {
+            match Cli::try_parse_from(args).unwrap().command {
+                Command::Job(a) => match a.cmd {
+                    JobCmd::List { limit: l, .. } => assert_eq!(l, limit),
+                    other => panic!("parsed as {other:?}"),
+                },
+                _ => panic!("parsed as another command"),
+            }
+        }
+        match Cli::try_parse_from(["hodei", "audit", "--limit", "1"])
+            .unwrap()
+            .command
+        {
+            Command::Audit(a) => assert_eq!(a.limit, 1),
+            _ => panic!("parsed as another command"),
+        }
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_and_help_is_not_an_error() {
+        let line = |args: &[&str]| usage_error_line(&Cli::try_parse_from(args).unwrap_err());
+        let l = line(&["hodei", "job", "get"]).unwrap();
+        assert!(l.contains("required") && l.contains("<ID>"), "{l}");
+        assert!(!l.contains('\n') && !l.contains("Usage:"), "{l}");
+        let l = line(&["hodei", "job", "list", "--bogus"]).unwrap();
+        assert!(l.contains("--bogus"), "{l}");
+        assert!(!l.contains('\n') && !l.contains("Usage:"), "{l}");
+        assert_eq!(line(&["hodei", "--help"]), None);
+        assert_eq!(line(&["hodei", "--version"]), None);
+        assert_eq!(line(&["hodei"]), None);
     }
 
     #[test]

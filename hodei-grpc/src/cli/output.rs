@@ -47,6 +47,15 @@ fn job_value(job: &proto::Job) -> Result<Value, CliError> {
     to_value(job_dto(job)?)
 }
 
+/// `job list --output json`: the document of `GET /api/v1/jobs`, whose
+/// `next_cursor` is absent (not `null`) on the last page.
+fn jobs_page(resp: &proto::ListJobsResponse) -> Result<dto::JobPageDto, CliError> {
+    Ok(dto::JobPageDto {
+        jobs: resp.jobs.iter().map(job_dto).collect::<Result<_, _>>()?,
+        next_cursor: (!resp.next_cursor.is_empty()).then(|| resp.next_cursor.clone()),
+    })
+}
+
 fn event_dto(e: &proto::Event) -> Result<dto::EventDto, CliError> {
     let event_id = e
         .event_id
@@ -167,7 +176,6 @@ impl Printer {
         out.flush().map_err(write_err)
     }
 
-    /// `job submit`: the id (text) or the job (JSON).
     /// `job submit`: the id (text), or the job with `"replayed": bool`
     /// (JSON; `true` when an earlier job with the same idempotency key was
     /// returned).
@@ -301,13 +309,7 @@ impl Printer {
     /// `job list`.
     pub(super) fn jobs(&self, resp: &proto::ListJobsResponse) -> Result<(), CliError> {
         if self.format == OutputFormat::Json {
-            let jobs = resp
-                .jobs
-                .iter()
-                .map(job_value)
-                .collect::<Result<Vec<_>, _>>()?;
-            let cursor = (!resp.next_cursor.is_empty()).then(|| resp.next_cursor.clone());
-            return self.json(&json!({ "jobs": jobs, "next_cursor": cursor }));
+            return self.json(&to_value(jobs_page(resp)?)?);
         }
         let rows = resp
             .jobs
@@ -544,6 +546,23 @@ mod tests {
     fn shell_words_quote_what_needs_it() {
         let argv = vec!["sh".to_string(), "-c".into(), "echo 'hi'".into()];
         assert_eq!(shell_words(&argv), r"sh -c 'echo '\''hi'\'''");
+    }
+
+    #[test]
+    fn job_list_json_has_next_cursor_only_when_there_is_a_next_page() {
+        let last = proto::ListJobsResponse {
+            jobs: Vec::new(),
+            next_cursor: String::new(),
+        };
+        let v = to_value(jobs_page(&last).unwrap()).unwrap();
+        assert_eq!(v, json!({ "jobs": [] }));
+        assert!(v.get("next_cursor").is_none(), "{v}");
+        let more = proto::ListJobsResponse {
+            jobs: Vec::new(),
+            next_cursor: "50".into(),
+        };
+        let v = to_value(jobs_page(&more).unwrap()).unwrap();
+        assert_eq!(v, json!({ "jobs": [], "next_cursor": "50" }));
     }
 
     #[test]

@@ -129,6 +129,30 @@ fn parse_worker(ctx: &RequestContext, s: &str) -> Result<WorkerId, Status> {
     convert::worker_id("worker_id", s).map_err(|e| bad(ctx, e))
 }
 
+/// Most jobs or events in one page of `ListJobs` or `Audit.Query`.
+const MAX_PAGE_LIMIT: u32 = 1000;
+
+/// Page size when a request leaves `limit` at 0 (as HTTP without `limit`).
+const DEFAULT_PAGE_LIMIT: u32 = 100;
+
+/// The page size a request asks for: 0 is the default, 1..=1000 is taken
+/// as is, anything larger is refused rather than silently capped (so a
+/// client never believes it got the page size it asked for).
+fn page_limit(ctx: &RequestContext, limit: u32) -> Result<usize, Status> {
+    match limit {
+        0 => Ok(DEFAULT_PAGE_LIMIT as usize),
+        1..=MAX_PAGE_LIMIT => Ok(limit as usize),
+        n => Err(invalid(
+            ctx,
+            "limit",
+            format!(
+                "`limit` is {n}; accepted: 1..={MAX_PAGE_LIMIT} \
+                 (0 means the default, {DEFAULT_PAGE_LIMIT})"
+            ),
+        )),
+    }
+}
+
 fn shutting_down() -> Status {
     Status::unavailable("server is shutting down")
 }
@@ -195,7 +219,7 @@ impl JobService for Api {
         let state = convert::job_state_from_proto("state", r.state).map_err(|e| bad(&ctx, e))?;
         let filter = JobFilter {
             state,
-            limit: r.limit.min(1000) as usize,
+            limit: page_limit(&ctx, r.limit)?,
             cursor: (!r.cursor.is_empty()).then(|| r.cursor.clone()),
         };
         let page = self
@@ -529,7 +553,7 @@ impl AuditService for Api {
             actor: r.actor.filter(|s| !s.is_empty()),
             since: ts("since", r.since).map_err(|e| bad(&ctx, e))?,
             until: ts("until", r.until).map_err(|e| bad(&ctx, e))?,
-            limit: r.limit.min(1000) as usize,
+            limit: page_limit(&ctx, r.limit)?,
             offset: r.offset as usize,
         };
         if let Some(t) = &filter.event_type
@@ -701,5 +725,33 @@ impl SecretService for Api {
             .await
             .map_err(|e| status(&ctx, e))?;
         Ok(reply(&ctx, proto::DeleteSecretResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hodei_core::ids::{Actor, CorrelationId};
+
+    use super::*;
+
+    #[test]
+    fn page_limits_above_the_maximum_are_refused_not_capped() {
+        let ctx = RequestContext {
+            correlation_id: CorrelationId::new("c"),
+            actor: Actor::system("test"),
+        };
+        assert_eq!(page_limit(&ctx, 0).unwrap(), 100);
+        assert_eq!(page_limit(&ctx, 1).unwrap(), 1);
+        assert_eq!(page_limit(&ctx, 1000).unwrap(), 1000);
+        let s = page_limit(&ctx, 1001).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "`limit` is 1001; accepted: 1..=1000 (0 means the default, 100)"
+        );
+        assert_eq!(
+            s.metadata().get(super::super::ERROR_FIELD_HEADER).unwrap(),
+            "limit"
+        );
     }
 }
