@@ -4,8 +4,15 @@
 //! Secret services, behind bearer-token auth), the worker sessions
 //! (`WorkerService`), `grpc.health.v1` and gRPC reflection.
 //!
-//! [`run`] is what the `hodei-server` binary calls; [`start`] returns a
-//! [`RunningServer`] for tests and embedders.
+//! [`run`] is what the `hodei-server` binary calls: it parses its flags
+//! into a [`ServerConfig`], binds the [`Listeners`] and hands both to
+//! `run`, nothing more. [`start`] does the same composition and returns a
+//! [`RunningServer`] for tests and embedders. Both use
+//! [`ServerOptions::standard`]: the HTTP API of hodei-http on
+//! [`Listeners::http`], the PostgreSQL stores of hodei-postgres for
+//! [`StoreBackend::Postgres`], and one Prometheus registry that counts the
+//! requests of both listeners. [`run_with`] and [`start_with`] take other
+//! [`ServerOptions`] for embedders who bring their own.
 //!
 //! # Shutdown
 //! [`RunningServer::stop`] stops accepting connections, ends long-lived
@@ -40,7 +47,9 @@ pub use api::Api;
 pub use auth::{ANONYMOUS, Auth, CORRELATION_HEADER, ERROR_FIELD_HEADER, is_valid_correlation_id};
 pub use session::{GrpcWorkerLink, Sessions};
 
-use crate::config::{ConfigError, ProviderKind, ProviderSettings, ServerConfig, StoreBackend};
+use crate::config::{
+    BindAddrs, ConfigError, ProviderKind, ProviderSettings, ServerConfig, StoreBackend,
+};
 use crate::inprocess::InProcessProvider;
 use crate::proto;
 
@@ -64,6 +73,24 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
 }
 
+impl Listeners {
+    /// Binds the addresses of a configuration (`hodei-server` does this
+    /// with what its flags resolved to).
+    pub async fn bind(addrs: &BindAddrs) -> Result<Listeners, ServerError> {
+        let bind = |flag: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { flag, addr, source })
+        };
+        let grpc = bind("--grpc-addr", addrs.grpc).await?;
+        let http = match addrs.http {
+            Some(addr) => Some(bind("--http-addr", addr).await?),
+            None => None,
+        };
+        Ok(Listeners { grpc, http })
+    }
+}
+
 /// Serves the HTTP API on a listener until the token is cancelled. The
 /// hodei-http crate provides one; [`ServerOptions::http`] installs it.
 pub type HttpServe = Arc<
@@ -73,6 +100,8 @@ pub type HttpServe = Arc<
 >;
 
 /// Hooks an embedder or a transport crate adds to a [`ServerConfig`].
+/// [`ServerOptions::standard`] is what [`run`] and [`start`] use; the
+/// default has none (no HTTP API, no PostgreSQL, no request metrics).
 #[derive(Clone, Default)]
 pub struct ServerOptions {
     /// Serves `Listeners::http`. Without it the HTTP listener is closed
@@ -86,11 +115,55 @@ pub struct ServerOptions {
     pub metrics: Option<hodei_http::metrics::Metrics>,
 }
 
+impl ServerOptions {
+    /// The standard wiring of `hodei-server`, for `config`:
+    /// - `http`: the HTTP API of hodei-http (REST `/api/v1`, SSE logs, web
+    ///   UI, `/metrics`, `/healthz`, `/readyz`), with the API tokens of
+    ///   `config` and a body limit that fits its largest accepted spec;
+    /// - `postgres`: opens a [`hodei_postgres::PgStore`] (migrations
+    ///   applied) for [`StoreBackend::Postgres`];
+    /// - `metrics`: one registry for gRPC and HTTP requests, served by the
+    ///   HTTP API at `/metrics`.
+    pub fn standard(config: &ServerConfig) -> ServerOptions {
+        let metrics = hodei_http::metrics::Metrics::new();
+        let http_config = hodei_http::HttpConfig {
+            metrics: metrics.clone(),
+            api_tokens: config
+                .api_tokens
+                .iter()
+                .map(|t| (t.token.clone(), t.name.clone()))
+                .collect(),
+            max_body_bytes: hodei_http::body_limit_for_spec(config.runtime.limits.max_spec_bytes),
+        };
+        ServerOptions {
+            http: Some(Arc::new(move |listener, cp, stop| {
+                let router = hodei_http::router(cp, http_config.clone());
+                Box::pin(async move {
+                    hodei_http::serve(listener, router, async move { stop.cancelled().await }).await
+                })
+            })),
+            postgres: Some(Arc::new(|url: String| {
+                Box::pin(async move {
+                    let store = hodei_postgres::PgStore::connect(
+                        &url,
+                        hodei_postgres::PgStoreOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok(Stores::from_store(Arc::new(store)))
+                })
+            })),
+            metrics: Some(metrics),
+        }
+    }
+}
+
 impl std::fmt::Debug for ServerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerOptions")
             .field("http", &self.http.is_some())
             .field("postgres", &self.postgres.is_some())
+            .field("metrics", &self.metrics.is_some())
             .finish()
     }
 }
@@ -135,6 +208,16 @@ pub enum ServerError {
     /// The control plane did not start.
     #[error("control plane: {0}")]
     ControlPlane(#[from] ApiError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {flag} {addr}: {source}")]
+    Bind {
+        /// The flag that names the address (`--grpc-addr`, `--http-addr`).
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Socket errors.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -143,18 +226,20 @@ pub enum ServerError {
     Transport(String),
 }
 
-/// Starts the server, prints `hodei-server listening on grpc=ADDR` (and
-/// `http=ADDR`) on stdout once it accepts calls, serves until `shutdown`
+/// Starts the server with [`ServerOptions::standard`], prints
+/// `hodei-server listening on grpc=ADDR` (and ` http=ADDR` when the HTTP
+/// API is served) on stdout once it accepts calls, serves until `shutdown`
 /// completes, then stops gracefully (see the module docs).
 pub async fn run(
     listeners: Listeners,
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    run_with(listeners, config, ServerOptions::default(), shutdown).await
+    let options = ServerOptions::standard(&config);
+    run_with(listeners, config, options, shutdown).await
 }
 
-/// [`run`] with hooks.
+/// [`run`] with other hooks than the standard ones.
 pub async fn run_with(
     listeners: Listeners,
     config: ServerConfig,
@@ -208,16 +293,17 @@ impl std::fmt::Debug for RunningServer {
     }
 }
 
-/// Composes the control plane and starts serving; returns once calls are
-/// accepted.
+/// Composes the control plane with [`ServerOptions::standard`] and starts
+/// serving; returns once calls are accepted.
 pub async fn start(
     listeners: Listeners,
     config: ServerConfig,
 ) -> Result<RunningServer, ServerError> {
-    start_with(listeners, config, ServerOptions::default()).await
+    let options = ServerOptions::standard(&config);
+    start_with(listeners, config, options).await
 }
 
-/// [`start`] with hooks.
+/// [`start`] with other hooks than the standard ones.
 pub async fn start_with(
     listeners: Listeners,
     mut config: ServerConfig,
@@ -821,6 +907,42 @@ mod tests {
         .err()
         .unwrap();
         assert!(matches!(err, ServerError::StoreNotConfigured));
+    }
+
+    #[tokio::test]
+    async fn the_standard_options_serve_http_and_open_postgres() {
+        let options = ServerOptions::standard(&ServerConfig::default());
+        assert!(options.http.is_some() && options.metrics.is_some());
+        // A URL that cannot be parsed fails in the PostgreSQL opener
+        // itself (no connection attempted): the backend is installed.
+        let err = open_stores(
+            &StoreBackend::Postgres {
+                url: "postgres://localhost:not-a-port/hodei".into(),
+            },
+            &options,
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(err, ServerError::Store(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn binding_names_the_flag_of_the_address() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = Listeners::bind(&BindAddrs {
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            http: Some(addr),
+        })
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.starts_with(&format!("cannot listen on --http-addr {addr}: ")),
+            "{err}"
+        );
     }
 
     #[tokio::test]
