@@ -464,6 +464,59 @@ async fn a_job_runs_in_a_container_of_the_default_image() {
 
     // The ephemeral workers' containers are gone once their jobs are.
     ds.wait_no_containers().await;
+
+    // The worker went through its whole lifecycle, each step an event:
+    // CREATING → CONNECTING → READY → BUSY → TERMINATING → TERMINATED.
+    let lifecycle = [
+        "WorkerProvisioningRequested",
+        "WorkerProvisioned",
+        "WorkerRegistered",
+        "WorkerReady",
+        "WorkerTerminated",
+    ];
+    let types = wait_for("the worker's WorkerTerminated", DEADLINE, || async {
+        let types: Vec<String> = client
+            .all_events()
+            .await
+            .iter()
+            .filter(|e| e.aggregate_id == worker || payload(e)["worker_id"] == worker.as_str())
+            .map(|e| e.event_type.clone())
+            .collect();
+        types
+            .iter()
+            .any(|t| t == "WorkerTerminated")
+            .then_some(types)
+    })
+    .await;
+    let mut rest = types.iter();
+    for step in lifecycle {
+        assert!(
+            rest.any(|t| t == step),
+            "{step} missing or out of order in the worker's events {types:?}"
+        );
+    }
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some("WorkerTerminated"),
+        "{types:?}"
+    );
+    let workers = ds.server.cli(&["worker", "list", "--output", "json"]);
+    assert!(workers.status.success(), "{}", stderr(&workers));
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&workers)).expect("json");
+    let state = listed
+        .as_array()
+        .or_else(|| listed["workers"].as_array())
+        .into_iter()
+        .flatten()
+        .find(|w| w["worker_id"] == worker.as_str() || w["id"] == worker.as_str())
+        .map(|w| w["state"].clone());
+    assert!(
+        matches!(
+            state.as_ref().and_then(|s| s.as_str()),
+            None | Some("TERMINATED")
+        ),
+        "a removed container's worker is TERMINATED or no longer listed, got {state:?}"
+    );
 }
 
 /// 2. A job in an image without the agent runs: the static agent is
