@@ -357,6 +357,17 @@ pub struct Counters {
     pub start_latency_count: AtomicU64,
 }
 
+impl Counters {
+    /// Counts `job` in [`Counters::jobs_finished`] under its state: every
+    /// terminal write this process stores (the driver's, a cancellation of
+    /// a job no engine held, the sweep's) counts once.
+    fn count_finished(&self, job: &Job) {
+        if let Some(ix) = JobState::ALL.iter().position(|s| *s == job.state()) {
+            self.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The control plane: a cloneable handle on the driver task.
 #[derive(Clone)]
 pub struct ControlPlane {
@@ -2352,6 +2363,7 @@ impl Driver {
             match self.stores.jobs.update(&job, expected, events).await {
                 Ok(_) => {
                     self.decisions.stored(&job);
+                    self.counters.count_finished(&job);
                     self.stores.finish_log(id).await;
                     return Ok(job);
                 }
@@ -2396,6 +2408,7 @@ impl Driver {
                 {
                     self.decisions.stored(&job);
                     if job.is_terminal() {
+                        self.counters.count_finished(&job);
                         self.stores.finish_log(job.id).await;
                     }
                 }
@@ -2680,11 +2693,7 @@ async fn after_update(
     }
     match r {
         Ok(_) if job.is_terminal() => {
-            let ix = JobState::ALL
-                .iter()
-                .position(|s| *s == job.state())
-                .unwrap_or(0);
-            ctx.counters.jobs_finished[ix].fetch_add(1, Ordering::Relaxed);
+            ctx.counters.count_finished(job);
             (Some(FollowUp::Finished(job.id)), Some(job.id))
         }
         Ok(_) => (None, None),

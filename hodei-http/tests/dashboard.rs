@@ -185,7 +185,64 @@ async fn the_dashboard_lists_follows_and_cancels_jobs() {
     d.wait_text("#job-details", "non_zero_exit", 20)
         .await
         .unwrap();
+    // Its one attempt, in the attempts table: number, outcome, worker and
+    // why it failed.
+    let failed_id = d
+        .current_url()
+        .await
+        .split("#/jobs/")
+        .nth(1)
+        .map(str::to_owned)
+        .expect("on the job's page");
+    let failed: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/jobs/{failed_id}")))
+        .bearer_auth("ui-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let worker = failed["attempts"][0]["worker_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the attempt ran on a worker: {failed}"))
+        .to_owned();
+    let rows = d.attempt_rows(1).await;
+    assert_eq!(
+        rows[0][..3],
+        ["1".to_owned(), "FAILED".to_owned(), worker[..8].to_owned()]
+    );
+    assert_eq!(rows[0][5], "non_zero_exit: exited with code 4");
     d.screenshot("job-failed").await;
+
+    // A job retried after a failure shows each failed attempt.
+    let retried: Value = s
+        .http
+        .post(s.url("/api/v1/jobs"))
+        .bearer_auth("ui-token")
+        .json(&json!({
+            "name": "retried",
+            "command": ["sh", "-c", "exit 3"],
+            "max_attempts": 2,
+            "retry_on_failure": true,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let retried = retried["id"].as_str().unwrap().to_owned();
+    d.goto(&s.url(&format!("/#/jobs/{retried}"))).await;
+    d.wait_text("#job-state", "FAILED", 20).await.unwrap();
+    let rows = d.attempt_rows(2).await;
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], (i + 1).to_string(), "{rows:?}");
+        assert_eq!(row[1], "FAILED", "{rows:?}");
+        assert_eq!(row[5], "non_zero_exit: exited with code 3", "{rows:?}");
+    }
+    d.screenshot("job-retried").await;
 
     d.quit().await;
 }
@@ -433,6 +490,26 @@ impl Driver {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The cells' text of the rows of `#attempts`, once it shows `n`
+    /// finished attempts (before any, it has one placeholder row of one
+    /// cell).
+    async fn attempt_rows(&self, n: usize) -> Vec<Vec<String>> {
+        let script = "return Array.from(document.querySelectorAll(arguments[0]))\
+            .map((r) => Array.from(r.cells).map((c) => c.textContent));";
+        eventually(20, &format!("{n} attempt(s) in #attempts"), || async {
+            let v = self
+                .post(
+                    "/execute/sync",
+                    json!({"script": script, "args": ["#attempts tbody tr"]}),
+                )
+                .await
+                .ok()?;
+            let rows: Vec<Vec<String>> = serde_json::from_value(v).ok()?;
+            (rows.len() == n && rows.iter().all(|r| r.len() == 6)).then_some(rows)
+        })
+        .await
     }
 
     async fn wait_absent(&self, css: &str, secs: u64) {

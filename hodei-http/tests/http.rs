@@ -10,7 +10,7 @@ use std::time::Duration;
 use hodei_http::HttpConfig;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{Server, SseReader, eventually, tokens};
+use support::{Server, SseEvent, SseReader, eventually, tokens};
 
 async fn body(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
@@ -1158,6 +1158,109 @@ async fn live_logs_stream_history_then_live_lines_and_resume() {
     assert_eq!(sse.next_within(10).await.unwrap().event, "end");
 }
 
+/// What a browser's `EventSource` does when its connection drops while the
+/// job runs: it reconnects with `Last-Event-ID` and must get every later
+/// line exactly once, some from history and some live, then `end`.
+#[tokio::test]
+async fn live_logs_resume_with_last_event_id_while_the_job_runs() {
+    let s = Server::start(HttpConfig::default()).await;
+    let dir = std::env::temp_dir();
+    let tag = uuid::Uuid::new_v4();
+    let flag_a = dir.join(format!("hodei-sse-resume-a-{tag}"));
+    let flag_b = dir.join(format!("hodei-sse-resume-b-{tag}"));
+    // Two lines; $A; two more (written while no stream is open); $B; two
+    // more (only reachable live on the resumed stream).
+    let script = "echo one; echo two; \
+        while [ ! -e \"$A\" ]; do sleep 0.05; done; echo three; echo four; \
+        while [ ! -e \"$B\" ]; do sleep 0.05; done; echo five; echo six";
+    let job = submit(
+        &s,
+        json!({
+            "command": ["sh", "-c", script],
+            "env": {"A": flag_a.to_str().unwrap(), "B": flag_b.to_str().unwrap()},
+        }),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let logs = format!("/api/v1/jobs/{id}/logs");
+    let open = |last_event_id: Option<&'static str>| {
+        let mut req = s
+            .http
+            .get(s.url(&logs))
+            .header("accept", "text/event-stream");
+        if let Some(last) = last_event_id {
+            req = req.header("last-event-id", last);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            SseReader::new(r)
+        }
+    };
+    // A log event as (seq, text), checking that its SSE id is its seq.
+    let log_line = |ev: SseEvent| {
+        assert_eq!(ev.event, "log", "{ev:?}");
+        let line: Value = serde_json::from_str(&ev.data).unwrap();
+        let seq = line["seq"].as_u64().unwrap();
+        assert_eq!(ev.id, Some(seq.to_string()), "SSE id = seq");
+        (seq, line["text"].as_str().unwrap().to_owned())
+    };
+
+    // The first two lines, then the connection drops.
+    let mut sse = open(None).await;
+    let first: Vec<(u64, String)> = [
+        sse.next_within(20).await.expect("line 1"),
+        sse.next_within(20).await.expect("line 2"),
+    ]
+    .into_iter()
+    .map(log_line)
+    .collect();
+    assert_eq!(first, vec![(1, "one".into()), (2, "two".into())]);
+    drop(sse);
+
+    // Lines 3 and 4 are written and stored while nobody listens.
+    std::fs::write(&flag_a, b"").unwrap();
+    eventually(20, "lines 3 and 4 to be stored", || async {
+        let (_, page) = get(&s, &logs).await;
+        (page["lines"].as_array().unwrap().len() == 4).then_some(())
+    })
+    .await;
+    let (_, running) = get(&s, &format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(running["state"], "RUNNING", "it waits for $B: {running}");
+
+    // The browser reconnects: 3 and 4 from history, no 1 or 2 again.
+    let mut sse = open(Some("2")).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(log_line(sse.next_within(20).await.expect("a resumed line")));
+    }
+    assert_eq!(got, vec![(3, "three".into()), (4, "four".into())]);
+    // Then live: 5 and 6 exist only once $B is there, then `end`, once.
+    std::fs::write(&flag_b, b"").unwrap();
+    loop {
+        let ev = sse
+            .next_within(20)
+            .await
+            .expect("the resumed stream ends with `end`, not before");
+        if ev.event == "end" {
+            let end: Value = serde_json::from_str(&ev.data).unwrap();
+            assert_eq!(end["state"], "SUCCEEDED", "{end}");
+            assert_eq!(end["id"], id.as_str());
+            break;
+        }
+        got.push(log_line(ev));
+    }
+    let _ = std::fs::remove_file(&flag_a);
+    let _ = std::fs::remove_file(&flag_b);
+    let want: Vec<(u64, String)> = ["three", "four", "five", "six"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (i as u64 + 3, t.to_string()))
+        .collect();
+    assert_eq!(got, want, "every line after 2, once, in order");
+    assert!(sse.next_within(5).await.is_none(), "closed after `end`");
+}
+
 #[tokio::test]
 async fn a_stream_of_a_cancelled_job_ends() {
     let s = Server::start(HttpConfig::default()).await;
@@ -1377,11 +1480,39 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     samples
 }
 
+/// The `hodei_workers` series, by their `state` label.
+fn workers_by_state(m: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    m.iter()
+        .filter_map(|(k, v)| {
+            let state = k
+                .strip_prefix("hodei_workers{state=\"")?
+                .strip_suffix("\"}")?;
+            Some((state.to_owned(), *v))
+        })
+        .collect()
+}
+
+/// The event-bus lag gauges are there and are non-negative numbers; the
+/// event count is a whole number no greater than its cap.
+fn assert_lag_gauges(m: &BTreeMap<String, f64>) {
+    for name in ["hodei_event_bus_lag_events", "hodei_event_bus_lag_seconds"] {
+        let v = *m.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert!(v.is_finite() && v >= 0.0, "{name} = {v}");
+    }
+    let events = m["hodei_event_bus_lag_events"];
+    assert!(
+        events.fract() == 0.0 && events <= 10_000.0,
+        "hodei_event_bus_lag_events = {events}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_move_when_jobs_run() {
     let config = HttpConfig::default();
     let metrics = config.metrics.clone();
-    let s = Server::start(config).await;
+    // At most one worker: while one job holds it, the others wait in the queue.
+    let s = Server::start_with(support::control_plane_with(1).await, config).await;
+    let flag = std::env::temp_dir().join(format!("hodei-metrics-flag-{}", uuid::Uuid::new_v4()));
     let scrape = || async {
         let r = s.http.get(s.url("/metrics")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -1401,6 +1532,8 @@ async fn metrics_move_when_jobs_run() {
         "hodei_job_start_latency_seconds_count",
         "hodei_queue_depth",
         "hodei_workers{state=\"READY\"}",
+        "hodei_workers{state=\"BUSY\"}",
+        "hodei_workers{state=\"TERMINATED\"}",
         "hodei_event_bus_lag_events",
         "hodei_event_bus_lag_seconds",
         "hodei_log_lines_total",
@@ -1411,31 +1544,119 @@ async fn metrics_move_when_jobs_run() {
     }
     assert_eq!(before["hodei_jobs_submitted_total"], 0.0);
     assert_eq!(before["hodei_log_lines_dropped_total"], 0.0);
+    assert_eq!(before["hodei_queue_depth"], 0.0);
+    let workers = workers_by_state(&before);
+    assert!(
+        workers.values().all(|n| *n == 0.0),
+        "no worker yet: {workers:?}"
+    );
+    assert_lag_gauges(&before);
+    assert!(
+        !before
+            .keys()
+            .any(|k| k.starts_with("hodei_grpc_requests_total")),
+        "no gRPC request recorded yet"
+    );
 
-    let job = submit(
+    // A job that holds the only worker until the test creates $FLAG.
+    let holder = submit(
         &s,
-        json!({"command": ["sh", "-c", "echo a; echo bb; sleep 0.2"]}),
+        json!({
+            "command": ["sh", "-c", "echo a; echo bb; while [ ! -e \"$FLAG\" ]; do sleep 0.05; done; sleep 0.2"],
+            "env": {"FLAG": flag.to_str().unwrap()},
+        }),
     )
     .await;
-    let id = job["id"].as_str().unwrap();
-    wait_terminal(&s, id).await;
+    let holder = holder["id"].as_str().unwrap().to_owned();
+    wait_state(&s, &holder, |st| st == "RUNNING").await;
+    let running = eventually(20, "the worker to be BUSY", || async {
+        let m = scrape().await;
+        (m["hodei_workers{state=\"BUSY\"}"] == 1.0).then_some(m)
+    })
+    .await;
+    let live: f64 = workers_by_state(&running)
+        .iter()
+        .filter(|(state, _)| *state != "TERMINATED")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(live, 1.0, "{:?}", workers_by_state(&running));
+    assert_eq!(running["hodei_queue_depth"], 0.0, "the running job left it");
+    assert_lag_gauges(&running);
+
+    // Two more wait for the worker slot: the queue holds them.
     let failing = submit(&s, json!({"command": ["false"]})).await;
-    wait_terminal(&s, failing["id"].as_str().unwrap()).await;
+    let failing = failing["id"].as_str().unwrap().to_owned();
+    let doomed = submit(&s, json!({"command": ["sleep", "30"]})).await;
+    let doomed = doomed["id"].as_str().unwrap().to_owned();
+    let queued = scrape().await;
+    assert_eq!(queued["hodei_queue_depth"], 2.0);
+    assert_eq!(queued["hodei_workers{state=\"BUSY\"}"], 1.0);
+    for id in [&failing, &doomed] {
+        let (_, job) = get(&s, &format!("/api/v1/jobs/{id}")).await;
+        assert_eq!(job["state"], "PENDING", "no slot for it: {job}");
+    }
+
+    // A cancelled job leaves the queue.
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/jobs/{doomed}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually(10, "the queue depth to drop to 1", || async {
+        (scrape().await["hodei_queue_depth"] == 1.0).then_some(())
+    })
+    .await;
+
+    // The holder ends; the waiting job gets the slot, runs and fails, and
+    // both one-job workers go.
+    std::fs::write(&flag, b"").unwrap();
+    let done = wait_terminal(&s, &holder).await;
+    let _ = std::fs::remove_file(&flag);
+    assert_eq!(done["state"], "SUCCEEDED", "{done}");
+    let done = wait_terminal(&s, &failing).await;
+    assert_eq!(done["state"], "FAILED", "{done}");
+    // A clone of the registry (what hodei-server gives its gRPC server)
+    // records into the one served here. The gRPC server's own recording is
+    // tested end to end in hodei-grpc.
     metrics.record_grpc("/hodei.v1.JobService/GetJob", "NOT_FOUND", 0.004);
 
-    let after = eventually(10, "the histograms to catch up", || async {
+    let after = eventually(20, "the gauges and histograms to settle", || async {
         let m = scrape().await;
+        let workers = workers_by_state(&m);
+        let live: f64 = workers
+            .iter()
+            .filter(|(state, _)| *state != "TERMINATED")
+            .map(|(_, n)| n)
+            .sum();
         (m["hodei_job_duration_seconds_count{state=\"FAILED\"}"] >= 1.0
-            && m["hodei_job_duration_seconds_count{state=\"SUCCEEDED\"}"] >= 1.0)
+            && m["hodei_job_duration_seconds_count{state=\"SUCCEEDED\"}"] >= 1.0
+            && m["hodei_job_duration_seconds_count{state=\"CANCELLED\"}"] >= 1.0
+            && m["hodei_queue_depth"] == 0.0
+            && live == 0.0
+            && m["hodei_event_bus_lag_events"] == 0.0)
             .then_some(m)
     })
     .await;
-    assert_eq!(after["hodei_jobs_submitted_total"], 2.0);
+    assert_eq!(after["hodei_workers{state=\"TERMINATED\"}"], 2.0);
+    assert_lag_gauges(&after);
+    assert_eq!(after["hodei_jobs_submitted_total"], 3.0);
     assert_eq!(after["hodei_jobs_finished_total{state=\"SUCCEEDED\"}"], 1.0);
     assert_eq!(after["hodei_jobs_finished_total{state=\"FAILED\"}"], 1.0);
+    // The job cancelled while queued, before any engine claimed it (the
+    // store-side cancel path), counts too, in the counter and in the
+    // histogram fed by the event bus.
+    assert_eq!(after["hodei_jobs_finished_total{state=\"CANCELLED\"}"], 1.0);
+    assert_eq!(
+        after["hodei_job_duration_seconds_count{state=\"CANCELLED\"}"],
+        1.0
+    );
+    assert_eq!(after["hodei_jobs_finished_total{state=\"TIMED_OUT\"}"], 0.0);
     assert_eq!(after["hodei_log_lines_total"], 2.0);
     assert_eq!(after["hodei_log_bytes_total"], 3.0);
     assert_eq!(after["hodei_log_lines_dropped_total"], 0.0);
+    // The cancelled job never started.
     assert_eq!(after["hodei_job_start_latency_seconds_count"], 2.0);
     assert!(after["hodei_job_start_latency_seconds_sum"] > 0.0);
     let succeeded_secs = after["hodei_job_duration_seconds_sum{state=\"SUCCEEDED\"}"];
@@ -1447,18 +1668,15 @@ async fn metrics_move_when_jobs_run() {
         after["hodei_job_duration_seconds_bucket{state=\"SUCCEEDED\",le=\"+Inf\"}"],
         1.0
     );
-    assert_eq!(after["hodei_queue_depth"], 0.0);
     assert_eq!(after["hodei_provider_healthy{provider=\"local\"}"], 1.0);
     assert!(after["hodei_event_bus_events_total"] > before["hodei_event_bus_events_total"]);
-    let workers: f64 = after
-        .iter()
-        .filter(|(k, _)| k.starts_with("hodei_workers{"))
-        .map(|(_, v)| v)
-        .sum();
-    assert!(workers >= 1.0);
     assert_eq!(
         after["hodei_http_requests_total{method=\"POST\",route=\"/api/v1/jobs\",status=\"201\"}"],
-        2.0
+        3.0
+    );
+    assert_eq!(
+        after["hodei_http_requests_total{method=\"POST\",route=\"/api/v1/jobs/{id}/cancel\",status=\"200\"}"],
+        1.0
     );
     assert!(
         after["hodei_http_requests_total{method=\"GET\",route=\"/api/v1/jobs/{id}\",status=\"200\"}"]
@@ -1466,7 +1684,7 @@ async fn metrics_move_when_jobs_run() {
     );
     assert!(
         after["hodei_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/jobs\"}"]
-            >= 2.0
+            >= 3.0
     );
     assert!(after.contains_key("hodei_http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/v1/jobs\",le=\"+Inf\"}"));
     assert_eq!(
