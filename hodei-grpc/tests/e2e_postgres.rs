@@ -116,57 +116,140 @@ async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
     let mut server = Replica::start(&spec);
     let client = server.client().await;
 
-    // 36 jobs of 2 s each, 6 workers at most (more for a while after a
+    // Jobs of 2 s each, 6 workers at most (more for a while after a
     // restart: the new process provisions before the old agents are
     // back): at any moment some are pending, some being provisioned or
-    // assigned, some running.
+    // assigned, some running. Each round that does not end the test adds
+    // a batch, so that the next one finds work in every state again.
     let mut ids = Vec::new();
-    for i in 0..36 {
-        let mut job = ledger_job(&ledger, "2", &marker, &format!("{id}-{i}"));
-        job.max_attempts = Some(4);
-        job.timeout_secs = Some(30);
-        ids.push(client.submit(job).await.job_id);
-    }
-    let mut kills = Vec::new();
+    let submit_batch = |from: usize, n: usize| {
+        let (client, ledger, marker, id) = (&client, &ledger, &marker, &id);
+        async move {
+            let mut out = Vec::new();
+            for i in from..from + n {
+                let mut job = ledger_job(ledger, "2", marker, &format!("{id}-{i}"));
+                job.max_attempts = Some(4);
+                job.timeout_secs = Some(TIMEOUT_SECS);
+                out.push(client.submit(job).await.job_id);
+            }
+            out
+        }
+    };
+    const TIMEOUT_SECS: u64 = 30;
+    const BATCH: usize = 12;
+    const MAX_ROUNDS: usize = 6;
+    ids.extend(submit_batch(0, 3 * BATCH).await);
+    // Jobs per state in the database right after each SIGKILL: exactly
+    // what the dead server left behind (nothing else writes meanwhile).
+    let mut kills: Vec<BTreeMap<String, usize>> = Vec::new();
     let mut killed_at = Vec::new();
-    for round in 0..2 {
-        // Kill while work is in flight: some running, some pending, and
-        // if the moment comes within 20 s, some being provisioned or
-        // assigned too.
-        let looking = Instant::now();
-        let seen = wait_for(
-            "running and pending jobs",
+    // The run whose agent was SIGKILLed with the server, and that agent.
+    let mut agent_killed: Option<(Execution, String)> = None;
+    let in_flight = |s: &BTreeMap<String, usize>| {
+        let n = |k: &str| s.get(k).copied().unwrap_or(0);
+        (
+            n("JOB_STATE_PENDING"),
+            n("JOB_STATE_SCHEDULED") + n("JOB_STATE_ASSIGNED"),
+            n("JOB_STATE_RUNNING"),
+        )
+    };
+    let caught = |s: &BTreeMap<String, usize>| {
+        let (pending, between, running) = in_flight(s);
+        pending >= 1 && between >= 1 && running >= 1
+    };
+    for round in 0.. {
+        // Rounds go on until one SIGKILL caught jobs pending, scheduled or
+        // assigned, and running at once (a moment the API showed, checked
+        // in the database after the kill), at least two rounds were run,
+        // and an agent died with the server.
+        assert!(
+            round < MAX_ROUNDS,
+            "after {round} SIGKILLs, none caught jobs pending, scheduled or assigned, and running \
+             at once, or no agent could be killed with the server; jobs per state at the kills: \
+             {kills:?}"
+        );
+        wait_for(
+            "jobs running, pending, and scheduled or assigned",
             Duration::from_secs(90),
             || async {
                 let s = states(&client).await;
-                let n = |k: &str| s.get(k).copied().unwrap_or(0);
-                let between = n("JOB_STATE_SCHEDULED") + n("JOB_STATE_ASSIGNED");
-                let enough = n("JOB_STATE_RUNNING") >= 2 && n("JOB_STATE_PENDING") >= 1;
-                (enough && (between >= 1 || looking.elapsed() > Duration::from_secs(20)))
-                    .then_some(s)
+                let (pending, between, running) = in_flight(&s);
+                (pending >= 1 && between >= 1 && running >= 2).then_some(())
             },
         )
         .await;
         server.kill9();
-        kills.push(seen);
         killed_at.push(std::time::SystemTime::now());
+        let at_kill = db_job_states(&db.url).await;
+        kills.push(at_kill);
+        let last = round >= 1 && kills.iter().any(caught);
+        if last {
+            // The worker of a running job goes too (its host was lost):
+            // the restarted server never hears from it again, and the
+            // deadline sweep must decide its attempt.
+            if let Some((run, worker, pid)) = running_on_agent(&ledger, &spec.state_dir()) {
+                e2e_support::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                agent_killed = Some((run, worker));
+            }
+        }
         // Agents (own process groups) survive their server.
         std::thread::sleep(Duration::from_millis(500));
         server = Replica::start(&spec);
-        if round == 0 {
-            // The restarted server has its predecessor's work to finish
-            // before the next kill.
-            wait_for(
-                "a job finished after the restart",
-                Duration::from_secs(90),
-                || async {
-                    let s = states(&client).await;
-                    (s.get("JOB_STATE_SUCCEEDED").copied().unwrap_or(0) >= 8).then_some(())
-                },
-            )
-            .await;
+        if last && agent_killed.is_some() {
+            break;
         }
+        // The restarted server has its predecessor's work to finish
+        // before the next kill; more work for the next round.
+        let done_at_kill = kills[round]
+            .get("JOB_STATE_SUCCEEDED")
+            .copied()
+            .unwrap_or(0);
+        wait_for(
+            "jobs finished after the restart",
+            Duration::from_secs(90),
+            || async {
+                let s = states(&client).await;
+                let done = s.get("JOB_STATE_SUCCEEDED").copied().unwrap_or(0);
+                (done >= done_at_kill + 4).then_some(())
+            },
+        )
+        .await;
+        ids.extend(submit_batch(ids.len(), BATCH).await);
     }
+    // Every kill left work in flight; one caught every state before
+    // RUNNING.
+    for s in &kills {
+        let (pending, between, running) = in_flight(s);
+        assert!(
+            running >= 1 && pending + between >= 1,
+            "a SIGKILL found no work in flight: {kills:?}"
+        );
+    }
+    assert!(kills.iter().any(caught), "{kills:?}");
+
+    // The attempt of the killed agent: no result will ever come, so the
+    // deadline sweep decides it (RUNNING: 10 s past its deadline; ASSIGNED:
+    // 2 s past the acknowledgement deadline) once the restarted server has
+    // the sweep (the dead process's lease, 15 s, lapsed; a turn every 5 s).
+    let (run, lost_worker) = agent_killed.expect("the loop ends with an agent killed");
+    let decided_by = Duration::from_secs(TIMEOUT_SECS)
+        + hodei_core::engine::SWEEP_GRACE_RUNNING
+        + Duration::from_secs(15 + 5);
+    let lost = wait_for(
+        "the sweep to decide the attempt of the killed agent",
+        decided_by + Duration::from_secs(30),
+        || async {
+            let job = get_job(&client, &run.job).await?;
+            let a = job
+                .attempts
+                .iter()
+                .find(|a| a.number == run.attempt)?
+                .clone();
+            Some(a)
+        },
+    )
+    .await;
+
     let jobs = wait_all_terminal(&client, &ids, Duration::from_secs(150)).await;
     let elapsed = started.elapsed();
     let by_state = check_jobs(&client, &jobs, Some(&ledger)).await;
@@ -189,15 +272,43 @@ async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
         })
         .count();
     eprintln!(
-        "sigkill recovery: {} jobs, states at the kills {kills:?}, final {by_state:?}, {} runs \
-         in the ledger, {adopted} attempts ran across a kill and succeeded, {:.1}s",
+        "sigkill recovery: {} jobs, {} kills, jobs per state in the database at the kills \
+         {kills:?}, agent {lost_worker} killed with the server running attempt {} of job {}, \
+         final {by_state:?}, {} runs in the ledger, {adopted} attempts ran across a kill and \
+         succeeded, {:.1}s",
         ids.len(),
+        kills.len(),
+        run.attempt,
+        run.job,
         runs.len(),
         elapsed.as_secs_f64()
     );
     for line in retried(&jobs) {
         eprintln!("  retried: {line}");
     }
+    // The killed agent's attempt failed as lost (or never acknowledged,
+    // when its acknowledgement died with the server), decided by the
+    // sweep, and the job was retried: a later attempt ran and succeeded.
+    let failure = lost.failure.as_ref();
+    assert!(
+        lost.outcome == "failed"
+            && failure
+                .is_some_and(|f| ["worker_lost", "dispatch_failed"].contains(&f.kind.as_str()))
+            && lost.worker_id.as_deref() == Some(lost_worker.as_str()),
+        "attempt {} of job {} on the killed agent {lost_worker}: {lost:?}",
+        run.attempt,
+        run.job
+    );
+    let events = client.events(&run.job).await;
+    let decision = events
+        .iter()
+        .find(|e| {
+            e.event_type == "JobRetryScheduled"
+                && e2e_support::payload(e)["failed_attempt"] == run.attempt
+        })
+        .unwrap_or_else(|| panic!("attempt {} of job {} was not retried", run.attempt, run.job));
+    assert_eq!(decision.actor, "system:sweeper", "{decision:?}");
+    assert!(jobs[&run.job].attempt > run.attempt);
     // Every job ran to the end at least once: worker losses were retried.
     for (id, job) in &jobs {
         assert_eq!(

@@ -2,14 +2,16 @@
 //! own local provider (a warm pool of reusable `hodei-worker` agents),
 //! over real processes:
 //!
-//! - 2,000 trivial jobs submitted to both run exactly once per attempt and
+//! - 2,000 jobs submitted to both each run exactly once per attempt (a
+//!   ledger the jobs write themselves has one complete run per job) and
 //!   all succeed;
-//! - one replica SIGKILLed mid-run: its agents fail over to the other
-//!   (through a proxy, as behind a load balancer), which adopts them and
-//!   finishes every job;
-//! - one replica SIGKILLed mid-run with no way for its agents to reach
-//!   the other: the survivor takes the deadline sweep over and decides
-//!   every job the dead replica held by its deadline.
+//! - one replica SIGKILLed in the middle of 2,000 jobs: its agents fail
+//!   over to the other (through a proxy, as behind a load balancer), which
+//!   adopts them and finishes every job;
+//! - the same with no way for its agents to reach the other: the survivor
+//!   takes the deadline sweep over (which it never ran while the first
+//!   replica lived) and decides every job the dead replica held by its
+//!   deadline.
 //!
 //! The tests of this file run one at a time (they load the machine). Each
 //! has a database of its own; without `HODEI_TEST_DATABASE_URL` they print
@@ -18,7 +20,7 @@
 mod e2e_support;
 mod pg_support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use e2e_support::{Client, payload, wait_for};
@@ -156,6 +158,8 @@ async fn two_replicas_run_2000_jobs_each_exactly_once() {
     let Some(db) = test_db().await else { return };
     let dir = test_dir();
     let id = short_id();
+    let marker = format!("E2E_REPLICAS_RUN={id}");
+    let ledger = dir.path().join("ledger");
     let specs = replica_specs(
         &db.url,
         dir.path(),
@@ -166,21 +170,21 @@ async fn two_replicas_run_2000_jobs_each_exactly_once() {
     let mut replicas = [Replica::start(&specs[0]), Replica::start(&specs[1])];
     let clients = [replicas[0].client().await, replicas[1].client().await];
 
+    // Each job records its run in the ledger (start and end, with its
+    // attempt and pid) and does nothing else.
     const JOBS: usize = 2_000;
     let started = Instant::now();
     let jobs: Vec<proto::JobSpec> = (0..JOBS)
-        .map(|i| proto::JobSpec {
-            name: format!("trivial-{i}"),
-            command: vec!["true".into()],
-            max_attempts: Some(3),
-            timeout_secs: Some(120),
-            idempotency_key: Some(format!("{id}-{i}")),
-            ..Default::default()
+        .map(|i| {
+            let mut job = ledger_job(&ledger, "0", &marker, &format!("{id}-{i}"));
+            job.max_attempts = Some(3);
+            job.timeout_secs = Some(120);
+            job
         })
         .collect();
     let ids = submit_all(&clients, jobs, 32).await;
     let submitted_in = started.elapsed();
-    let counts = wait_for("2,000 jobs to end", Duration::from_secs(240), || async {
+    let counts = wait_for("2,000 jobs to end", Duration::from_secs(300), || async {
         let c = terminal_counts(&clients[0]).await;
         (c.values().sum::<u64>() >= JOBS as u64).then_some(c)
     })
@@ -196,26 +200,30 @@ async fn two_replicas_run_2000_jobs_each_exactly_once() {
     assert!(per_attempt.values().all(|n| *n == 1));
     assert_eq!(per_attempt.len(), JOBS, "one attempt each");
     assert_eq!(counts["JobSucceeded"], JOBS as u64, "{counts:?}");
-    let mut succeeded = 0;
-    let mut cursor = String::new();
-    loop {
-        let page = clients[0]
-            .jobs()
-            .list(proto::ListJobsRequest {
-                state: JobState::Succeeded as i32,
-                limit: 1000,
-                cursor: cursor.clone(),
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        succeeded += page.jobs.len();
-        if page.next_cursor.is_empty() {
-            break;
-        }
-        cursor = page.next_cursor;
-    }
-    assert_eq!(succeeded, JOBS, "every job SUCCEEDED");
+    // Each job ran exactly once, to its end, as its one attempt, on one
+    // process: the ledger the jobs wrote themselves has one complete run
+    // per job and none more; every decision has its event (check_jobs).
+    let finals = wait_all_terminal_listed(&clients[0], &ids, Duration::from_secs(60)).await;
+    let by_state = check_jobs(&clients[1], &finals, Some(&ledger)).await;
+    assert_eq!(
+        by_state.get("JOB_STATE_SUCCEEDED"),
+        Some(&JOBS),
+        "every job SUCCEEDED: {by_state:?}"
+    );
+    let runs = read_ledger(&ledger);
+    assert_eq!(runs.len(), JOBS, "one run per job in the ledger");
+    assert!(
+        runs.iter().all(|r| r.attempt == 1 && r.end_ns.is_some()),
+        "runs that are not a complete first attempt: {:?}",
+        runs.iter()
+            .filter(|r| r.attempt != 1 || r.end_ns.is_none())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        runs.iter().map(|r| r.job.as_str()).collect::<BTreeSet<_>>(),
+        ids.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        "the ledger's jobs are the submitted ones"
+    );
     // Both replicas did a share of the work, on their own agents.
     let pools = [
         workers_in(&specs[0].state_dir()),
@@ -246,10 +254,7 @@ async fn two_replicas_run_2000_jobs_each_exactly_once() {
     for r in &mut replicas {
         r.stop();
     }
-    kill_leftovers(
-        &[specs[0].state_dir(), specs[1].state_dir()],
-        "E2E_NO_MARKER=1",
-    );
+    kill_leftovers(&[specs[0].state_dir(), specs[1].state_dir()], &marker);
 }
 
 /// Kills replica 1 mid-run; `failover`: its agents reach replica 2
@@ -279,25 +284,29 @@ async fn a_replica_dies_mid_run(failover: bool) {
     // Replica 1 takes the deadline sweep (its first turn is 5 s after its
     // start) before replica 2 exists: killing it must move the duty.
     let mut r1 = Replica::start(&specs[0]);
-    let sweeps = |log: String| {
+    let sweeps = |log: &str| {
         log.lines()
             .any(|l| l.contains("this replica now runs the duty") && l.contains("duty=sweep"))
     };
     wait_for(
         "replica 1 to run the sweep",
         Duration::from_secs(30),
-        || async { sweeps(r1.log()).then_some(()) },
+        || async { sweeps(&r1.log()).then_some(()) },
     )
     .await;
     let r2 = Replica::start(&specs[1]);
     let clients = [r1.client().await, r2.client().await];
     let started = Instant::now();
 
-    // 240 jobs of 0.5 s on 8 agents: about 15 s of work.
-    const JOBS: usize = 240;
+    // The 2,000 jobs, each recording its run in the ledger. They
+    // sleep 0.1 s, so that an agent of the replica to be killed is caught
+    // running one; on the 2-core test machine dispatch, not the sleeps,
+    // sets the pace (2,000 x 0.1 s on 8 agents is 25 s of work; each
+    // of these tests takes 1.5-2 minutes there, the binary 4-5).
+    const JOBS: usize = 2_000;
     let jobs: Vec<proto::JobSpec> = (0..JOBS)
         .map(|i| {
-            let mut job = ledger_job(&ledger, "0.5", &marker, &format!("{id}-{i}"));
+            let mut job = ledger_job(&ledger, "0.1", &marker, &format!("{id}-{i}"));
             job.max_attempts = Some(4);
             job.timeout_secs = Some(10);
             job
@@ -335,10 +344,18 @@ async fn a_replica_dies_mid_run(failover: bool) {
         },
     )
     .await;
+    // Singleton duties run on one replica at a time: while replica 1
+    // lived and held the sweep, replica 2 (trying every 5 s) never took it.
+    let log2_before_kill = r2.log();
+    assert!(
+        !sweeps(&log2_before_kill),
+        "replica 2 ran the sweep while replica 1 held it:\n{}",
+        tail(&log2_before_kill, 40)
+    );
     let killed_at = started.elapsed();
     r1.kill9();
 
-    let finals = wait_all_terminal(&clients[1], &ids, Duration::from_secs(120)).await;
+    let finals = wait_all_terminal_listed(&clients[1], &ids, Duration::from_secs(300)).await;
     let ended_after = started.elapsed();
     let by_state = check_jobs(&clients[1], &finals, Some(&ledger)).await;
     let (per_attempt, _) = starts(&clients[1]).await;
@@ -367,7 +384,7 @@ async fn a_replica_dies_mid_run(failover: bool) {
         eprintln!("  retried: {line}");
     }
     // The survivor took the deadline sweep over.
-    assert!(sweeps(r2.log()), "replica 2 never ran the sweep");
+    assert!(sweeps(&r2.log()), "replica 2 never ran the sweep");
     if failover {
         assert!(
             adopted > 0,

@@ -320,6 +320,68 @@ async fn concurrent_claimants_never_get_the_same_job() {
     );
 }
 
+/// An empty claim while jobs wait is normal: here another claimant is in
+/// the middle of its claim and holds the lock of every pending row, so
+/// SKIP LOCKED passes over all of them. That must not stall dispatch: the
+/// claim neither waits for the lock nor reports an empty queue, it says the
+/// queue is ready now (`next_ready_at == now`, so the engine claims again
+/// at once), and once the lock is gone the jobs are claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_claim_over_locked_rows_says_the_queue_is_ready_now() {
+    let Some((store, _db)) = common::store().await else {
+        return;
+    };
+    let mut ids = BTreeSet::new();
+    for i in 0..5 {
+        let (job, events) = new_job(i, None, at(0));
+        JobStore::create(&*store, &job, events).await.unwrap();
+        ids.insert(job.id);
+    }
+    let mut other = store.pool().begin().await.unwrap();
+    let locked: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'PENDING' FOR UPDATE")
+            .fetch_all(&mut *other)
+            .await
+            .unwrap();
+    assert_eq!(
+        locked
+            .into_iter()
+            .map(JobId::from_uuid)
+            .collect::<BTreeSet<_>>(),
+        ids
+    );
+
+    let now = at(1_000);
+    let lease = Duration::from_secs(60);
+    let claim = tokio::time::timeout(WAIT, JobQueue::claim(&*store, "replica-b", now, 10, lease))
+        .await
+        .expect("a claim waited for rows another claimant holds")
+        .expect("claim");
+    assert!(
+        claim.jobs.is_empty(),
+        "claimed rows another transaction holds: {:?}",
+        claim.jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        claim.next_ready_at,
+        Some(now),
+        "an empty claim while jobs wait must say the queue is ready now"
+    );
+    assert_eq!(JobQueue::depth(&*store).await.unwrap(), 5);
+
+    // The other claimant gives up (its transaction ends without a claim):
+    // the next claim gets every job, and nothing is left waiting.
+    other.rollback().await.unwrap();
+    let claim = JobQueue::claim(&*store, "replica-b", now, 10, lease)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claim.jobs.iter().map(|j| j.id).collect::<BTreeSet<_>>(),
+        ids
+    );
+    assert_eq!(claim.next_ready_at, None);
+}
+
 /// The job row and its events commit together or not at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_event_insert_rolls_back_the_job_change() {

@@ -520,6 +520,63 @@ pub fn read_ledger(ledger: &Path) -> Vec<Execution> {
     runs
 }
 
+/// Jobs per state as the database holds them, keyed like [`state_name`]
+/// (`JOB_STATE_RUNNING`). Read while no server runs (right after a
+/// SIGKILL), it is exactly what the dead server left behind.
+pub async fn db_job_states(url: &str) -> BTreeMap<String, usize> {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test database: {e}"));
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+            .fetch_all(&mut conn)
+            .await
+            .expect("count jobs per state");
+    conn.close().await.ok();
+    rows.into_iter()
+        .map(|(state, n)| (format!("JOB_STATE_{state}"), n as usize))
+        .collect()
+}
+
+/// A job of `ledger` running right now on an agent of the local provider
+/// whose state dir is `state_dir`: its run (started, not ended, its
+/// process alive), the agent's worker id and pid. The agent is the job
+/// process's parent, recorded in a pid file of `state_dir`.
+pub fn running_on_agent(ledger: &Path, state_dir: &Path) -> Option<(Execution, String, i32)> {
+    let agents: Vec<(String, i32)> = std::fs::read_dir(state_dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let worker = name.strip_suffix(".pid")?.to_owned();
+            let pid = std::fs::read_to_string(entry.path())
+                .ok()?
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("pid=")
+                        .and_then(|p| p.trim().parse::<i32>().ok())
+                })?;
+            Some((worker, pid))
+        })
+        .collect();
+    read_ledger(ledger)
+        .into_iter()
+        .filter(|r| r.end_ns.is_none() && alive(r.pid as i32))
+        .find_map(|run| {
+            let parent = parent_pid(run.pid as i32)?;
+            let (worker, pid) = agents.iter().find(|(_, pid)| *pid == parent)?;
+            is_agent_group_leader(*pid).then(|| (run, worker.clone(), *pid))
+        })
+}
+
+/// The parent of a live process.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Fields after the command: state, ppid.
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Submits, retrying UNAVAILABLE (and transport failures, and calls that
 /// hang) with the same idempotency key until `deadline`; the job of the
 /// first OK. `None` when never acknowledged.
@@ -574,6 +631,66 @@ pub fn state_name(state: i32) -> String {
     proto::JobState::try_from(state)
         .map(|s| s.as_str_name().to_owned())
         .unwrap_or_else(|_| format!("state {state}"))
+}
+
+/// Every job the server holds, by id (all pages of `List`).
+pub async fn list_all_jobs(client: &Client) -> BTreeMap<String, proto::Job> {
+    let mut out = BTreeMap::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client
+            .jobs()
+            .list(proto::ListJobsRequest {
+                limit: 1000,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list jobs")
+            .into_inner();
+        out.extend(page.jobs.into_iter().map(|j| (j.job_id.clone(), j)));
+        if page.next_cursor.is_empty() {
+            return out;
+        }
+        cursor = page.next_cursor;
+    }
+}
+
+/// [`wait_all_terminal`] for thousands of jobs: each turn lists all jobs
+/// (pages of 1,000) instead of asking for each one, so that polling does
+/// not load the servers that run them. Panics after `deadline` naming the
+/// stragglers.
+pub async fn wait_all_terminal_listed(
+    client: &Client,
+    ids: &[String],
+    deadline: Duration,
+) -> BTreeMap<String, proto::Job> {
+    let start = Instant::now();
+    loop {
+        let mut all = list_all_jobs(client).await;
+        let pending: Vec<(&String, String)> = ids
+            .iter()
+            .filter_map(|id| match all.get(id) {
+                Some(j) if is_terminal(j.state) => None,
+                Some(j) => Some((id, state_name(j.state))),
+                None => Some((id, "missing".into())),
+            })
+            .collect();
+        if pending.is_empty() {
+            return ids
+                .iter()
+                .map(|id| (id.clone(), all.remove(id).expect("listed above")))
+                .collect();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{} of {} jobs not terminal after {deadline:?}: {:?}",
+            pending.len(),
+            ids.len(),
+            &pending[..pending.len().min(20)]
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Waits until every job is terminal (polling each not yet terminal);
@@ -654,8 +771,17 @@ pub async fn count_events(client: &Client, event_type: &str) -> u64 {
 /// - their events carry the job's correlation id and a non-empty actor,
 ///   and the terminal state has its event;
 /// - no attempt started twice (one `JobStarted` per job and attempt);
-/// - with a ledger: no attempt ran twice, and a job's runs never overlap
-///   in time (where both ends are known).
+/// - every decision has its event: each entry of the job's attempt history
+///   has exactly one event that ended it, of the kind its outcome says
+///   (`JobSucceeded`; `JobRetryScheduled` or the terminal `JobFailed` /
+///   `JobTimedOut`; `JobCancelled`), with the same failure; an attempt that
+///   failed as `dispatch_failed` has its `JobDispatchFailed`; an attempt
+///   has a start time exactly when it has its `JobStarted`; and no event
+///   ends an attempt the history does not hold (see [`check_decisions`]);
+/// - with a ledger: no attempt ran twice, a job's runs never overlap in
+///   time (where both ends are known), no run belongs to an attempt the
+///   job never reached, and each succeeded attempt ran exactly once, to
+///   its end.
 ///
 /// Returns the number of jobs per final state.
 pub async fn check_jobs(
@@ -664,9 +790,21 @@ pub async fn check_jobs(
     ledger: Option<&Path>,
 ) -> BTreeMap<String, usize> {
     let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+    // One read of the audit trail rather than one call per job (tests
+    // check thousands). These jobs are decided, so all their events have
+    // committed; other events committing meanwhile may shift the pages,
+    // which shows an event twice at a page boundary: keep one.
+    let mut per_job: BTreeMap<String, Vec<proto::Event>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for e in all_events(client).await {
+        if e.aggregate_type == "job" && seen.insert(e.sequence) {
+            per_job.entry(e.aggregate_id.clone()).or_default().push(e);
+        }
+    }
     for (id, job) in jobs {
         *by_state.entry(state_name(job.state)).or_default() += 1;
-        let events = client.events(id).await;
+        let mut events = per_job.remove(id).unwrap_or_default();
+        events.sort_by_key(|e| e.sequence);
         assert!(!events.is_empty(), "job {id} has no events");
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types[0], "JobCreated", "job {id}: {types:?}");
@@ -699,6 +837,7 @@ pub async fn check_jobs(
                 "job {id}: attempt {attempt} started twice: {types:?}"
             );
         }
+        check_decisions(id, job, &events);
     }
     if let Some(ledger) = ledger {
         let runs = read_ledger(ledger);
@@ -706,13 +845,20 @@ pub async fn check_jobs(
         for r in &runs {
             per_job.entry(&r.job).or_default().push(r);
         }
-        for (job, mut runs) in per_job {
+        for (job, mut runs) in per_job.clone() {
             let mut attempts = BTreeSet::new();
             for r in &runs {
                 assert!(
                     attempts.insert(r.attempt),
                     "job {job}: attempt {} ran twice: {runs:?}",
                     r.attempt
+                );
+            }
+            if let Some(j) = jobs.get(job) {
+                assert!(
+                    runs.iter().all(|r| r.attempt <= j.attempt),
+                    "job {job}: a run of an attempt the job never reached (it is at {}): {runs:?}",
+                    j.attempt
                 );
             }
             runs.sort_by_key(|r| r.start_ns);
@@ -727,8 +873,163 @@ pub async fn check_jobs(
                 }
             }
         }
+        for (id, job) in jobs {
+            for a in job.attempts.iter().filter(|a| a.outcome == "succeeded") {
+                let ran: Vec<&&Execution> = per_job
+                    .get(id.as_str())
+                    .map(|runs| runs.iter().filter(|r| r.attempt == a.number).collect())
+                    .unwrap_or_default();
+                assert!(
+                    ran.len() == 1 && ran[0].end_ns.is_some(),
+                    "job {id}: attempt {} succeeded but the ledger has {ran:?} for it",
+                    a.number
+                );
+            }
+        }
     }
     by_state
+}
+
+/// Every decision about `job` has its event, and every event that ends an
+/// attempt matches the attempt history (see [`check_jobs`]).
+pub fn check_decisions(id: &str, job: &proto::Job, events: &[proto::Event]) {
+    use crate::e2e_support::payload;
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let number = |e: &proto::Event, field: &str| {
+        payload(e)[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("job {id}: {} without {field}: {e:?}", e.event_type))
+            as u32
+    };
+    // The events that end an attempt, with the attempt they end.
+    let ends: Vec<(u32, &proto::Event)> = events
+        .iter()
+        .filter_map(|e| {
+            let n = match e.event_type.as_str() {
+                "JobSucceeded" | "JobFailed" | "JobTimedOut" | "JobCancelled" => {
+                    number(e, "attempt")
+                }
+                "JobRetryScheduled" => number(e, "failed_attempt"),
+                _ => return None,
+            };
+            Some((n, e))
+        })
+        .collect();
+    let numbers: Vec<u32> = job.attempts.iter().map(|a| a.number).collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]) && numbers.iter().all(|n| *n <= job.attempt),
+        "job {id}: attempt history out of order or past attempt {}: {numbers:?}",
+        job.attempt
+    );
+    for a in &job.attempts {
+        let n = a.number;
+        let ended: Vec<&str> = ends
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, e)| e.event_type.as_str())
+            .collect();
+        let expected: &[&str] = match a.outcome.as_str() {
+            "succeeded" => &["JobSucceeded"],
+            "failed" => &["JobRetryScheduled", "JobFailed"],
+            "timed_out" => &["JobRetryScheduled", "JobTimedOut"],
+            "cancelled" => &["JobCancelled"],
+            other => panic!("job {id}: attempt {n} has an unknown outcome {other:?}"),
+        };
+        assert!(
+            ended.len() == 1 && expected.contains(&ended[0]),
+            "job {id}: attempt {n} ended {} but its ending events are {ended:?} (expected one \
+             of {expected:?}); events {types:?}",
+            a.outcome
+        );
+        let (_, end) = ends
+            .iter()
+            .find(|(m, _)| *m == n)
+            .expect("found just above");
+        let p = payload(end);
+        if let Some(f) = &a.failure {
+            // A failed attempt: its event carries the same failure.
+            assert_eq!(
+                (
+                    p["failure"]["kind"].as_str(),
+                    p["failure"]["message"].as_str()
+                ),
+                (Some(f.kind.as_str()), Some(f.message.as_str())),
+                "job {id}: attempt {n} failed with {f:?} but {} says {}",
+                end.event_type,
+                p["failure"]
+            );
+            if f.kind == "dispatch_failed" {
+                assert!(
+                    events
+                        .iter()
+                        .any(|e| e.event_type == "JobDispatchFailed" && number(e, "attempt") == n),
+                    "job {id}: attempt {n} failed as dispatch_failed without a \
+                     JobDispatchFailed: {types:?}"
+                );
+            }
+        }
+        if end.event_type == "JobRetryScheduled" {
+            assert_eq!(number(end, "next_attempt"), n + 1, "job {id}: {p}");
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.event_type == "JobQueued" && number(e, "attempt") == n + 1),
+                "job {id}: attempt {n} was retried but attempt {} was never queued: {types:?}",
+                n + 1
+            );
+        }
+        if let Some(w) = &a.worker_id
+            && let Some(on) = p["worker_id"].as_str()
+        {
+            assert_eq!(on, w, "job {id}: attempt {n} ended on another worker");
+        }
+        // It started (the worker acknowledged it) exactly when it has a
+        // start time; on the worker it ran on.
+        let starts: Vec<&proto::Event> = events
+            .iter()
+            .filter(|e| e.event_type == "JobStarted" && number(e, "attempt") == n)
+            .collect();
+        assert_eq!(
+            starts.len(),
+            usize::from(a.started_at.is_some()),
+            "job {id}: attempt {n} (started_at {:?}) has {} JobStarted",
+            a.started_at,
+            starts.len()
+        );
+        if let (Some(s), Some(w)) = (starts.first(), &a.worker_id) {
+            assert_eq!(
+                payload(s)["worker_id"].as_str(),
+                Some(w.as_str()),
+                "job {id}: attempt {n} started on another worker"
+            );
+        }
+    }
+    // Conversely, no event ends an attempt the history does not hold, but
+    // for a cancel while the job waited in the queue (nothing ran).
+    for (n, e) in &ends {
+        if numbers.contains(n) {
+            continue;
+        }
+        assert!(
+            e.event_type == "JobCancelled" && payload(e)["from"] == "PENDING",
+            "job {id}: {} ends attempt {n}, which is not in its history {numbers:?}",
+            e.event_type
+        );
+    }
+    // A job decided for good has one terminal decision, and its retries
+    // exhausted only when it failed or timed out.
+    let exhausted = types.iter().filter(|t| **t == "JobRetryExhausted").count();
+    assert!(
+        exhausted == 0
+            || (exhausted == 1
+                && [
+                    proto::JobState::Failed as i32,
+                    proto::JobState::TimedOut as i32
+                ]
+                .contains(&job.state)),
+        "job {id}: {exhausted} JobRetryExhausted in state {}: {types:?}",
+        state_name(job.state)
+    );
 }
 
 /// One line per job that needed more than one attempt: how each failed
