@@ -1250,6 +1250,36 @@ pub async fn workers_upsert_get_list<S: Store + ?Sized>(store: Arc<S>) {
     listed.sort_by_key(|w| w.created_at);
     assert_eq!(listed, vec![first.clone(), second.clone()]);
 
+    // A registry that records events with its upserts
+    // (`WorkerRegistry::upsert_records_events`) stores both.
+    if WorkerRegistry::upsert_records_events(s) {
+        let before = EventLog::read_after(s, 0, 1000).await.expect("read").len();
+        let mut ready = first.clone();
+        ready.state = WorkerState::Ready;
+        ready.last_seen = at(9_500);
+        let event = event(
+            EventBody::WorkerReady {
+                worker_id: ready.id,
+            },
+            "corr-ready",
+            9_500,
+        );
+        let stored = WorkerRegistry::upsert_recording(s, &ready, vec![event.clone()])
+            .await
+            .expect("upsert with its events");
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].sequence > 0, "the store assigns sequences");
+        assert_eq!(stored[0].event_id, event.event_id);
+        assert_eq!(
+            WorkerRegistry::get(s, ready.id).await.expect("get"),
+            Some(ready.clone())
+        );
+        let all = EventLog::read_after(s, 0, 1000).await.expect("read");
+        assert_eq!(all.len(), before + 1);
+        assert_eq!(all.last().map(|e| e.event_id), Some(event.event_id));
+        first = ready;
+    }
+
     // A store that saves workers with job updates
     // (`JobStore::update_saves_workers`) saves them in the same call,
     // also when the job's version does not match.

@@ -552,6 +552,19 @@ impl WorkerRegistry for MemoryStore {
         Ok(())
     }
 
+    async fn upsert_recording(
+        &self,
+        worker: &Worker,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        self.state().workers.insert(worker.id, worker.clone());
+        EventLog::append(self, events).await
+    }
+
+    fn upsert_records_events(&self) -> bool {
+        true
+    }
+
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
         Ok(self.state().workers.get(&id).cloned())
     }

@@ -430,6 +430,29 @@ impl std::fmt::Display for TokenRejection {
 pub trait WorkerRegistry: Send + Sync {
     /// Creates or replaces a worker record.
     async fn upsert(&self, worker: &Worker) -> Result<(), StoreError>;
+    /// [`WorkerRegistry::upsert`] and, in the same unit, the append of
+    /// `events` (the worker's state change) to this same object's
+    /// [`EventLog`]: the record and its events commit together. Returns
+    /// the events with their sequences. The runtime calls it only when
+    /// [`WorkerRegistry::upsert_records_events`] is `true` and one object
+    /// serves as both its registry and its event log; the default refuses.
+    async fn upsert_recording(
+        &self,
+        worker: &Worker,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        let _ = (worker, events);
+        Err(StoreError::Invalid(
+            "this registry does not record events with its upserts \
+             (upsert_records_events is false)"
+                .into(),
+        ))
+    }
+    /// Whether [`WorkerRegistry::upsert_recording`] is supported. Default
+    /// `false`.
+    fn upsert_records_events(&self) -> bool {
+        false
+    }
     /// One worker.
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError>;
     /// All workers not terminated, plus recently terminated ones.

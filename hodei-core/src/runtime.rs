@@ -146,6 +146,14 @@ impl Stores {
             && std::ptr::addr_eq(Arc::as_ptr(&self.jobs), Arc::as_ptr(&self.workers))
     }
 
+    /// Whether a worker record and its events can be stored as one unit:
+    /// the registry supports it ([`WorkerRegistry::upsert_records_events`])
+    /// and the event log is that same object.
+    pub fn worker_saves_record_events(&self) -> bool {
+        self.workers.upsert_records_events()
+            && std::ptr::addr_eq(Arc::as_ptr(&self.workers), Arc::as_ptr(&self.events))
+    }
+
     /// Marks `job`'s log finished after its terminal update, unless that
     /// update did it already.
     async fn finish_log(&self, job: JobId) {
@@ -2025,22 +2033,41 @@ impl Driver {
 
     /// Runs one pass (see [`Driver::drain`]); returns the follow-ups, in
     /// effect order.
-    async fn run_pass(&mut self, effects: Vec<Effect>) -> Vec<Vec<FollowUp>> {
+    async fn run_pass(&mut self, mut effects: Vec<Effect>) -> Vec<Vec<FollowUp>> {
         let now = self.now();
         // A worker record saved twice in a pass: the last one is enough.
         let mut last_save: HashMap<WorkerId, usize> = HashMap::new();
-        // The events recorded without a job change (workers, providers)
-        // in a pass: stored together, in order, where the last is.
-        let mut last_record = None;
         for (i, e) in effects.iter().enumerate() {
-            match e {
-                Effect::SaveWorker(w) => {
-                    last_save.insert(w.id, i);
-                }
-                Effect::Record(_) => last_record = Some(i),
-                _ => {}
+            if let Effect::SaveWorker(w) = e {
+                last_save.insert(w.id, i);
             }
         }
+        // A worker's events recorded before its last save in the pass ride
+        // with that save: the record and its events are one unit (where
+        // the store can).
+        let mut worker_events: HashMap<WorkerId, Vec<DomainEvent>> = HashMap::new();
+        if self.stores.worker_saves_record_events() {
+            for (i, e) in effects.iter_mut().enumerate() {
+                let Effect::Record(events) = e else { continue };
+                let (ride, keep): (Vec<_>, Vec<_>) =
+                    std::mem::take(events).into_iter().partition(|ev| {
+                        matches!(record_lane(ev), Lane::Worker(w)
+                            if last_save.get(&w).is_some_and(|at| *at > i))
+                    });
+                *events = keep;
+                for ev in ride {
+                    if let Lane::Worker(w) = record_lane(&ev) {
+                        worker_events.entry(w).or_default().push(ev);
+                    }
+                }
+            }
+        }
+        // The other events recorded without a job change (workers,
+        // providers) in a pass: stored together, in order, where the last
+        // is.
+        let last_record = effects
+            .iter()
+            .rposition(|e| matches!(e, Effect::Record(events) if !events.is_empty()));
         let attach_saves = self.stores.update_saves_workers();
         let mut recorded: Vec<DomainEvent> = Vec::new();
         let mut record_lanes: Vec<Lane> = Vec::new();
@@ -2076,6 +2103,7 @@ impl Driver {
                         &last_save,
                     ),
                 },
+                Effect::Record(events) if events.is_empty() => continue,
                 Effect::Record(events) => {
                     for lane in events.iter().map(record_lane) {
                         if !record_lanes.contains(&lane) {
@@ -2094,6 +2122,17 @@ impl Driver {
                 // The last save of a worker right after a job update (an
                 // assignment, a result) rides along with that update: one
                 // statement instead of two, when the store can.
+                Effect::SaveWorker(worker)
+                    if last_save.get(&worker.id) == Some(&i)
+                        && worker_events.contains_key(&worker.id) =>
+                {
+                    let id = worker.id;
+                    let events = worker_events.remove(&id).unwrap_or_default();
+                    (
+                        Op::SaveWorker(Box::new(worker), events),
+                        vec![Lane::Worker(id)],
+                    )
+                }
                 Effect::SaveWorker(worker)
                     if attach_saves && last_save.get(&worker.id) == Some(&i) =>
                 {
@@ -2215,7 +2254,7 @@ impl Driver {
                     return (Op::Nothing, vec![]);
                 }
                 let lanes = vec![Lane::Worker(worker.id)];
-                (Op::SaveWorker(Box::new(worker)), lanes)
+                (Op::SaveWorker(Box::new(worker), Vec::new()), lanes)
             }
             Effect::Claim { limit, lease } => (Op::Claim { limit, lease }, vec![]),
             Effect::Release(job) => (Op::Release(job), vec![Lane::Job(job)]),
@@ -2488,7 +2527,9 @@ enum Op {
     /// Updates of several jobs in one store call (see [`batch_updates`]).
     UpdateMany(Vec<JobUpdate>),
     Record(Vec<DomainEvent>),
-    SaveWorker(Box<Worker>),
+    /// A worker record, with the events of its change (stored as one unit,
+    /// see [`Stores::worker_saves_record_events`]) or none.
+    SaveWorker(Box<Worker>, Vec<DomainEvent>),
     Claim {
         limit: usize,
         lease: Duration,
@@ -2617,8 +2658,19 @@ impl Op {
                 }
                 (None, None)
             }
-            Op::SaveWorker(worker) => {
+            Op::SaveWorker(worker, events) if events.is_empty() => {
                 save_worker(ctx, &worker).await;
+                (None, None)
+            }
+            Op::SaveWorker(worker, events) => {
+                let r = retry_store(&ctx.stores, |s| {
+                    let (worker, events) = (worker.clone(), events.clone());
+                    async move { s.workers.upsert_recording(&worker, events).await }
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!(worker = %worker.id, error = %e, "worker record and its events not stored");
+                }
                 (None, None)
             }
             Op::Claim { limit, lease } => {

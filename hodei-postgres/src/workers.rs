@@ -1,7 +1,10 @@
 //! Workers and their one-time registration tokens ([`WorkerRegistry`]), and
 //! provider records ([`ProviderStore`]).
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
+use hodei_core::event::DomainEvent;
 use hodei_core::ids::{ProviderId, WorkerId};
 use hodei_core::ports::{
     ProviderRecord, ProviderStore, StoreError, TokenRejection, WorkerRegistry,
@@ -15,6 +18,7 @@ use sqlx::postgres::PgRow;
 
 use crate::PgStore;
 use crate::error::{corrupt, store_err};
+use crate::events::{bind_events, stored_events, write_sql};
 
 /// A worker's stored document.
 pub(crate) fn worker_record(worker: &Worker) -> Result<Value, StoreError> {
@@ -41,6 +45,48 @@ impl WorkerRegistry for PgStore {
         .await
         .map_err(store_err)?;
         Ok(())
+    }
+
+    async fn upsert_recording(
+        &self,
+        worker: &Worker,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        // One statement: the upsert, then its events and their
+        // notification (see `write_sql`); one transaction.
+        static UPSERT_RECORDING: LazyLock<String> = LazyLock::new(|| {
+            write_sql(
+                "INSERT INTO workers (id, state, record, last_seen, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
+                 record = EXCLUDED.record, last_seen = EXCLUDED.last_seen, \
+                 created_at = EXCLUDED.created_at RETURNING 1",
+                6,
+            )
+        });
+        let record = worker_record(worker)?;
+        let q = sqlx::query(sqlx::AssertSqlSafe(UPSERT_RECORDING.as_str()))
+            .bind(worker.id.0)
+            .bind(worker.state.as_str())
+            .bind(record)
+            .bind(worker.last_seen)
+            .bind(worker.created_at);
+        let answer = bind_events(q, &events)?
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let (saved, events) = stored_events(&answer, events)?;
+        if !saved {
+            return Err(StoreError::Other(format!(
+                "worker {} was not saved",
+                worker.id
+            )));
+        }
+        Ok(events)
+    }
+
+    fn upsert_records_events(&self) -> bool {
+        true
     }
 
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
