@@ -38,8 +38,8 @@ use crate::ids::{Actor, CorrelationId, EventId, JobId, ProviderId, WorkerId};
 use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, JobStatus, TransitionContext};
 use crate::ports::{
     AuditFilter, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobQueue, JobStore,
-    JobUpdate, Leases, LogLine, LogStore, LogStream, NewLogLine, ProviderRecord, ProviderStore,
-    SecretStore, StoreError, TokenRejection, WorkerRegistry,
+    JobUpdate, Leases, LogLine, LogStore, LogStream, NewJob, NewLogLine, ProviderRecord,
+    ProviderStore, SecretStore, StoreError, TokenRejection, WorkerRegistry,
 };
 use crate::retry::RetryPolicy;
 use crate::spec::{JobSpec, RawJobSpec, SpecLimits};
@@ -120,6 +120,7 @@ macro_rules! store_conformance_tests {
             jobs_create_get_and_list,
             jobs_update_checks_the_version,
             jobs_update_many_decides_each_entry,
+            jobs_create_many_decides_each_entry,
             jobs_idempotency_key_returns_the_existing_job,
             queue_claims_by_priority_then_fifo,
             queue_honours_not_before,
@@ -466,6 +467,109 @@ pub async fn jobs_update_many_decides_each_entry<S: Store + ?Sized>(store: Arc<S
         JobStore::get(s, scheduled.id).await.expect("get"),
         Some(scheduled),
         "a refused batch stores nothing"
+    );
+}
+
+/// `create_many`: each entry is decided on its own, in entry order: new
+/// jobs are stored with their events and queued in entry order; an
+/// idempotency key already used answers `Existing` with the stored job, a
+/// key repeated within the batch answers `Existing` with the batch's
+/// first job of that key; an id already stored is `AlreadyExists`.
+pub async fn jobs_create_many_decides_each_entry<S: Store + ?Sized>(store: Arc<S>) {
+    let s = &*store;
+    let keyed = |i: i64, key: &str| {
+        new_job(
+            i,
+            JobOptions {
+                idempotency_key: Some(key.to_owned()),
+                ..JobOptions::default()
+            },
+        )
+    };
+    let (old, old_events) = keyed(0, "key-old");
+    JobStore::create(s, &old, old_events).await.expect("create");
+    let (stored, stored_events) = new_job(1, JobOptions::default());
+    JobStore::create(s, &stored, stored_events.clone())
+        .await
+        .expect("create");
+
+    let (first, first_events) = new_job(2, JobOptions::default());
+    let (replay, replay_events) = keyed(3, "key-old");
+    let (twin_a, twin_a_events) = keyed(4, "key-twin");
+    let (twin_b, twin_b_events) = keyed(5, "key-twin");
+    let (last, last_events) = new_job(6, JobOptions::default());
+    let entry = |job: &Job, events: Vec<DomainEvent>| NewJob {
+        job: job.clone(),
+        events,
+    };
+    let answers = JobStore::create_many(
+        s,
+        vec![
+            entry(&first, first_events),
+            entry(&replay, replay_events),
+            entry(&twin_a, twin_a_events),
+            entry(&twin_b, twin_b_events),
+            entry(&stored, stored_events),
+            entry(&last, last_events),
+        ],
+    )
+    .await
+    .expect("create_many");
+    assert_eq!(answers.len(), 6, "one answer per entry: {answers:?}");
+    let mut seqs_in_order = Vec::new();
+    for (i, job) in [(0, &first), (2, &twin_a), (5, &last)] {
+        match &answers[i] {
+            Ok(Created::New(events)) => {
+                assert_eq!(types(events), vec!["JobCreated", "JobQueued"], "entry {i}");
+                assert!(events.iter().all(|e| e.sequence > 0));
+                seqs_in_order.extend(seqs(events));
+            }
+            other => panic!("entry {i} (job {}) is new, got {other:?}", job.id),
+        }
+        assert_eq!(
+            JobStore::get(s, job.id).await.expect("get").as_ref(),
+            Some(job)
+        );
+    }
+    assert!(
+        seqs_in_order.windows(2).all(|w| w[0] < w[1]),
+        "sequences follow the entries: {seqs_in_order:?}"
+    );
+    match &answers[1] {
+        Ok(Created::Existing(existing)) => assert_eq!(existing.id, old.id),
+        other => panic!("a used key answers the stored job, got {other:?}"),
+    }
+    match &answers[3] {
+        Ok(Created::Existing(existing)) => assert_eq!(existing.id, twin_a.id),
+        other => panic!("a key repeated in the batch answers its first job, got {other:?}"),
+    }
+    assert!(
+        matches!(answers[4], Err(StoreError::AlreadyExists(_))),
+        "an id already stored, got {:?}",
+        answers[4]
+    );
+    for ghost in [&replay, &twin_b] {
+        assert_eq!(JobStore::get(s, ghost.id).await.expect("get"), None);
+        assert!(
+            EventLog::job_events(s, ghost.id)
+                .await
+                .expect("events")
+                .is_empty(),
+            "no events for an entry not stored"
+        );
+    }
+    assert_eq!(
+        types(&EventLog::job_events(s, stored.id).await.expect("events")),
+        vec!["JobCreated", "JobQueued"],
+        "the stored job's events are not written twice"
+    );
+    let claim = JobQueue::claim(s, "replica-a", at(500), 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(&claim.jobs),
+        vec![old.id, stored.id, first.id, twin_a.id, last.id],
+        "queued FIFO, the batch's jobs in entry order"
     );
 }
 

@@ -176,7 +176,39 @@ pub trait JobStore: Send + Sync {
     fn batches_updates(&self) -> bool {
         false
     }
+    /// Several [`JobStore::create`]s in one call, each decided on its own
+    /// (an idempotency key already used answers `Existing` for that entry
+    /// only; a later entry with the key of an earlier one in the same call
+    /// answers `Existing` with the earlier job). Answers in entry order;
+    /// an `Err` of the whole call means nothing was stored.
+    ///
+    /// The default makes one call per entry, in order; a store that does
+    /// better says so with [`JobStore::batches_creates`].
+    async fn create_many(&self, jobs: Vec<NewJob>) -> Result<CreateAnswers, StoreError> {
+        let mut answers = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            answers.push(self.create(&j.job, j.events).await);
+        }
+        Ok(answers)
+    }
+    /// Whether [`JobStore::create_many`] stores its entries in one unit of
+    /// work. Default `false`.
+    fn batches_creates(&self) -> bool {
+        false
+    }
 }
+
+/// One entry of [`JobStore::create_many`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// The job.
+    pub job: Job,
+    /// Its creation events.
+    pub events: Vec<DomainEvent>,
+}
+
+/// Answers of [`JobStore::create_many`], one per entry, in order.
+pub type CreateAnswers = Vec<Result<Created, StoreError>>;
 
 /// One entry of [`JobStore::update_many`].
 #[derive(Debug, Clone, PartialEq)]

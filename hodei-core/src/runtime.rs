@@ -35,7 +35,7 @@ use crate::job::{Failure, FailureKind, Job, JobCommand, JobState, TransitionCont
 use crate::memory::MemoryStore;
 use crate::ports::{
     AuditFilter, AuditPage, AuditQuery, Created, EventLog, EventSubscription, JobFilter, JobPage,
-    JobQueue, JobStore, JobUpdate, Leases, LogLine, LogStore, NewLogLine, ProviderRecord,
+    JobQueue, JobStore, JobUpdate, Leases, LogLine, LogStore, NewJob, NewLogLine, ProviderRecord,
     ProviderStore, RequestContext, RunJob, SecretMeta, SecretStore, StoreError, ToWorker,
     WorkerLaunch, WorkerLink, WorkerProvider, WorkerRegistry,
 };
@@ -2170,6 +2170,9 @@ impl Driver {
         if self.stores.jobs.batches_updates() {
             batch_updates(&mut ops);
         }
+        if self.stores.jobs.batches_creates() {
+            batch_creates(&mut ops);
+        }
         let ctx = Arc::new(PassCtx {
             stores: self.stores.clone(),
             replica: self.config.engine.replica_id.clone(),
@@ -2526,6 +2529,9 @@ enum Op {
     },
     /// Updates of several jobs in one store call (see [`batch_updates`]).
     UpdateMany(Vec<JobUpdate>),
+    /// Creations of several jobs in one store call (see [`batch_creates`]),
+    /// each with the submission waiting for it.
+    CreateMany(Vec<(NewJob, Option<oneshot::Sender<Result<Submitted, ApiError>>>)>),
     Record(Vec<DomainEvent>),
     /// A worker record, with the events of its change (stored as one unit,
     /// see [`Stores::worker_saves_record_events`]) or none.
@@ -2584,6 +2590,10 @@ impl Op {
     async fn run(self, ctx: &PassCtx, now: Timestamp) -> (Vec<FollowUp>, Vec<JobId>) {
         match self {
             Op::UpdateMany(updates) => update_many(ctx, updates).await,
+            Op::CreateMany(creates) => {
+                create_many(ctx, creates).await;
+                (Vec::new(), Vec::new())
+            }
             other => {
                 let (follow_up, finish) = other.run_one(ctx, now).await;
                 (
@@ -2597,26 +2607,14 @@ impl Op {
     /// [`Op::run`] of the operations that concern one job at most.
     async fn run_one(self, ctx: &PassCtx, now: Timestamp) -> (Option<FollowUp>, Option<JobId>) {
         match self {
-            Op::Nothing | Op::UpdateMany(_) => (None, None),
+            Op::Nothing | Op::UpdateMany(_) | Op::CreateMany(_) => (None, None),
             Op::Create { job, events, reply } => {
                 let r = retry_store(&ctx.stores, |s| {
                     let (job, events) = (job.clone(), events.clone());
                     async move { create_job(&s, &job, events).await }
                 })
                 .await;
-                if let Some(reply) = reply {
-                    let _ = reply.send(match r {
-                        Ok(Created::New(_)) => Ok(Submitted {
-                            job: *job,
-                            replayed: false,
-                        }),
-                        Ok(Created::Existing(existing)) => Ok(Submitted {
-                            job: *existing,
-                            replayed: true,
-                        }),
-                        Err(e) => Err(ApiError::from(e)),
-                    });
-                }
+                reply_created(*job, r, reply);
                 (None, None)
             }
             Op::Update {
@@ -2803,10 +2801,67 @@ async fn update_many(ctx: &PassCtx, updates: Vec<JobUpdate>) -> (Vec<FollowUp>, 
 /// one), and each is still decided on its own. Operations that waited for
 /// any of them wait for the batch.
 fn batch_updates(ops: &mut [(Op, Vec<usize>)]) {
+    batch_roots(
+        ops,
+        |op| matches!(op, Op::Update { .. }),
+        |members| {
+            Op::UpdateMany(
+                members
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        Op::Update {
+                            job,
+                            expected_version,
+                            events,
+                            workers,
+                        } => Some(JobUpdate {
+                            job: *job,
+                            expected_version,
+                            events,
+                            workers,
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+}
+
+/// [`batch_updates`] for the creations of a pass (new jobs wait for
+/// nothing): one [`JobStore::create_many`] call.
+fn batch_creates(ops: &mut [(Op, Vec<usize>)]) {
+    batch_roots(
+        ops,
+        |op| matches!(op, Op::Create { .. }),
+        |members| {
+            Op::CreateMany(
+                members
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        Op::Create { job, events, reply } => {
+                            Some((NewJob { job: *job, events }, reply))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+}
+
+/// Replaces the operations that wait for nothing and match `member` (two
+/// or more) by `batch(members)` at the place of the first; the operations
+/// that waited for any of them wait for the batch.
+fn batch_roots(
+    ops: &mut [(Op, Vec<usize>)],
+    member: impl Fn(&Op) -> bool,
+    batch: impl FnOnce(Vec<Op>) -> Op,
+) {
     let roots: Vec<usize> = ops
         .iter()
         .enumerate()
-        .filter(|(_, (op, deps))| deps.is_empty() && matches!(op, Op::Update { .. }))
+        .filter(|(_, (op, deps))| deps.is_empty() && member(op))
         .map(|(i, _)| i)
         .collect();
     let Some(&first) = roots.first() else {
@@ -2815,24 +2870,11 @@ fn batch_updates(ops: &mut [(Op, Vec<usize>)]) {
     if roots.len() < 2 {
         return;
     }
-    let mut entries = Vec::with_capacity(roots.len());
-    for &i in &roots {
-        if let Op::Update {
-            job,
-            expected_version,
-            events,
-            workers,
-        } = std::mem::replace(&mut ops[i].0, Op::Nothing)
-        {
-            entries.push(JobUpdate {
-                job: *job,
-                expected_version,
-                events,
-                workers,
-            });
-        }
-    }
-    ops[first].0 = Op::UpdateMany(entries);
+    let members = roots
+        .iter()
+        .map(|&i| std::mem::replace(&mut ops[i].0, Op::Nothing))
+        .collect();
+    ops[first].0 = batch(members);
     for (_, deps) in ops.iter_mut() {
         let mut changed = false;
         for d in deps.iter_mut() {
@@ -2845,6 +2887,66 @@ fn batch_updates(ops: &mut [(Op, Vec<usize>)]) {
             deps.sort_unstable();
             deps.dedup();
         }
+    }
+}
+
+/// Answers the submission waiting for a job's creation.
+fn reply_created(
+    job: Job,
+    r: Result<Created, StoreError>,
+    reply: Option<oneshot::Sender<Result<Submitted, ApiError>>>,
+) {
+    if let Some(reply) = reply {
+        let _ = reply.send(match r {
+            Ok(Created::New(_)) => Ok(Submitted {
+                job,
+                replayed: false,
+            }),
+            Ok(Created::Existing(existing)) => Ok(Submitted {
+                job: *existing,
+                replayed: true,
+            }),
+            Err(e) => Err(ApiError::from(e)),
+        });
+    }
+}
+
+/// [`Op::CreateMany`]: one store call, retried as a whole while the store
+/// is unavailable; each answer as [`Op::Create`]'s (a job found already
+/// stored by id was created by an earlier try whose answer was lost).
+async fn create_many(
+    ctx: &PassCtx,
+    creates: Vec<(NewJob, Option<oneshot::Sender<Result<Submitted, ApiError>>>)>,
+) {
+    let (jobs, replies): (Vec<NewJob>, Vec<_>) = creates.into_iter().unzip();
+    let r = retry_store(&ctx.stores, |s| {
+        let jobs = jobs.clone();
+        async move { s.jobs.create_many(jobs).await }
+    })
+    .await;
+    let answers: Vec<Result<Created, StoreError>> = match r {
+        Ok(answers) if answers.len() == jobs.len() => answers,
+        Ok(answers) => {
+            let e = format!(
+                "the store answered {} of {} creations",
+                answers.len(),
+                jobs.len()
+            );
+            jobs.iter()
+                .map(|_| Err(StoreError::Other(e.clone())))
+                .collect()
+        }
+        Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+    };
+    for ((new, reply), answer) in jobs.into_iter().zip(replies).zip(answers) {
+        let answer = match answer {
+            Err(StoreError::AlreadyExists(m)) => match ctx.stores.jobs.get(new.job.id).await {
+                Ok(Some(_)) => Ok(Created::New(Vec::new())),
+                _ => Err(StoreError::AlreadyExists(m)),
+            },
+            other => other,
+        };
+        reply_created(new.job, answer, reply);
     }
 }
 

@@ -553,14 +553,15 @@ async fn a_result_s_decision_watch_fires_only_after_the_write_commits() {
     h.cp.shutdown().await;
 }
 
-/// With a store that batches updates (`JobStore::batches_updates`), the
-/// job updates of one pass that wait for nothing else are stored by one
-/// `update_many` call, and every job still runs its whole course with its
-/// whole event trail. Three submissions queue up while the first creation
+/// With a store that batches writes (`JobStore::batches_updates`,
+/// `batches_creates`), the creations and the job updates of one pass that
+/// wait for nothing else are stored by one `create_many` / `update_many`
+/// call, and every job still runs its whole course with its whole event
+/// trail. Three submissions queue up while the first creation
 /// is held, so they share a pass, and their claim schedules all three in
 /// the next one.
 #[tokio::test]
-async fn the_updates_of_a_pass_are_stored_in_one_batch() {
+async fn the_writes_of_a_pass_are_stored_in_one_batch() {
     let h = start().await;
     h.jobs_gate
         .batching
@@ -610,6 +611,12 @@ async fn the_updates_of_a_pass_are_stored_in_one_batch() {
             job.id
         );
     }
+    let creates = h.jobs_gate.create_batches.lock().unwrap().clone();
+    assert_eq!(
+        creates,
+        [3],
+        "the three submissions that queued up were created by one call"
+    );
     let batches = h.jobs_gate.batches.lock().unwrap().clone();
     assert!(
         batches.iter().any(|n| *n >= 3),

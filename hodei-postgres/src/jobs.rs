@@ -9,7 +9,8 @@ use hodei_core::event::DomainEvent;
 use hodei_core::ids::{Actor, CorrelationId, JobId};
 use hodei_core::job::{Attempt, Job, JobStatus};
 use hodei_core::ports::{
-    Claim, Created, JobFilter, JobPage, JobQueue, JobStore, JobUpdate, StoreError, UpdateAnswers,
+    Claim, CreateAnswers, Created, JobFilter, JobPage, JobQueue, JobStore, JobUpdate, NewJob,
+    StoreError, UpdateAnswers,
 };
 use hodei_core::spec::JobSpec;
 use hodei_core::time::{Timestamp, add};
@@ -130,6 +131,14 @@ impl JobStore for PgStore {
 
     async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
         update_jobs(self, updates).await
+    }
+
+    async fn create_many(&self, jobs: Vec<NewJob>) -> Result<CreateAnswers, StoreError> {
+        create_jobs(self, jobs).await
+    }
+
+    fn batches_creates(&self) -> bool {
+        true
     }
 
     fn batches_updates(&self) -> bool {
@@ -265,6 +274,218 @@ async fn update_job(
     })
 }
 
+/// The events of a batch statement, each tagged with the job of its entry
+/// (its *owner*): common table expressions `e` (the insert of the events
+/// whose owner is among the ids `j` returned) and `n` (their
+/// notification), from parameter `$p` on ([`bind_owned_events`]). The
+/// filter is an uncorrelated `ARRAY(SELECT id FROM j)`, an init plan run
+/// to the end before the first row: every job row is written, and the
+/// transaction holds its id, before any sequence is drawn (what the bus's
+/// horizon relies on, see `write_sql`). `unnest` yields the events in
+/// order, so their sequences follow it.
+fn owned_events_cte(p: usize) -> String {
+    let ep: Vec<String> = (p..p + crate::events::EVENT_PARAMS)
+        .map(|i| format!("${i}"))
+        .collect();
+    let owner = p + crate::events::EVENT_PARAMS;
+    format!(
+        "e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
+               correlation_id, actor, occurred_at, job_id, payload) \
+               SELECT ev.event_id, ev.event_type, ev.aggregate_type, ev.aggregate_id, \
+                   ev.correlation_id, ev.actor, ev.occurred_at, ev.job_id, ev.payload \
+               FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], \
+                   {}::text[], {}::timestamptz[], {}::uuid[], {}::jsonb[], ${owner}::uuid[]) \
+               AS ev(event_id, event_type, aggregate_type, aggregate_id, correlation_id, \
+                   actor, occurred_at, job_id, payload, owner) \
+               WHERE ev.owner = ANY (ARRAY(SELECT id FROM j)) \
+               RETURNING sequence, event_id), \
+         n AS (SELECT pg_notify('{EVENTS_CHANNEL}', max(sequence)::text) FROM e \
+               HAVING count(*) > 0)",
+        ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], ep[7], ep[8]
+    )
+}
+
+/// Binds the arrays of [`owned_events_cte`]: the events, then their owners.
+fn bind_owned_events<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    events: &[DomainEvent],
+    owners: Vec<uuid::Uuid>,
+) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {
+    Ok(bind_events(q, events)?.bind(owners))
+}
+
+/// The sequences of a batch statement's events (`seqs`, `ids`), by event id.
+fn sequences(answer: &PgRow) -> Result<std::collections::HashMap<uuid::Uuid, i64>, StoreError> {
+    let get_err = |e: sqlx::Error| corrupt("batch of job writes", e);
+    let seqs: Vec<i64> = answer.try_get("seqs").map_err(get_err)?;
+    let event_ids: Vec<uuid::Uuid> = answer.try_get("ids").map_err(get_err)?;
+    Ok(event_ids.into_iter().zip(seqs).collect())
+}
+
+/// `events` with the sequences the statement gave them; an error names
+/// the first one not stored.
+fn with_sequences(
+    mut events: Vec<DomainEvent>,
+    sequence_of: &std::collections::HashMap<uuid::Uuid, i64>,
+    job: JobId,
+) -> Result<Vec<DomainEvent>, StoreError> {
+    for event in &mut events {
+        match sequence_of.get(event.event_id.as_uuid()) {
+            Some(seq) => event.sequence = to_u64(*seq),
+            None => {
+                return Err(StoreError::Other(format!(
+                    "event {} of job {job} was not stored",
+                    event.event_id
+                )));
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// [`JobStore::create_many`]: every entry in one statement (one round
+/// trip, one transaction): the rows in entry order (so their queue places
+/// follow it), `ON CONFLICT DO NOTHING` as [`JobStore::create`], and the
+/// events of the rows inserted ([`owned_events_cte`]). The entries not
+/// inserted are then resolved by one read of their idempotency keys.
+async fn create_jobs(store: &PgStore, jobs: Vec<NewJob>) -> Result<CreateAnswers, StoreError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    fn sql() -> String {
+        format!(
+            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::jsonb[], $4::jsonb[], \
+                 $5::text[], $6::int4[], $7::timestamptz[], $8::timestamptz[], $9::int4[], \
+                 $10::int8[], $11::text[], $12::text[], $13::text[], $14::timestamptz[], \
+                 $15::timestamptz[]) WITH ORDINALITY \
+                 AS u(id, spec, status, attempts, state, priority, not_before, deadline, \
+                      attempt, version, correlation_id, submitted_by, idempotency_key, \
+                      created_at, updated_at, ord)), \
+             j AS (INSERT INTO jobs (id, spec, status, attempts, state, priority, not_before, \
+                 deadline, attempt, version, correlation_id, submitted_by, idempotency_key, \
+                 created_at, updated_at, queue_order) \
+                 SELECT id, spec, status, attempts, state, priority, not_before, deadline, \
+                     attempt, version, correlation_id, submitted_by, idempotency_key, \
+                     created_at, updated_at, \
+                     CASE WHEN state = 'PENDING' THEN nextval('job_queue_order') END \
+                 FROM u ORDER BY ord \
+                 ON CONFLICT DO NOTHING RETURNING id), \
+             {events} \
+             SELECT ARRAY(SELECT id FROM j) AS created, \
+                    ARRAY(SELECT sequence FROM e ORDER BY sequence) AS seqs, \
+                    ARRAY(SELECT event_id FROM e ORDER BY sequence) AS ids, \
+                    (SELECT count(*) FROM n) AS notified",
+            events = owned_events_cte(16),
+        )
+    }
+    static CREATE_MANY: LazyLock<String> = LazyLock::new(sql);
+
+    let n = jobs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut specs = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut not_befores = Vec::with_capacity(n);
+    let mut deadlines = Vec::with_capacity(n);
+    let mut attempt_nos = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut submitters = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut created_at = Vec::with_capacity(n);
+    let mut updated_at = Vec::with_capacity(n);
+    let mut events: Vec<DomainEvent> = Vec::new();
+    let mut owners = Vec::new();
+    for j in &jobs {
+        let row = JobRow::of(&j.job)?;
+        ids.push(j.job.id.0);
+        specs.push(row.spec);
+        statuses.push(row.status);
+        attempts.push(row.attempts);
+        states.push(row.state);
+        priorities.push(row.priority);
+        not_befores.push(row.not_before);
+        deadlines.push(row.deadline);
+        attempt_nos.push(row.attempt);
+        versions.push(row.version);
+        correlations.push(j.job.correlation_id.as_str().to_owned());
+        submitters.push(j.job.submitted_by.as_str().to_owned());
+        keys.push(j.job.spec.idempotency_key().map(str::to_owned));
+        created_at.push(j.job.created_at);
+        updated_at.push(j.job.updated_at);
+        events.extend(j.events.iter().cloned());
+        owners.extend(j.events.iter().map(|_| j.job.id.0));
+    }
+    let q = sqlx::query(sqlx::AssertSqlSafe(CREATE_MANY.as_str()))
+        .bind(&ids)
+        .bind(specs)
+        .bind(statuses)
+        .bind(attempts)
+        .bind(states)
+        .bind(priorities)
+        .bind(not_befores)
+        .bind(deadlines)
+        .bind(attempt_nos)
+        .bind(versions)
+        .bind(correlations)
+        .bind(submitters)
+        .bind(&keys)
+        .bind(created_at)
+        .bind(updated_at);
+    let q = bind_owned_events(q, &events, owners)?;
+    let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
+    let created: Vec<uuid::Uuid> = answer
+        .try_get("created")
+        .map_err(|e| corrupt("batch of job creations", e))?;
+    let created: std::collections::HashSet<uuid::Uuid> = created.into_iter().collect();
+    let sequence_of = sequences(&answer)?;
+    // Entries not inserted: an idempotency key already used (by a job
+    // stored before, or by an earlier entry of this batch), or an id
+    // already stored.
+    let missed_keys: Vec<String> = jobs
+        .iter()
+        .filter(|j| !created.contains(&j.job.id.0))
+        .filter_map(|j| j.job.spec.idempotency_key().map(str::to_owned))
+        .collect();
+    let mut by_key: std::collections::HashMap<String, Job> = Default::default();
+    if !missed_keys.is_empty() {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS}, idempotency_key FROM jobs WHERE idempotency_key = ANY($1)"
+        )))
+        .bind(&missed_keys)
+        .fetch_all(&store.inner.pool)
+        .await
+        .map_err(store_err)?;
+        for row in &rows {
+            let key: String = row
+                .try_get("idempotency_key")
+                .map_err(|e| corrupt("job", e))?;
+            by_key.insert(key, decode_job(row)?);
+        }
+    }
+    let mut answers = Vec::with_capacity(n);
+    for j in jobs {
+        let id = j.job.id;
+        if created.contains(&id.0) {
+            answers.push(with_sequences(j.events, &sequence_of, id).map(Created::New));
+            continue;
+        }
+        let existing = j
+            .job
+            .spec
+            .idempotency_key()
+            .and_then(|k| by_key.get(k))
+            .filter(|existing| existing.id != id);
+        answers.push(match existing {
+            Some(existing) => Ok(Created::Existing(Box::new(existing.clone()))),
+            None => Err(StoreError::AlreadyExists(format!("job {id}"))),
+        });
+    }
+    Ok(answers)
+}
+
 /// Upsert of worker records from the five arrays [`bind_workers`] binds
 /// from parameter `$p` on: a common table expression named `w`.
 fn workers_cte(p: usize) -> String {
@@ -338,7 +559,6 @@ async fn update_jobs(
     fn sql() -> String {
         let e = 13;
         let owner = e + crate::events::EVENT_PARAMS;
-        let ep: Vec<String> = (e..owner).map(|i| format!("${i}")).collect();
         format!(
             "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::jsonb[], $4::jsonb[], \
                  $5::jsonb[], $6::text[], $7::int4[], $8::timestamptz[], $9::timestamptz[], \
@@ -363,33 +583,14 @@ async fn update_jobs(
                  RETURNING job_id, last_seq), \
              ln AS (SELECT pg_notify('{LOGS_CHANNEL}', lf.job_id::text || ':' || lf.last_seq) \
                  FROM lf){workers}, \
-             e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
-                   correlation_id, actor, occurred_at, job_id, payload) \
-                   SELECT ev.event_id, ev.event_type, ev.aggregate_type, ev.aggregate_id, \
-                       ev.correlation_id, ev.actor, ev.occurred_at, ev.job_id, ev.payload \
-                   FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], \
-                       {}::text[], {}::timestamptz[], {}::uuid[], {}::jsonb[], ${owner}::uuid[]) \
-                   AS ev(event_id, event_type, aggregate_type, aggregate_id, correlation_id, \
-                       actor, occurred_at, job_id, payload, owner) \
-                   WHERE ev.owner = ANY (ARRAY(SELECT id FROM j)) \
-                   RETURNING sequence, event_id), \
-             n AS (SELECT pg_notify('{EVENTS_CHANNEL}', max(sequence)::text) FROM e \
-                   HAVING count(*) > 0) \
+             {events} \
              SELECT ARRAY(SELECT id FROM j) AS updated, \
                     ARRAY(SELECT sequence FROM e ORDER BY sequence) AS seqs, \
                     ARRAY(SELECT event_id FROM e ORDER BY sequence) AS ids, \
                     (SELECT count(*) FROM n) AS notified, \
                     (SELECT count(*) FROM ln) AS log_notified, \
                     (SELECT count(*) FROM w) AS workers_saved",
-            ep[0],
-            ep[1],
-            ep[2],
-            ep[3],
-            ep[4],
-            ep[5],
-            ep[6],
-            ep[7],
-            ep[8],
+            events = owned_events_cte(e),
             workers = workers_cte(owner + 1),
         )
     }
@@ -440,15 +641,13 @@ async fn update_jobs(
         .bind(attempt_nos)
         .bind(versions)
         .bind(updated_at);
-    let q = bind_events(q, &events)?.bind(owners);
+    let q = bind_owned_events(q, &events, owners)?;
     let q = bind_workers(q, updates.iter().flat_map(|u| u.workers.iter()))?;
     let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
-    let get_err = |e: sqlx::Error| corrupt("batch of job updates", e);
-    let updated: Vec<uuid::Uuid> = answer.try_get("updated").map_err(get_err)?;
-    let seqs: Vec<i64> = answer.try_get("seqs").map_err(get_err)?;
-    let event_ids: Vec<uuid::Uuid> = answer.try_get("ids").map_err(get_err)?;
-    let sequence_of: std::collections::HashMap<uuid::Uuid, i64> =
-        event_ids.into_iter().zip(seqs).collect();
+    let updated: Vec<uuid::Uuid> = answer
+        .try_get("updated")
+        .map_err(|e| corrupt("batch of job updates", e))?;
+    let sequence_of = sequences(&answer)?;
     let updated: std::collections::HashSet<uuid::Uuid> = updated.into_iter().collect();
     let missed: Vec<uuid::Uuid> = ids
         .iter()
@@ -480,20 +679,7 @@ async fn update_jobs(
             }));
             continue;
         }
-        let mut stored = u.events;
-        let mut missing = None;
-        for event in &mut stored {
-            match sequence_of.get(event.event_id.as_uuid()) {
-                Some(seq) => event.sequence = to_u64(*seq),
-                None => missing = Some(event.event_id),
-            }
-        }
-        answers.push(match missing {
-            None => Ok(stored),
-            Some(e) => Err(StoreError::Other(format!(
-                "event {e} of job {id} was not stored"
-            ))),
-        });
+        answers.push(with_sequences(u.events, &sequence_of, id));
     }
     Ok(answers)
 }

@@ -12,8 +12,8 @@ use hodei_core::ids::JobId;
 use hodei_core::job::Job;
 use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
-    Created, JobFilter, JobPage, JobStore, JobUpdate, StoreError, ToWorker, UpdateAnswers,
-    WorkerLink,
+    CreateAnswers, Created, JobFilter, JobPage, JobStore, JobUpdate, NewJob, StoreError, ToWorker,
+    UpdateAnswers, WorkerLink,
 };
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -30,8 +30,10 @@ impl WorkerLink for ChanLink {
 /// The in-memory job store, with writes held back while a switch is on:
 /// `hold_creates` holds job creations, `hold_endings` holds updates that
 /// end a job. `held` fires each time a write starts waiting. With
-/// `batching` on it says it batches updates (`JobStore::batches_updates`)
-/// and records the size of each `update_many` call in `batches`.
+/// `batching` on it says it batches updates and creations
+/// (`JobStore::batches_updates`, `batches_creates`) and records the size of
+/// each `update_many` call in `batches`, of each `create_many` call in
+/// `create_batches`.
 pub struct HeldJobs {
     pub inner: Arc<MemoryStore>,
     pub hold_creates: watch::Sender<bool>,
@@ -39,6 +41,7 @@ pub struct HeldJobs {
     pub held: Notify,
     pub batching: AtomicBool,
     pub batches: Mutex<Vec<usize>>,
+    pub create_batches: Mutex<Vec<usize>>,
 }
 
 impl HeldJobs {
@@ -50,6 +53,7 @@ impl HeldJobs {
             held: Notify::new(),
             batching: AtomicBool::new(false),
             batches: Mutex::new(Vec::new()),
+            create_batches: Mutex::new(Vec::new()),
         }
     }
 
@@ -87,6 +91,18 @@ impl JobStore for HeldJobs {
     }
     fn batches_updates(&self) -> bool {
         self.batching.load(Ordering::SeqCst)
+    }
+    fn batches_creates(&self) -> bool {
+        self.batching.load(Ordering::SeqCst)
+    }
+    async fn create_many(&self, jobs: Vec<NewJob>) -> Result<CreateAnswers, StoreError> {
+        self.create_batches.lock().unwrap().push(jobs.len());
+        self.pass(&self.hold_creates).await;
+        let mut answers = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            answers.push(self.inner.create(&j.job, j.events).await);
+        }
+        Ok(answers)
     }
     async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
         self.batches.lock().unwrap().push(updates.len());

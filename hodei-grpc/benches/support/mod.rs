@@ -23,8 +23,9 @@ use hodei_core::event::{DomainEvent, EventBody};
 use hodei_core::ids::{Actor, CorrelationId, JobId, WorkerId};
 use hodei_core::job::{Job, JobState};
 use hodei_core::ports::{
-    Claim, Created, EventLog, JobFilter, JobPage, JobQueue, JobStore, LogLine, LogStore,
-    NewLogLine, RequestContext, StoreError, TokenRejection, WorkerRegistry,
+    Claim, CreateAnswers, Created, EventLog, JobFilter, JobPage, JobQueue, JobStore, JobUpdate,
+    LogLine, LogStore, NewJob, NewLogLine, RequestContext, StoreError, TokenRejection,
+    UpdateAnswers, WorkerRegistry,
 };
 use hodei_core::runtime::{ControlPlane, Stores};
 use hodei_core::spec::RawJobSpec;
@@ -255,6 +256,16 @@ impl StoreTiming {
         e.1 += took;
     }
 
+    /// Counts `n` entries of one `update_many` call (shown beside the
+    /// calls, not counted as calls).
+    fn add_entries(&self, n: usize) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let e = calls
+            .entry(UPDATE_MANY_ENTRIES)
+            .or_insert((0, Duration::ZERO));
+        e.0 += n as u64;
+    }
+
     /// The counters so far.
     pub fn snapshot(&self) -> HashMap<&'static str, (u64, Duration)> {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -275,6 +286,7 @@ impl StoreTiming {
         let jobs = jobs.max(1) as f64;
         let (calls, time) = rows
             .iter()
+            .filter(|r| r.0 != UPDATE_MANY_ENTRIES)
             .fold((0, Duration::ZERO), |(c, t), r| (c + r.1, t + r.2));
         println!(
             "  store calls per job (driver and sessions): {:.1} calls, {:.2} ms in the store",
@@ -282,6 +294,13 @@ impl StoreTiming {
             time.as_secs_f64() * 1e3 / jobs
         );
         for (m, n, t) in rows {
+            if m == UPDATE_MANY_ENTRIES {
+                println!(
+                    "    {m:<26} {:>6.2} per job (job updates carried in batches)",
+                    n as f64 / jobs
+                );
+                continue;
+            }
             println!(
                 "    {m:<26} {:>6.2} calls/job  {:>7.3} ms/call  {:>7.2} ms/job",
                 n as f64 / jobs,
@@ -291,6 +310,9 @@ impl StoreTiming {
         }
     }
 }
+
+/// Key of the entry count of `update_many` calls in [`StoreTiming`].
+const UPDATE_MANY_ENTRIES: &str = "(update_many entries)";
 
 /// Times `f` under `method`.
 async fn timed<T>(
@@ -374,6 +396,14 @@ impl EventLog for EventLogProbe {
         )
         .await
     }
+
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.last_sequence().await
+    }
+
+    async fn settled_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.settled_sequence().await
+    }
 }
 
 /// A [`WorkerRegistry`] that times its calls.
@@ -386,6 +416,23 @@ pub struct WorkerProbe {
 impl WorkerRegistry for WorkerProbe {
     async fn upsert(&self, worker: &Worker) -> Result<(), StoreError> {
         timed(&self.timing, "workers.upsert", self.inner.upsert(worker)).await
+    }
+
+    async fn upsert_recording(
+        &self,
+        worker: &Worker,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        timed(
+            &self.timing,
+            "workers.upsert+events",
+            self.inner.upsert_recording(worker, events),
+        )
+        .await
+    }
+
+    fn upsert_records_events(&self) -> bool {
+        self.inner.upsert_records_events()
     }
 
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
@@ -603,6 +650,43 @@ impl JobStore for JobProbe {
         self.inner.update_finishes_logs()
     }
 
+    async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
+        let notes: Vec<_> = updates
+            .iter()
+            .map(|u| (u.job.clone(), Self::starts(&u.job, &u.events)))
+            .collect();
+        let r = timed(
+            &self.timing,
+            "jobs.update_many",
+            self.inner.update_many(updates),
+        )
+        .await;
+        if let Ok(answers) = &r {
+            self.timing.add_entries(answers.len());
+            for ((job, starts), answer) in notes.into_iter().zip(answers) {
+                self.note(&job, starts, answer.is_ok());
+            }
+        }
+        r
+    }
+
+    fn batches_updates(&self) -> bool {
+        self.inner.batches_updates()
+    }
+
+    async fn create_many(&self, jobs: Vec<NewJob>) -> Result<CreateAnswers, StoreError> {
+        timed(
+            &self.timing,
+            "jobs.create_many",
+            self.inner.create_many(jobs),
+        )
+        .await
+    }
+
+    fn batches_creates(&self) -> bool {
+        self.inner.batches_creates()
+    }
+
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         timed(&self.timing, "jobs.get", self.inner.get(id)).await
     }
@@ -690,6 +774,26 @@ pub struct StoreProbe {
     jobs: Arc<JobProbe>,
     logs: Arc<LogProbe>,
     workers: WorkerProbe,
+    events: EventLogProbe,
+}
+
+#[async_trait]
+impl EventLog for StoreProbe {
+    async fn append(&self, events: Vec<DomainEvent>) -> Result<Vec<DomainEvent>, StoreError> {
+        self.events.append(events).await
+    }
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<DomainEvent>, StoreError> {
+        self.events.read_after(after, limit).await
+    }
+    async fn job_events(&self, job: JobId) -> Result<Vec<DomainEvent>, StoreError> {
+        self.events.job_events(job).await
+    }
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        self.events.last_sequence().await
+    }
+    async fn settled_sequence(&self) -> Result<u64, StoreError> {
+        self.events.settled_sequence().await
+    }
 }
 
 #[async_trait]
@@ -721,6 +825,18 @@ impl JobStore for StoreProbe {
     }
     fn update_finishes_logs(&self) -> bool {
         self.jobs.update_finishes_logs()
+    }
+    async fn update_many(&self, updates: Vec<JobUpdate>) -> Result<UpdateAnswers, StoreError> {
+        self.jobs.update_many(updates).await
+    }
+    fn batches_updates(&self) -> bool {
+        self.jobs.batches_updates()
+    }
+    async fn create_many(&self, jobs: Vec<NewJob>) -> Result<CreateAnswers, StoreError> {
+        self.jobs.create_many(jobs).await
+    }
+    fn batches_creates(&self) -> bool {
+        self.jobs.batches_creates()
     }
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         JobStore::get(&*self.jobs, id).await
@@ -755,6 +871,16 @@ impl LogStore for StoreProbe {
 impl WorkerRegistry for StoreProbe {
     async fn upsert(&self, worker: &Worker) -> Result<(), StoreError> {
         self.workers.upsert(worker).await
+    }
+    async fn upsert_recording(
+        &self,
+        worker: &Worker,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        self.workers.upsert_recording(worker, events).await
+    }
+    fn upsert_records_events(&self) -> bool {
+        self.workers.upsert_records_events()
     }
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
         WorkerRegistry::get(&self.workers, id).await
@@ -810,14 +936,21 @@ pub fn probe(stores: Stores) -> Probed {
         timing: timing.clone(),
         marks: Mutex::new(LogMarks::default()),
     });
-    // One object serving jobs, logs and workers stays one object, so that
-    // the runtime still lets a job update finish the log and carry the
-    // worker records (`Stores::terminal_update_finishes_logs`,
-    // `Stores::update_saves_workers`).
-    let one_object = std::ptr::addr_eq(Arc::as_ptr(&stores.jobs), Arc::as_ptr(&stores.logs))
-        && std::ptr::addr_eq(Arc::as_ptr(&stores.jobs), Arc::as_ptr(&stores.workers));
+    // One object serving jobs, logs, workers and events stays one object,
+    // so that the runtime still lets a job update finish the log and carry
+    // the worker records, and a worker record carry its events
+    // (`Stores::terminal_update_finishes_logs`,
+    // `Stores::update_saves_workers`, `Stores::worker_saves_record_events`).
+    let same = |other: *const ()| std::ptr::addr_eq(Arc::as_ptr(&stores.jobs), other);
+    let one_object = same(Arc::as_ptr(&stores.logs) as *const ())
+        && same(Arc::as_ptr(&stores.workers) as *const ())
+        && same(Arc::as_ptr(&stores.events) as *const ());
     let workers = WorkerProbe {
         inner: stores.workers.clone(),
+        timing: timing.clone(),
+    };
+    let events = EventLogProbe {
+        inner: stores.events.clone(),
         timing: timing.clone(),
     };
     let mut stores = stores;
@@ -826,21 +959,20 @@ pub fn probe(stores: Stores) -> Probed {
             jobs: jobs.clone(),
             logs: logs.clone(),
             workers,
+            events,
         });
         stores.jobs = all.clone();
         stores.logs = all.clone();
-        stores.workers = all;
+        stores.workers = all.clone();
+        stores.events = all;
     } else {
         stores.jobs = jobs.clone();
         stores.logs = logs.clone();
         stores.workers = Arc::new(workers);
+        stores.events = Arc::new(events);
     }
     stores.queue = Arc::new(QueueProbe {
         inner: stores.queue.clone(),
-        timing: timing.clone(),
-    });
-    stores.events = Arc::new(EventLogProbe {
-        inner: stores.events.clone(),
         timing: timing.clone(),
     });
     Probed {
