@@ -2531,7 +2531,7 @@ enum Op {
     UpdateMany(Vec<JobUpdate>),
     /// Creations of several jobs in one store call (see [`batch_creates`]),
     /// each with the submission waiting for it.
-    CreateMany(Vec<(NewJob, Option<oneshot::Sender<Result<Submitted, ApiError>>>)>),
+    CreateMany(Vec<(NewJob, Option<SubmitReply>)>),
     Record(Vec<DomainEvent>),
     /// A worker record, with the events of its change (stored as one unit,
     /// see [`Stores::worker_saves_record_events`]) or none.
@@ -2557,6 +2557,9 @@ enum Op {
         provider: Option<Arc<dyn WorkerProvider>>,
     },
 }
+
+/// Where the submission waiting for a job's creation is answered.
+type SubmitReply = oneshot::Sender<Result<Submitted, ApiError>>;
 
 /// What the engine must hear after a pass.
 enum FollowUp {
@@ -2891,11 +2894,7 @@ fn batch_roots(
 }
 
 /// Answers the submission waiting for a job's creation.
-fn reply_created(
-    job: Job,
-    r: Result<Created, StoreError>,
-    reply: Option<oneshot::Sender<Result<Submitted, ApiError>>>,
-) {
+fn reply_created(job: Job, r: Result<Created, StoreError>, reply: Option<SubmitReply>) {
     if let Some(reply) = reply {
         let _ = reply.send(match r {
             Ok(Created::New(_)) => Ok(Submitted {
@@ -2914,10 +2913,7 @@ fn reply_created(
 /// [`Op::CreateMany`]: one store call, retried as a whole while the store
 /// is unavailable; each answer as [`Op::Create`]'s (a job found already
 /// stored by id was created by an earlier try whose answer was lost).
-async fn create_many(
-    ctx: &PassCtx,
-    creates: Vec<(NewJob, Option<oneshot::Sender<Result<Submitted, ApiError>>>)>,
-) {
+async fn create_many(ctx: &PassCtx, creates: Vec<(NewJob, Option<SubmitReply>)>) {
     let (jobs, replies): (Vec<NewJob>, Vec<_>) = creates.into_iter().unzip();
     let r = retry_store(&ctx.stores, |s| {
         let jobs = jobs.clone();
