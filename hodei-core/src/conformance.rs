@@ -1328,7 +1328,7 @@ pub async fn secrets_put_get_list_delete<S: Store + ?Sized>(store: Arc<S>) {
 pub async fn workers_upsert_get_list<S: Store + ?Sized>(store: Arc<S>) {
     let s = &*store;
     let mut first = worker(0);
-    let second = worker(1);
+    let mut second = worker(1);
     WorkerRegistry::upsert(s, &first).await.expect("upsert");
     WorkerRegistry::upsert(s, &second).await.expect("upsert");
     assert_eq!(
@@ -1361,27 +1361,80 @@ pub async fn workers_upsert_get_list<S: Store + ?Sized>(store: Arc<S>) {
         let mut ready = first.clone();
         ready.state = WorkerState::Ready;
         ready.last_seen = at(9_500);
-        let event = event(
+        let ready_event = event(
             EventBody::WorkerReady {
                 worker_id: ready.id,
             },
             "corr-ready",
             9_500,
         );
-        let stored = WorkerRegistry::upsert_recording(s, &ready, vec![event.clone()])
+        let stored = WorkerRegistry::upsert_recording(s, &ready, vec![ready_event.clone()])
             .await
             .expect("upsert with its events");
         assert_eq!(stored.len(), 1);
         assert!(stored[0].sequence > 0, "the store assigns sequences");
-        assert_eq!(stored[0].event_id, event.event_id);
+        assert_eq!(stored[0].event_id, ready_event.event_id);
         assert_eq!(
             WorkerRegistry::get(s, ready.id).await.expect("get"),
             Some(ready.clone())
         );
         let all = EventLog::read_after(s, 0, 1000).await.expect("read");
         assert_eq!(all.len(), before + 1);
-        assert_eq!(all.last().map(|e| e.event_id), Some(event.event_id));
+        assert_eq!(all.last().map(|e| e.event_id), Some(ready_event.event_id));
         first = ready;
+
+        // Several at once: every record and every event.
+        let mut busy = first.clone();
+        busy.state = WorkerState::Busy;
+        busy.last_seen = at(9_600);
+        let mut other = second.clone();
+        other.state = WorkerState::Draining;
+        other.last_seen = at(9_600);
+        let e1 = event(
+            EventBody::WorkerReady { worker_id: busy.id },
+            "corr-many",
+            9_600,
+        );
+        let e2 = event(
+            EventBody::WorkerDraining {
+                worker_id: other.id,
+            },
+            "corr-many",
+            9_600,
+        );
+        let e3 = event(
+            EventBody::WorkerReady {
+                worker_id: other.id,
+            },
+            "corr-many",
+            9_601,
+        );
+        WorkerRegistry::upsert_many_recording(
+            s,
+            vec![
+                (busy.clone(), vec![e1.clone()]),
+                (other.clone(), vec![e2.clone(), e3.clone()]),
+            ],
+        )
+        .await
+        .expect("upsert many with their events");
+        assert_eq!(
+            WorkerRegistry::get(s, busy.id).await.expect("get"),
+            Some(busy.clone())
+        );
+        assert_eq!(
+            WorkerRegistry::get(s, other.id).await.expect("get"),
+            Some(other.clone())
+        );
+        let all = EventLog::read_after(s, 0, 1000).await.expect("read");
+        let tail: Vec<_> = all[all.len() - 3..].iter().map(|e| e.event_id).collect();
+        assert_eq!(
+            tail,
+            vec![e1.event_id, e2.event_id, e3.event_id],
+            "in order"
+        );
+        first = busy;
+        second = other;
     }
 
     // A store that saves workers with job updates

@@ -485,6 +485,19 @@ pub trait WorkerRegistry: Send + Sync {
     fn upsert_records_events(&self) -> bool {
         false
     }
+    /// Several [`WorkerRegistry::upsert_recording`]s in one call (one unit
+    /// on PostgreSQL: one statement). Nothing is stored when it fails.
+    /// The default makes one call per entry (only meaningful where
+    /// [`WorkerRegistry::upsert_records_events`] is `true`).
+    async fn upsert_many_recording(
+        &self,
+        entries: Vec<(Worker, Vec<DomainEvent>)>,
+    ) -> Result<(), StoreError> {
+        for (worker, events) in entries {
+            self.upsert_recording(&worker, events).await?;
+        }
+        Ok(())
+    }
     /// One worker.
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError>;
     /// All workers not terminated, plus recently terminated ones.

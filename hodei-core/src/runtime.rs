@@ -2173,6 +2173,9 @@ impl Driver {
         if self.stores.jobs.batches_creates() {
             batch_creates(&mut ops);
         }
+        if self.stores.worker_saves_record_events() {
+            batch_worker_saves(&mut ops);
+        }
         let ctx = Arc::new(PassCtx {
             stores: self.stores.clone(),
             replica: self.config.engine.replica_id.clone(),
@@ -2536,6 +2539,9 @@ enum Op {
     /// A worker record, with the events of its change (stored as one unit,
     /// see [`Stores::worker_saves_record_events`]) or none.
     SaveWorker(Box<Worker>, Vec<DomainEvent>),
+    /// Several worker records with their events, in one store call (see
+    /// [`batch_worker_saves`]).
+    SaveWorkers(Vec<(Worker, Vec<DomainEvent>)>),
     Claim {
         limit: usize,
         lease: Duration,
@@ -2611,6 +2617,17 @@ impl Op {
     async fn run_one(self, ctx: &PassCtx, now: Timestamp) -> (Option<FollowUp>, Option<JobId>) {
         match self {
             Op::Nothing | Op::UpdateMany(_) | Op::CreateMany(_) => (None, None),
+            Op::SaveWorkers(entries) => {
+                let r = retry_store(&ctx.stores, |s| {
+                    let entries = entries.clone();
+                    async move { s.workers.upsert_many_recording(entries).await }
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!(workers = entries.len(), error = %e, "worker records and their events not stored");
+                }
+                (None, None)
+            }
             Op::Create { job, events, reply } => {
                 let r = retry_store(&ctx.stores, |s| {
                     let (job, events) = (job.clone(), events.clone());
@@ -2845,6 +2862,26 @@ fn batch_creates(ops: &mut [(Op, Vec<usize>)]) {
                         Op::Create { job, events, reply } => {
                             Some((NewJob { job: *job, events }, reply))
                         }
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+}
+
+/// [`batch_updates`] for the worker records saved with their events in a
+/// pass: one [`WorkerRegistry::upsert_many_recording`] call.
+fn batch_worker_saves(ops: &mut [(Op, Vec<usize>)]) {
+    batch_roots(
+        ops,
+        |op| matches!(op, Op::SaveWorker(_, events) if !events.is_empty()),
+        |members| {
+            Op::SaveWorkers(
+                members
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        Op::SaveWorker(worker, events) => Some((*worker, events)),
                         _ => None,
                     })
                     .collect(),

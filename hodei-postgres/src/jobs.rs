@@ -506,7 +506,7 @@ fn workers_cte(p: usize) -> String {
 }
 
 /// Binds the arrays of [`workers_cte`].
-fn bind_workers<'q, 'w>(
+pub(crate) fn bind_workers<'q, 'w>(
     q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     workers: impl Iterator<Item = &'w Worker>,
 ) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {

@@ -89,6 +89,44 @@ impl WorkerRegistry for PgStore {
         true
     }
 
+    async fn upsert_many_recording(
+        &self,
+        entries: Vec<(Worker, Vec<DomainEvent>)>,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // One statement: the upserts, then every event and their
+        // notification (see `write_sql`); one transaction.
+        static UPSERT_MANY: LazyLock<String> = LazyLock::new(|| {
+            write_sql(
+                "INSERT INTO workers (id, state, record, last_seen, created_at) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], \
+                     $4::timestamptz[], $5::timestamptz[]) \
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
+                     record = EXCLUDED.record, last_seen = EXCLUDED.last_seen, \
+                     created_at = EXCLUDED.created_at \
+                 RETURNING 1",
+                6,
+            )
+        });
+        let events: Vec<DomainEvent> = entries.iter().flat_map(|(_, e)| e.clone()).collect();
+        let q = sqlx::query(sqlx::AssertSqlSafe(UPSERT_MANY.as_str()));
+        let q = crate::jobs::bind_workers(q, entries.iter().map(|(w, _)| w))?;
+        let answer = bind_events(q, &events)?
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let (saved, _) = stored_events(&answer, events)?;
+        if !saved {
+            return Err(StoreError::Other(format!(
+                "{} worker records were not saved",
+                entries.len()
+            )));
+        }
+        Ok(())
+    }
+
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
         let row = sqlx::query("SELECT record FROM workers WHERE id = $1")
             .bind(id.0)

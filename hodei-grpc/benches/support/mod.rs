@@ -435,6 +435,18 @@ impl WorkerRegistry for WorkerProbe {
         self.inner.upsert_records_events()
     }
 
+    async fn upsert_many_recording(
+        &self,
+        entries: Vec<(Worker, Vec<DomainEvent>)>,
+    ) -> Result<(), StoreError> {
+        timed(
+            &self.timing,
+            "workers.upsert_many+events",
+            self.inner.upsert_many_recording(entries),
+        )
+        .await
+    }
+
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
         timed(&self.timing, "workers.get", self.inner.get(id)).await
     }
@@ -881,6 +893,12 @@ impl WorkerRegistry for StoreProbe {
     }
     fn upsert_records_events(&self) -> bool {
         self.workers.upsert_records_events()
+    }
+    async fn upsert_many_recording(
+        &self,
+        entries: Vec<(Worker, Vec<DomainEvent>)>,
+    ) -> Result<(), StoreError> {
+        self.workers.upsert_many_recording(entries).await
     }
     async fn get(&self, id: WorkerId) -> Result<Option<Worker>, StoreError> {
         WorkerRegistry::get(&self.workers, id).await
