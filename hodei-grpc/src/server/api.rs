@@ -139,16 +139,24 @@ const DEFAULT_PAGE_LIMIT: u32 = 100;
 /// as is, anything larger is refused rather than silently capped (so a
 /// client never believes it got the page size it asked for).
 fn page_limit(ctx: &RequestContext, limit: u32) -> Result<usize, Status> {
+    limit_within(ctx, limit, MAX_PAGE_LIMIT, DEFAULT_PAGE_LIMIT)
+}
+
+/// Most log lines in one page of `Logs.Page` (as HTTP's log pages).
+const MAX_LOG_PAGE_LIMIT: u32 = 10_000;
+
+/// Log lines in a page when a request leaves `limit` at 0.
+const DEFAULT_LOG_PAGE_LIMIT: u32 = 1000;
+
+/// `limit` when it is 0 (`default`) or in `1..=max`; refused otherwise.
+fn limit_within(ctx: &RequestContext, limit: u32, max: u32, default: u32) -> Result<usize, Status> {
     match limit {
-        0 => Ok(DEFAULT_PAGE_LIMIT as usize),
-        1..=MAX_PAGE_LIMIT => Ok(limit as usize),
+        0 => Ok(default as usize),
+        n if n <= max => Ok(n as usize),
         n => Err(invalid(
             ctx,
             "limit",
-            format!(
-                "`limit` is {n}; accepted: 1..={MAX_PAGE_LIMIT} \
-                 (0 means the default, {DEFAULT_PAGE_LIMIT})"
-            ),
+            format!("`limit` is {n}; accepted: 1..={max} (0 means the default, {default})"),
         )),
     }
 }
@@ -484,10 +492,7 @@ impl LogService for Api {
         let ctx = context(&req);
         let r = req.get_ref();
         let id = parse_job(&ctx, &r.job_id)?;
-        let limit = match r.limit {
-            0 => 1000,
-            n => (n as usize).min(10_000),
-        };
+        let limit = limit_within(&ctx, r.limit, MAX_LOG_PAGE_LIMIT, DEFAULT_LOG_PAGE_LIMIT)?;
         let lines = read_page(&self.cp, id, r.after, limit, LOG_MESSAGE_BYTES)
             .await
             .map_err(|e| status(&ctx, e))?;
@@ -752,6 +757,16 @@ mod tests {
         assert_eq!(
             s.metadata().get(super::super::ERROR_FIELD_HEADER).unwrap(),
             "limit"
+        );
+        // Log pages: up to 10,000 lines, 0 meaning 1,000.
+        let log = |n| limit_within(&ctx, n, MAX_LOG_PAGE_LIMIT, DEFAULT_LOG_PAGE_LIMIT);
+        assert_eq!(log(0).unwrap(), 1000);
+        assert_eq!(log(10_000).unwrap(), 10_000);
+        let s = log(10_001).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "`limit` is 10001; accepted: 1..=10000 (0 means the default, 1000)"
         );
     }
 }
