@@ -1665,7 +1665,9 @@ async fn register_providers(stores: &Stores, providers: &[ProviderSetup]) -> Res
                 .unwrap_or_else(|| "not checked yet".into()),
             updated_at: now_utc(),
         };
-        stores.providers.upsert(&record).await?;
+        // The event before the record: a crash in between records the
+        // event again at the next start (the record is still missing or
+        // old), where the other order would lose it for good.
         if let Some(body) = body {
             let e = DomainEvent::new(
                 EventId::from_uuid(Uuid::new_v4()),
@@ -1676,6 +1678,7 @@ async fn register_providers(stores: &Stores, providers: &[ProviderSetup]) -> Res
             );
             stores.events.append(vec![e]).await?;
         }
+        stores.providers.upsert(&record).await?;
     }
     Ok(())
 }
