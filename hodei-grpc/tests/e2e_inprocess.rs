@@ -199,3 +199,139 @@ async fn providers_and_secrets_over_grpc() {
     assert_eq!(err.code(), tonic::Code::NotFound);
     running.stop().await.expect("clean stop");
 }
+
+/// A job store whose creations wait while `hold` is on; `held` fires when
+/// one starts waiting.
+struct GatedJobs {
+    inner: std::sync::Arc<hodei_core::memory::MemoryStore>,
+    hold: tokio::sync::watch::Sender<bool>,
+    held: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl hodei_core::ports::JobStore for GatedJobs {
+    async fn create(
+        &self,
+        job: &hodei_core::job::Job,
+        events: Vec<hodei_core::event::DomainEvent>,
+    ) -> Result<hodei_core::ports::Created, hodei_core::ports::StoreError> {
+        let mut hold = self.hold.subscribe();
+        if *hold.borrow() {
+            self.held.notify_one();
+            let _ = hold.wait_for(|h| !*h).await;
+        }
+        self.inner.create(job, events).await
+    }
+    async fn update(
+        &self,
+        job: &hodei_core::job::Job,
+        expected_version: u64,
+        events: Vec<hodei_core::event::DomainEvent>,
+    ) -> Result<Vec<hodei_core::event::DomainEvent>, hodei_core::ports::StoreError> {
+        self.inner.update(job, expected_version, events).await
+    }
+    async fn get(
+        &self,
+        id: hodei_core::ids::JobId,
+    ) -> Result<Option<hodei_core::job::Job>, hodei_core::ports::StoreError> {
+        hodei_core::ports::JobStore::get(&*self.inner, id).await
+    }
+    async fn list(
+        &self,
+        filter: &hodei_core::ports::JobFilter,
+    ) -> Result<hodei_core::ports::JobPage, hodei_core::ports::StoreError> {
+        hodei_core::ports::JobStore::list(&*self.inner, filter).await
+    }
+}
+
+/// SIGTERM's path (`RunningServer::stop`): the server says NOT_SERVING and
+/// stops accepting, but a unary call already in flight (a submission whose
+/// store write is held back) finishes with its answer, and its job is
+/// stored, before the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_in_flight_finishes_when_the_server_stops() {
+    use hodei_core::ports::JobStore;
+    let mem = std::sync::Arc::new(hodei_core::memory::MemoryStore::new());
+    let jobs = std::sync::Arc::new(GatedJobs {
+        inner: mem.clone(),
+        hold: tokio::sync::watch::Sender::new(true),
+        held: tokio::sync::Notify::new(),
+    });
+    let stores = hodei_core::runtime::Stores {
+        jobs: jobs.clone(),
+        ..hodei_core::runtime::Stores::from_store(mem.clone())
+    };
+    let config = ServerConfig {
+        store: hodei_grpc::config::StoreBackend::Custom(stores),
+        providers: vec![ProviderSettings::new(ProviderKind::Inprocess)],
+        ..ServerConfig::default()
+    };
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = server::start(Listeners { grpc, http: None }, config)
+        .await
+        .expect("embedded server starts");
+    let url = format!("http://{}", running.grpc_addr());
+    let client = Client::connect(&url, None, None).await;
+
+    let mut jobs_api = client.jobs();
+    let submit = tokio::spawn(async move {
+        jobs_api
+            .submit(proto::SubmitJobRequest {
+                spec: Some(sh("true")),
+            })
+            .await
+    });
+    tokio::time::timeout(DEADLINE, jobs.held.notified())
+        .await
+        .expect("the submission reaches the store");
+    let stopping = tokio::spawn(running.stop());
+
+    // The server has begun to stop: its health says NOT_SERVING.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect_lazy();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    wait_for("NOT_SERVING", DEADLINE, || {
+        let mut health = health.clone();
+        async move {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            match r {
+                Ok(r)
+                    if r.get_ref().status
+                        == tonic_health::pb::health_check_response::ServingStatus::NotServing
+                            as i32 =>
+                {
+                    Some(())
+                }
+                // A refused connection also means it stopped accepting.
+                Err(s) if s.code() == tonic::Code::Unavailable => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(!stopping.is_finished(), "stopped with a call in flight");
+
+    jobs.hold.send_replace(false);
+    let answer = tokio::time::timeout(DEADLINE, submit)
+        .await
+        .expect("the call in flight is answered")
+        .unwrap()
+        .expect("with its result, not an error")
+        .into_inner();
+    let job = answer.job.expect("the job");
+    let id: hodei_core::ids::JobId = job.job_id.parse().expect("a job id");
+    assert!(
+        JobStore::get(&*mem, id).await.unwrap().is_some(),
+        "the answered job is stored"
+    );
+    tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .expect("the server stops once the call is done")
+        .unwrap()
+        .expect("cleanly");
+}
