@@ -438,3 +438,119 @@ async fn a_provider_s_env_reaches_its_agents() {
         .collect();
     assert_eq!(logs, ["tz=Etc/Hodei"]);
 }
+
+/// Starts `hodei-server` on `config` (a TOML file), logging to `log`;
+/// returns the process and its gRPC address.
+fn spawn_server(config: &std::path::Path, log: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut child = Command::new(SERVER_BIN)
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "off",
+            "--config",
+        ])
+        .arg(config)
+        .env("HODEI_WORKER_BIN", WORKER_BIN)
+        .env("RUST_LOG", "info")
+        .env_remove("HODEI_API_TOKENS")
+        .env_remove("HODEI_DATABASE_URL")
+        .env_remove("HODEI_PROVIDERS")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn hodei-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("hodei-server listening on grpc=") {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+        }
+    });
+    let addr = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!(
+            "hodei-server did not report its address; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    });
+    (child, addr)
+}
+
+/// A local worker orphaned by a server that died (SIGKILL) and that does
+/// not come back (stopped, so it cannot reconnect) is removed by the next
+/// server with the same server id and state dir: its process is killed
+/// and the log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_removes_the_local_workers_orphaned_by_its_crash() {
+    let dir = tempfile::Builder::new()
+        .prefix("hodei-orphans-")
+        .tempdir()
+        .unwrap();
+    let mark = format!("HODEI_ORPHAN_MARK={}", uuid::Uuid::new_v4().simple());
+    let (mark_name, mark_value) = mark.split_once('=').unwrap();
+    let config = dir.path().join("hodei.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server_id = \"orphans-{id}\"\n\
+             drain_grace = \"2s\"\n\n\
+             [[providers]]\n\
+             kind = \"local\"\n\
+             name = \"local\"\n\
+             max_workers = 2\n\
+             warm_pool = 1\n\
+             ephemeral = false\n\
+             state_dir = \"{state}\"\n\
+             env = {{ {mark_name} = \"{mark_value}\" }}\n\n\
+             [engine]\n\
+             reconnect_grace = \"1s\"\n\n\
+             [runtime]\n\
+             heartbeat_interval = \"1s\"\n\
+             reconcile_interval = \"1s\"\n",
+            id = uuid::Uuid::new_v4().simple(),
+            state = dir.path().join("local").display(),
+        ),
+    )
+    .unwrap();
+
+    let (mut first, _) = spawn_server(&config, &dir.path().join("first.log"));
+    let agent = wait_for("the warm worker's agent", DEADLINE, || async {
+        pids_with_env(&mark).first().copied()
+    })
+    .await;
+    // The server dies; its agent is stopped so it cannot reconnect.
+    signal(first.id() as i32, Signal::SIGKILL);
+    let _ = first.wait();
+    signal(agent, Signal::SIGSTOP);
+    assert!(alive(agent), "the orphan outlives its server");
+
+    let log = dir.path().join("second.log");
+    let (mut second, _) = spawn_server(&config, &log);
+    wait_for("the orphan to be removed", DEADLINE, || async {
+        (!alive(agent)).then_some(())
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("removing orphaned worker"),
+        "the restarted server says it removed the orphan; log:\n{text}"
+    );
+    signal(second.id() as i32, Signal::SIGTERM);
+    wait_exit(&mut second, "the second server", DEADLINE);
+    for pid in pids_with_env(&mark) {
+        signal(pid, Signal::SIGKILL);
+    }
+}
