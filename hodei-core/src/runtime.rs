@@ -655,6 +655,7 @@ impl ControlPlane {
             submit_replies: HashMap::new(),
             log_seqs: log_seqs.clone(),
             after_drain: Vec::new(),
+            provider_records: Vec::new(),
             own_queued: std::collections::HashSet::new(),
         };
         let inner = Arc::new(Inner {
@@ -1702,6 +1703,11 @@ struct Driver {
     /// Answers sent once the effects of the inputs that decided them are
     /// carried out (stored).
     after_drain: Vec<Box<dyn FnOnce() + Send>>,
+    /// Provider records whose health changed, saved once the passes that
+    /// store their `ProviderHealthChanged` events are done (the event
+    /// first: a crash in between leaves an event the next check repeats,
+    /// never a record without its event).
+    provider_records: Vec<ProviderRecord>,
     /// `JobQueued` events this driver stored: their echo from the bus is
     /// no news (the engine claims after its own submissions and requeues).
     own_queued: std::collections::HashSet<EventId>,
@@ -1937,7 +1943,7 @@ impl Driver {
                     r.healthy = healthy;
                     r.health_message = message;
                     r.updated_at = now;
-                    let _ = self.stores.providers.upsert(&r).await;
+                    self.provider_records.push(r);
                 }
             }
             Cmd::Bus(e) => match e.body {
@@ -2024,6 +2030,11 @@ impl Driver {
             let now = self.now();
             for f in follow_ups.into_iter().flatten() {
                 self.follow_up(now, f);
+            }
+        }
+        for r in std::mem::take(&mut self.provider_records) {
+            if let Err(e) = self.stores.providers.upsert(&r).await {
+                tracing::warn!(provider = %r.id, error = %e, "provider record not saved");
             }
         }
         for (id, reply) in self.submit_replies.drain() {
