@@ -28,6 +28,13 @@
 //!   [`JobStore::update_saving_workers`] saves the worker records a
 //!   decision changed in the same statement (whether or not the job's
 //!   version matched), so an assignment or a result is one statement.
+//!   The runtime's driver gathers the writes of one pass:
+//!   [`JobStore::update_many`] and [`JobStore::create_many`] store several
+//!   jobs' changes or creations in one statement (each entry decided on its
+//!   own: a conflict or a used idempotency key answers for that entry
+//!   only), and [`WorkerRegistry::upsert_recording`] /
+//!   [`WorkerRegistry::upsert_many_recording`] store worker records with
+//!   the events of their change.
 //! - **The queue is the `jobs` table.** A job is queued while its `state`
 //!   column is `PENDING`; `queue_order` (renewed each time it re-enters the
 //!   queue) gives FIFO order within a priority. [`JobQueue::claim`] selects
@@ -59,7 +66,11 @@
 //!   with backoff when it drops (events committed meanwhile are read from
 //!   the table, so nothing is lost). See the `bus` module.
 //!   [`EventLog::read_after`] is a plain read of what is visible; use the
-//!   subscription, not `read_after`, to tail the log.
+//!   subscription, not `read_after`, to tail the log. To subscribe "from
+//!   now", start after [`EventLog::settled_sequence`] (the last sequence
+//!   drawn, once the writers open at the call have ended), not after
+//!   [`EventLog::last_sequence`] (`MAX(sequence)`, which an open
+//!   transaction holding a lower sequence can still commit under).
 //! - **Logs** are stored one row per appended batch (a JSON array of
 //!   lines with their range of per-job sequences). A per-job head row is
 //!   locked by each append, which makes the store-assigned sequences gap-free
