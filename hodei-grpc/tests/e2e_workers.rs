@@ -439,56 +439,6 @@ async fn a_provider_s_env_reaches_its_agents() {
     assert_eq!(logs, ["tz=Etc/Hodei"]);
 }
 
-/// Starts `hodei-server` on `config` (a TOML file), logging to `log`;
-/// returns the process and its gRPC address.
-fn spawn_server(config: &std::path::Path, log: &std::path::Path) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let stderr = std::fs::File::create(log).expect("log file");
-    let mut child = Command::new(SERVER_BIN)
-        .args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "off",
-            "--config",
-        ])
-        .arg(config)
-        .env("HODEI_WORKER_BIN", WORKER_BIN)
-        .env("RUST_LOG", "info")
-        .env_remove("HODEI_API_TOKENS")
-        .env_remove("HODEI_DATABASE_URL")
-        .env_remove("HODEI_PROVIDERS")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn hodei-server");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.strip_prefix("hodei-server listening on grpc=") {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
-            }
-        }
-    });
-    let addr = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-        let _ = child.kill();
-        panic!(
-            "hodei-server did not report its address; log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        )
-    });
-    (child, addr)
-}
-
 /// A local worker orphaned by a server that died (SIGKILL) and that does
 /// not come back (stopped, so it cannot reconnect) is removed by the next
 /// server with the same server id and state dir: its process is killed
@@ -526,7 +476,8 @@ async fn a_restarted_server_removes_the_local_workers_orphaned_by_its_crash() {
     )
     .unwrap();
 
-    let (mut first, _) = spawn_server(&config, &dir.path().join("first.log"));
+    let (mut first, _, _) =
+        spawn_server(&config, &dir.path().join("first.log"), "127.0.0.1:0", false);
     let agent = wait_for("the warm worker's agent", DEADLINE, || async {
         pids_with_env(&mark).first().copied()
     })
@@ -538,7 +489,7 @@ async fn a_restarted_server_removes_the_local_workers_orphaned_by_its_crash() {
     assert!(alive(agent), "the orphan outlives its server");
 
     let log = dir.path().join("second.log");
-    let (mut second, _) = spawn_server(&config, &log);
+    let (mut second, _, _) = spawn_server(&config, &log, "127.0.0.1:0", false);
     wait_for("the orphan to be removed", DEADLINE, || async {
         (!alive(agent)).then_some(())
     })

@@ -90,45 +90,12 @@ health_interval = "2s"
         toml.push_str(&opts.extra_toml);
         let config = dir.path().join("hodei.toml");
         std::fs::write(&config, toml).expect("write config");
-        let stderr = std::fs::File::create(dir.path().join("server.log")).expect("log file");
-        let mut child = Command::new(SERVER_BIN)
-            .arg("--grpc-addr")
-            .arg(opts.grpc_addr.as_deref().unwrap_or("127.0.0.1:0"))
-            .args(["--http-addr", "off", "--config"])
-            .arg(&config)
-            .env("HODEI_WORKER_BIN", WORKER_BIN)
-            .env("RUST_LOG", "info")
-            .env_remove("HODEI_API_TOKENS")
-            .env_remove("HODEI_DATABASE_URL")
-            .env_remove("HODEI_PROVIDERS")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn hodei-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("hodei-server listening on grpc=") {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(DEADLINE) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "hodei-server did not report its address; log:\n{}",
-                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
-                );
-            }
-        };
+        let (child, addr, _) = spawn_server(
+            &config,
+            &dir.path().join("server.log"),
+            opts.grpc_addr.as_deref().unwrap_or("127.0.0.1:0"),
+            false,
+        );
         TestServer {
             child: Some(child),
             url: format!("http://{addr}"),
@@ -203,6 +170,71 @@ impl Drop for TestServer {
 }
 
 /// Polls a child until it exits; panics after `deadline`.
+/// Starts the `hodei-server` binary on the config file `config`, its
+/// stderr in `log`, gRPC on `grpc_addr`, HTTP on 127.0.0.1:0 when `http`
+/// (else off). Returns the process and the gRPC and HTTP addresses it
+/// printed (`hodei-server listening on grpc=ADDR [http=ADDR]`); panics
+/// with the log if it prints none within [`DEADLINE`]. Its stdout is read
+/// for its whole life, so it never fills up.
+pub fn spawn_server(
+    config: &Path,
+    log: &Path,
+    grpc_addr: &str,
+    http: bool,
+) -> (Child, String, Option<String>) {
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut child = Command::new(SERVER_BIN)
+        .args(["--grpc-addr", grpc_addr, "--http-addr"])
+        .arg(if http { "127.0.0.1:0" } else { "off" })
+        .arg("--config")
+        .arg(config)
+        .env("HODEI_WORKER_BIN", WORKER_BIN)
+        .env("RUST_LOG", "info")
+        .env_remove("HODEI_API_TOKENS")
+        .env_remove("HODEI_DATABASE_URL")
+        .env_remove("HODEI_PROVIDERS")
+        .env_remove("HODEI_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn hodei-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addrs) = listening_on(&line) {
+                let _ = tx.send(addrs);
+            }
+        }
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok((grpc, http)) => (child, grpc, http),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "hodei-server did not report its address; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The addresses of `hodei-server listening on grpc=ADDR [http=ADDR]`.
+fn listening_on(line: &str) -> Option<(String, Option<String>)> {
+    let rest = line.strip_prefix("hodei-server listening on ")?;
+    let mut grpc = None;
+    let mut http = None;
+    for word in rest.split_whitespace() {
+        if let Some(a) = word.strip_prefix("grpc=") {
+            grpc = Some(a.to_owned());
+        } else if let Some(a) = word.strip_prefix("http=") {
+            http = Some(a.to_owned());
+        }
+    }
+    Some((grpc?, http))
+}
+
 pub fn wait_exit(child: &mut Child, what: &str, deadline: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
