@@ -274,6 +274,95 @@ async fn update_job(
     })
 }
 
+/// The columns of several jobs as arrays, bound as `$1..$11` of a batch
+/// statement (`unnest(`[`JobColumns::UNNEST`]`)`, in the order `id, spec,
+/// status, attempts, state, priority, not_before, deadline, attempt,
+/// version, updated_at`), with their entries' events and each event's job
+/// (for [`bind_owned_events`]).
+struct JobColumns {
+    ids: Vec<uuid::Uuid>,
+    specs: Vec<Value>,
+    statuses: Vec<Value>,
+    attempts: Vec<Value>,
+    states: Vec<&'static str>,
+    priorities: Vec<i32>,
+    not_befores: Vec<Option<Timestamp>>,
+    deadlines: Vec<Option<Timestamp>>,
+    attempt_nos: Vec<i32>,
+    versions: Vec<i64>,
+    updated_at: Vec<Timestamp>,
+    events: Vec<DomainEvent>,
+    owners: Vec<uuid::Uuid>,
+}
+
+impl JobColumns {
+    /// The typed parameters `$1..$11`, for `unnest(…)`.
+    const UNNEST: &str = "$1::uuid[], $2::jsonb[], $3::jsonb[], $4::jsonb[], $5::text[], \
+         $6::int4[], $7::timestamptz[], $8::timestamptz[], $9::int4[], $10::int8[], \
+         $11::timestamptz[]";
+
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            specs: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            states: Vec::with_capacity(n),
+            priorities: Vec::with_capacity(n),
+            not_befores: Vec::with_capacity(n),
+            deadlines: Vec::with_capacity(n),
+            attempt_nos: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            updated_at: Vec::with_capacity(n),
+            events: Vec::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, job: &Job, events: &[DomainEvent]) -> Result<(), StoreError> {
+        let row = JobRow::of(job)?;
+        self.ids.push(job.id.0);
+        self.specs.push(row.spec);
+        self.statuses.push(row.status);
+        self.attempts.push(row.attempts);
+        self.states.push(row.state);
+        self.priorities.push(row.priority);
+        self.not_befores.push(row.not_before);
+        self.deadlines.push(row.deadline);
+        self.attempt_nos.push(row.attempt);
+        self.versions.push(row.version);
+        self.updated_at.push(job.updated_at);
+        self.events.extend(events.iter().cloned());
+        self.owners.extend(events.iter().map(|_| job.id.0));
+        Ok(())
+    }
+
+    /// Binds `$1..$11`; returns the events and their owners, bound later
+    /// (after the statement's own parameters).
+    fn bind<'q>(
+        self,
+        q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> (
+        sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+        Vec<DomainEvent>,
+        Vec<uuid::Uuid>,
+    ) {
+        let q = q
+            .bind(self.ids)
+            .bind(self.specs)
+            .bind(self.statuses)
+            .bind(self.attempts)
+            .bind(self.states)
+            .bind(self.priorities)
+            .bind(self.not_befores)
+            .bind(self.deadlines)
+            .bind(self.attempt_nos)
+            .bind(self.versions)
+            .bind(self.updated_at);
+        (q, self.events, self.owners)
+    }
+}
+
 /// The events of a batch statement, each tagged with the job of its entry
 /// (its *owner*): common table expressions `e` (the insert of the events
 /// whose owner is among the ids `j` returned) and `n` (their
@@ -354,13 +443,11 @@ async fn create_jobs(store: &PgStore, jobs: Vec<NewJob>) -> Result<CreateAnswers
     }
     fn sql() -> String {
         format!(
-            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::jsonb[], $4::jsonb[], \
-                 $5::text[], $6::int4[], $7::timestamptz[], $8::timestamptz[], $9::int4[], \
-                 $10::int8[], $11::text[], $12::text[], $13::text[], $14::timestamptz[], \
-                 $15::timestamptz[]) WITH ORDINALITY \
+            "WITH u AS (SELECT * FROM unnest({columns}, $12::text[], $13::text[], \
+                 $14::text[], $15::timestamptz[]) WITH ORDINALITY \
                  AS u(id, spec, status, attempts, state, priority, not_before, deadline, \
-                      attempt, version, correlation_id, submitted_by, idempotency_key, \
-                      created_at, updated_at, ord)), \
+                      attempt, version, updated_at, correlation_id, submitted_by, \
+                      idempotency_key, created_at, ord)), \
              j AS (INSERT INTO jobs (id, spec, status, attempts, state, priority, not_before, \
                  deadline, attempt, version, correlation_id, submitted_by, idempotency_key, \
                  created_at, updated_at, queue_order) \
@@ -375,65 +462,31 @@ async fn create_jobs(store: &PgStore, jobs: Vec<NewJob>) -> Result<CreateAnswers
                     ARRAY(SELECT sequence FROM e ORDER BY sequence) AS seqs, \
                     ARRAY(SELECT event_id FROM e ORDER BY sequence) AS ids, \
                     (SELECT count(*) FROM n) AS notified",
+            columns = JobColumns::UNNEST,
             events = owned_events_cte(16),
         )
     }
     static CREATE_MANY: LazyLock<String> = LazyLock::new(sql);
 
     let n = jobs.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut specs = Vec::with_capacity(n);
-    let mut statuses = Vec::with_capacity(n);
-    let mut attempts = Vec::with_capacity(n);
-    let mut states = Vec::with_capacity(n);
-    let mut priorities = Vec::with_capacity(n);
-    let mut not_befores = Vec::with_capacity(n);
-    let mut deadlines = Vec::with_capacity(n);
-    let mut attempt_nos = Vec::with_capacity(n);
-    let mut versions = Vec::with_capacity(n);
+    let mut columns = JobColumns::with_capacity(n);
     let mut correlations = Vec::with_capacity(n);
     let mut submitters = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
     let mut created_at = Vec::with_capacity(n);
-    let mut updated_at = Vec::with_capacity(n);
-    let mut events: Vec<DomainEvent> = Vec::new();
-    let mut owners = Vec::new();
     for j in &jobs {
-        let row = JobRow::of(&j.job)?;
-        ids.push(j.job.id.0);
-        specs.push(row.spec);
-        statuses.push(row.status);
-        attempts.push(row.attempts);
-        states.push(row.state);
-        priorities.push(row.priority);
-        not_befores.push(row.not_before);
-        deadlines.push(row.deadline);
-        attempt_nos.push(row.attempt);
-        versions.push(row.version);
+        columns.push(&j.job, &j.events)?;
         correlations.push(j.job.correlation_id.as_str().to_owned());
         submitters.push(j.job.submitted_by.as_str().to_owned());
         keys.push(j.job.spec.idempotency_key().map(str::to_owned));
         created_at.push(j.job.created_at);
-        updated_at.push(j.job.updated_at);
-        events.extend(j.events.iter().cloned());
-        owners.extend(j.events.iter().map(|_| j.job.id.0));
     }
-    let q = sqlx::query(sqlx::AssertSqlSafe(CREATE_MANY.as_str()))
-        .bind(&ids)
-        .bind(specs)
-        .bind(statuses)
-        .bind(attempts)
-        .bind(states)
-        .bind(priorities)
-        .bind(not_befores)
-        .bind(deadlines)
-        .bind(attempt_nos)
-        .bind(versions)
+    let (q, events, owners) = columns.bind(sqlx::query(sqlx::AssertSqlSafe(CREATE_MANY.as_str())));
+    let q = q
         .bind(correlations)
         .bind(submitters)
         .bind(&keys)
-        .bind(created_at)
-        .bind(updated_at);
+        .bind(created_at);
     let q = bind_owned_events(q, &events, owners)?;
     let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
     let created: Vec<uuid::Uuid> = answer
@@ -560,11 +613,9 @@ async fn update_jobs(
         let e = 13;
         let owner = e + crate::events::EVENT_PARAMS;
         format!(
-            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::jsonb[], $4::jsonb[], \
-                 $5::jsonb[], $6::text[], $7::int4[], $8::timestamptz[], $9::timestamptz[], \
-                 $10::int4[], $11::int8[], $12::timestamptz[]) \
-                 AS u(id, expected, spec, status, attempts, state, priority, not_before, \
-                      deadline, attempt, version, updated_at)), \
+            "WITH u AS (SELECT * FROM unnest({columns}, $12::int8[]) \
+                 AS u(id, spec, status, attempts, state, priority, not_before, \
+                      deadline, attempt, version, updated_at, expected)), \
              j AS (UPDATE jobs SET spec = u.spec, status = u.status, attempts = u.attempts, \
                  state = u.state, priority = u.priority, not_before = u.not_before, \
                  deadline = u.deadline, attempt = u.attempt, version = u.version, \
@@ -590,6 +641,7 @@ async fn update_jobs(
                     (SELECT count(*) FROM n) AS notified, \
                     (SELECT count(*) FROM ln) AS log_notified, \
                     (SELECT count(*) FROM w) AS workers_saved",
+            columns = JobColumns::UNNEST,
             events = owned_events_cte(e),
             workers = workers_cte(owner + 1),
         )
@@ -597,50 +649,15 @@ async fn update_jobs(
     static UPDATE_MANY: LazyLock<String> = LazyLock::new(sql);
 
     let n = updates.len();
-    let mut ids = Vec::with_capacity(n);
+    let mut columns = JobColumns::with_capacity(n);
     let mut expected = Vec::with_capacity(n);
-    let mut specs = Vec::with_capacity(n);
-    let mut statuses = Vec::with_capacity(n);
-    let mut attempts = Vec::with_capacity(n);
-    let mut states = Vec::with_capacity(n);
-    let mut priorities = Vec::with_capacity(n);
-    let mut not_befores = Vec::with_capacity(n);
-    let mut deadlines = Vec::with_capacity(n);
-    let mut attempt_nos = Vec::with_capacity(n);
-    let mut versions = Vec::with_capacity(n);
-    let mut updated_at = Vec::with_capacity(n);
-    let mut events: Vec<DomainEvent> = Vec::new();
-    let mut owners = Vec::new();
     for u in &updates {
-        let row = JobRow::of(&u.job)?;
-        ids.push(u.job.id.0);
+        columns.push(&u.job, &u.events)?;
         expected.push(to_i64(u.expected_version));
-        specs.push(row.spec);
-        statuses.push(row.status);
-        attempts.push(row.attempts);
-        states.push(row.state);
-        priorities.push(row.priority);
-        not_befores.push(row.not_before);
-        deadlines.push(row.deadline);
-        attempt_nos.push(row.attempt);
-        versions.push(row.version);
-        updated_at.push(u.job.updated_at);
-        events.extend(u.events.iter().cloned());
-        owners.extend(u.events.iter().map(|_| u.job.id.0));
     }
-    let q = sqlx::query(sqlx::AssertSqlSafe(UPDATE_MANY.as_str()))
-        .bind(&ids)
-        .bind(expected)
-        .bind(specs)
-        .bind(statuses)
-        .bind(attempts)
-        .bind(states)
-        .bind(priorities)
-        .bind(not_befores)
-        .bind(deadlines)
-        .bind(attempt_nos)
-        .bind(versions)
-        .bind(updated_at);
+    let ids = columns.ids.clone();
+    let (q, events, owners) = columns.bind(sqlx::query(sqlx::AssertSqlSafe(UPDATE_MANY.as_str())));
+    let q = q.bind(expected);
     let q = bind_owned_events(q, &events, owners)?;
     let q = bind_workers(q, updates.iter().flat_map(|u| u.workers.iter()))?;
     let answer = q.fetch_one(&store.inner.pool).await.map_err(store_err)?;
