@@ -724,8 +724,9 @@ fn raw_size(raw: &RawJobSpec) -> usize {
         + raw.working_dir.as_ref().map_or(0, String::len)
 }
 
-/// Fields of [`RawJobSpec`] and what each accepts, for error messages.
-const RAW_SPEC_FIELDS: &[(&str, &str)] = &[
+/// Fields of [`RawJobSpec`] and what each accepts, for error messages
+/// (also those of the HTTP API, which reads the same document).
+pub const RAW_SPEC_FIELDS: &[(&str, &str)] = &[
     ("name", "a string"),
     ("command", "a list of strings (argv)"),
     ("script", "a string"),

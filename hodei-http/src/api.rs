@@ -31,26 +31,7 @@ use crate::error::HttpError;
 use crate::metrics;
 
 /// Fields of a job spec and what each accepts, for error messages.
-const SPEC_FIELDS: &[(&str, &str)] = &[
-    ("name", "a string"),
-    ("command", "a list of strings (argv)"),
-    ("script", "a string"),
-    ("image", "a string"),
-    ("env", "an object of string values"),
-    ("secrets", "a list of secret names"),
-    ("working_dir", "a string"),
-    ("timeout_secs", "a whole number of seconds"),
-    ("max_attempts", "a whole number 1..=100"),
-    ("priority", "an integer -1000..=1000"),
-    ("labels", "an object of string values"),
-    ("provider", "a provider name"),
-    (
-        "resources",
-        "an object {\"cpu\": number, \"memory_mb\": whole number}",
-    ),
-    ("idempotency_key", "a string"),
-    ("retry_on_failure", "true or false"),
-];
+use hodei_core::spec::RAW_SPEC_FIELDS as SPEC_FIELDS;
 
 // ---------------------------------------------------------------- jobs
 
