@@ -243,6 +243,14 @@ pub struct ProviderConfig {
     pub ephemeral: bool,
     /// Image of warm-pool workers, for providers that run images.
     pub default_image: Option<String>,
+    /// Jobs a reusable worker of this provider runs at once (at least 1;
+    /// ephemeral workers run one job each whatever it says).
+    #[serde(default = "one")]
+    pub worker_capacity: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ProviderConfig {
@@ -257,6 +265,17 @@ impl ProviderConfig {
             warm_pool: 0,
             ephemeral: true,
             default_image: None,
+            worker_capacity: 1,
+        }
+    }
+
+    /// Jobs each worker this provider starts may run at once: 1 for
+    /// ephemeral workers, else `worker_capacity` (at least 1).
+    pub fn capacity_per_worker(&self) -> u32 {
+        if self.ephemeral {
+            1
+        } else {
+            self.worker_capacity.max(1)
         }
     }
 }
@@ -372,6 +391,8 @@ pub struct LaunchRequest {
     pub labels: BTreeMap<String, String>,
     /// The job it is for, when ephemeral.
     pub job: Option<JobId>,
+    /// Jobs it may run at once (its agent's capacity).
+    pub capacity: u32,
 }
 
 /// A decision to carry out. The shell executes effects in the order they
@@ -1829,6 +1850,7 @@ impl Engine {
                     resources: spec.resources(),
                     labels: spec.labels().clone(),
                     job: Some(id),
+                    capacity: self.providers[&provider].config.capacity_per_worker(),
                 };
                 let image = launch.image.clone();
                 let ephemeral = self.providers[&provider].config.ephemeral;
@@ -2368,7 +2390,25 @@ impl Engine {
             let demand = if p.ephemeral {
                 0
             } else {
-                u32::try_from(self.queue_depth).unwrap_or(u32::MAX)
+                // Queued jobs first fill the free slots of workers already
+                // running something; the rest need workers of
+                // `worker_capacity` slots each.
+                let spare: u64 = self
+                    .workers
+                    .values()
+                    .filter(|e| {
+                        let w = &e.worker;
+                        w.provider == p.id
+                            && !w.ephemeral
+                            && !w.jobs.is_empty()
+                            && w.connected
+                            && !e.saturated
+                    })
+                    .map(|e| u64::from(e.worker.free_slots()))
+                    .sum();
+                let waiting = self.queue_depth.saturating_sub(spare);
+                u32::try_from(waiting.div_ceil(u64::from(p.capacity_per_worker())))
+                    .unwrap_or(u32::MAX)
             };
             let target = busy
                 .saturating_add(demand)
@@ -2398,6 +2438,7 @@ impl Engine {
                             resources: Resources::default(),
                             labels: BTreeMap::new(),
                             job: None,
+                            capacity: p.capacity_per_worker(),
                         },
                     });
                 }

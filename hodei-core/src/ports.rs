@@ -601,6 +601,8 @@ pub struct WorkerLaunch {
     pub job: Option<JobId>,
     /// Identity of the server (labels on containers).
     pub server_id: String,
+    /// Jobs the agent may run at once (its `--capacity`).
+    pub capacity: u32,
 }
 
 /// Errors of providers. The message is shown to users on the job.

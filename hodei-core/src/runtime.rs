@@ -3048,6 +3048,7 @@ async fn provision(
         labels: launch.labels,
         job: launch.job,
         server_id: ctx.server_id.clone(),
+        capacity: launch.capacity.max(1),
     };
     let tx = ctx.tx.clone();
     let timeout = ctx.provision_timeout;

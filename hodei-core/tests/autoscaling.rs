@@ -25,6 +25,8 @@ struct Shell {
     now: Timestamp,
     created: Vec<Job>,
     provisions: Vec<(ProviderId, WorkerId)>,
+    /// Capacity each provisioned worker was launched with.
+    capacities: BTreeMap<WorkerId, u32>,
     destroyed: Vec<WorkerId>,
     scaling: Vec<Scaling>,
     updates: Vec<Job>,
@@ -41,6 +43,7 @@ impl Shell {
             now: from_millis(1_000_000),
             created: Vec::new(),
             provisions: Vec::new(),
+            capacities: BTreeMap::new(),
             destroyed: Vec::new(),
             scaling: Vec::new(),
             updates: Vec::new(),
@@ -95,6 +98,7 @@ impl Shell {
                     );
                 }
                 Effect::Provision { provider, launch } => {
+                    self.capacities.insert(launch.worker, launch.capacity);
                     self.provisions.push((provider, launch.worker));
                 }
                 Effect::DestroyWorker { worker, .. } => self.destroyed.push(worker),
@@ -146,7 +150,7 @@ impl Shell {
                         provider,
                         labels: BTreeMap::new(),
                         image: None,
-                        capacity: 1,
+                        capacity: self.capacities[&worker],
                         running: Vec::new(),
                     },
                     Vec::new(),
@@ -174,6 +178,7 @@ fn pool(id: &str, warm_pool: u32, max_workers: u32) -> ProviderConfig {
         warm_pool,
         ephemeral: false,
         default_image: Some("hodei-worker:latest".into()),
+        worker_capacity: 1,
     }
 }
 
@@ -277,6 +282,78 @@ fn min_workers_are_kept_whatever_the_load() {
     let mut shell = Shell::new(vec![eph]);
     shell.tick();
     assert_eq!(shell.live("eph"), 1);
+}
+
+#[test]
+fn a_pool_of_multi_job_workers_scales_by_slots_not_by_jobs() {
+    let mut config = pool("pool", 1, 8);
+    config.worker_capacity = 4;
+    let mut shell = Shell::new(vec![config]);
+    shell.tick();
+    assert_eq!(shell.live("pool"), 1);
+    shell.register_all();
+    // 10 jobs waiting, one idle worker: 3 workers of 4 slots for them
+    // (not 10), plus the warm one.
+    shell.depth(10);
+    assert_eq!(shell.live("pool"), 4);
+    assert_eq!(shell.scaling.last(), Some(&("pool".into(), 10, 1, 4)));
+    assert!(
+        shell.capacities.values().all(|c| *c == 4),
+        "{:?}",
+        shell.capacities
+    );
+    shell.register_all();
+
+    // Retire back to the warm worker once idle.
+    shell.depth(0);
+    shell.advance(SCALE_DOWN_IDLE * 2);
+    shell.tick();
+    assert_eq!(shell.live("pool"), 1);
+
+    // One job runs on the warm worker: its 3 free slots take the next 3
+    // waiting jobs, so only the warm pool is topped up.
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("c-slots"),
+        actor: Actor::new("tester"),
+    };
+    let job = shell
+        .engine
+        .handle_submit(shell.now, job_spec("pool"), &ctx)
+        .expect("submitted");
+    shell.pump();
+    shell.engine.handle_queue_hint();
+    shell.pump();
+    let busy = shell
+        .engine
+        .workers()
+        .find(|w| w.jobs.contains(&job))
+        .map(|w| (w.id, w.free_slots()))
+        .expect("the job is on the warm worker");
+    assert_eq!(busy.1, 3);
+    let before = shell.provisions.len();
+    shell.depth(3);
+    shell.tick();
+    assert_eq!(
+        shell.provisions.len(),
+        before + 1,
+        "only a new warm worker: the busy one has room for the 3 waiting"
+    );
+    shell.register_all();
+    // Two more than its free slots: one more worker.
+    shell.depth(5);
+    shell.tick();
+    assert_eq!(shell.provisions.len(), before + 2);
+}
+
+#[test]
+fn ephemeral_workers_run_one_job_whatever_the_capacity_says() {
+    let mut eph = ProviderConfig::ephemeral("eph", "docker", true, 4);
+    eph.worker_capacity = 8;
+    eph.min_workers = 1;
+    assert_eq!(eph.capacity_per_worker(), 1);
+    let mut shell = Shell::new(vec![eph]);
+    shell.tick();
+    assert_eq!(shell.capacities.values().copied().collect::<Vec<_>>(), [1]);
 }
 
 #[test]

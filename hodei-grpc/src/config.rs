@@ -153,6 +153,8 @@ pub struct ProviderSettings {
     pub ephemeral: bool,
     /// Image of warm-pool workers (docker).
     pub default_image: Option<String>,
+    /// Jobs a reusable worker runs at once (its agent's `--capacity`).
+    pub worker_capacity: u32,
     /// Kind-specific settings from the file, passed through.
     pub extra: BTreeMap<String, toml::Value>,
 }
@@ -168,6 +170,7 @@ impl ProviderSettings {
             warm_pool: 0,
             ephemeral: true,
             default_image: None,
+            worker_capacity: 1,
             extra: BTreeMap::new(),
         }
     }
@@ -305,6 +308,8 @@ pub struct BindAddrs {
     pub http: Option<SocketAddr>,
 }
 
+/// Most jobs one worker may run at once (`worker_capacity`).
+pub const MAX_WORKER_CAPACITY: u32 = 256;
 /// Default gRPC address.
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
 /// Default HTTP address.
@@ -575,6 +580,9 @@ pub struct FileProvider {
     pub ephemeral: Option<bool>,
     /// Image of warm-pool workers (docker).
     pub default_image: Option<String>,
+    /// Jobs a reusable worker runs at once (default 1; needs
+    /// `ephemeral = false`).
+    pub worker_capacity: Option<u32>,
     /// Kind-specific keys.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -746,6 +754,25 @@ impl FileConfig {
             }
             if let Some(e) = p.ephemeral {
                 s.ephemeral = e;
+            }
+            if let Some(n) = p.worker_capacity {
+                let field = format!("providers[{i}].worker_capacity");
+                if !(1..=MAX_WORKER_CAPACITY).contains(&n) {
+                    return Err(ConfigError::invalid(
+                        &field,
+                        format!("is {n}"),
+                        format!("1 to {MAX_WORKER_CAPACITY}"),
+                    ));
+                }
+                // An ephemeral worker exists for one job.
+                if n > 1 && s.ephemeral {
+                    return Err(ConfigError::invalid(
+                        &field,
+                        format!("is {n} but the provider is ephemeral (one worker per job)"),
+                        "1, or set ephemeral = false for reusable workers",
+                    ));
+                }
+                s.worker_capacity = n;
             }
             s.default_image = p.default_image.clone();
             s.extra = p.extra.clone();
@@ -943,6 +970,40 @@ mod tests {
         assert_eq!(c.runtime.engine.retry.base, Duration::from_millis(100));
         assert_eq!(c.runtime.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(c.runtime.limits.max_timeout_secs, 60);
+    }
+
+    #[test]
+    fn worker_capacity_is_for_reusable_workers_and_bounded() {
+        let parse = |toml: &str| FileConfig::parse(toml).unwrap().to_server_config();
+        let c = parse(
+            "[[providers]]\nkind = \"local\"\nephemeral = false\nwarm_pool = 2\n\
+             worker_capacity = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.providers[0].worker_capacity, 4);
+        assert_eq!(
+            parse("[[providers]]\nkind = \"docker\"\n")
+                .unwrap()
+                .providers[0]
+                .worker_capacity,
+            1
+        );
+        // Ephemeral workers exist for one job each.
+        let err = parse("[[providers]]\nkind = \"local\"\nworker_capacity = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("providers[0].worker_capacity"), "{err}");
+        assert!(err.contains("the provider is ephemeral"), "{err}");
+        assert!(err.contains("set ephemeral = false"), "{err}");
+        for n in [0, MAX_WORKER_CAPACITY + 1] {
+            let err = parse(&format!(
+                "[[providers]]\nkind = \"local\"\nephemeral = false\nworker_capacity = {n}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(&format!("is {n}")), "{err}");
+            assert!(err.contains("1 to 256"), "{err}");
+        }
     }
 
     #[test]

@@ -122,6 +122,7 @@ impl WorkerProvider for InProcessProvider {
         config.provider = self.id.to_string();
         config.labels = launch.labels.clone();
         config.image = launch.image.clone();
+        config.capacity = launch.capacity.max(1);
         if let Some(configure) = &self.configure {
             configure(&mut config);
         }

@@ -168,16 +168,33 @@ async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
              at once, or no agent could be killed with the server; jobs per state at the kills: \
              {kills:?}"
         );
-        wait_for(
-            "jobs running, pending, and scheduled or assigned",
-            Duration::from_secs(90),
-            || async {
-                let s = states(&client).await;
-                let (pending, between, running) = in_flight(&s);
-                (pending >= 1 && between >= 1 && running >= 2).then_some(())
-            },
-        )
-        .await;
+        // Wait for a moment with jobs in every state before RUNNING. A job
+        // is SCHEDULED or ASSIGNED only while its worker starts (tens of
+        // milliseconds a job), so the queue is topped up whenever it runs
+        // low: the moment comes again every few seconds until seen.
+        let watch_from = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let s = states(&client).await;
+            let (pending, between, running) = in_flight(&s);
+            if pending >= 1 && between >= 1 && running >= 2 {
+                break;
+            }
+            if pending < 3 {
+                ids.extend(submit_batch(ids.len(), BATCH).await);
+            }
+            if seen.last() != Some(&s) {
+                seen.push(s);
+            }
+            assert!(
+                watch_from.elapsed() < Duration::from_secs(120),
+                "round {round}: in 120 s no moment with jobs pending, scheduled or assigned, \
+                 and at least two running; the distinct job counts per state seen, last 20: \
+                 {:?}",
+                &seen[seen.len().saturating_sub(20)..]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         server.kill9();
         killed_at.push(std::time::SystemTime::now());
         let at_kill = db_job_states(&db.url).await;

@@ -505,3 +505,75 @@ async fn a_restarted_server_removes_the_local_workers_orphaned_by_its_crash() {
         signal(pid, Signal::SIGKILL);
     }
 }
+
+/// A reusable local worker with `worker_capacity = 3` runs three jobs at
+/// once (each its own process, its own log) and then more on the same
+/// worker: the pool stays at one worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
+    let state = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start_with(ServerOpts {
+        extra_toml: format!(
+            "\n[[providers]]\nkind = \"local\"\nname = \"wide\"\nstate_dir = \"{}\"\n\
+             ephemeral = false\nmax_workers = 1\nwarm_pool = 1\nworker_capacity = 3\n",
+            state.path().display()
+        ),
+        ..Default::default()
+    });
+    let client = server.client().await;
+    let gate = server.path("gate");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut spec = sh(&format!(
+            "echo start-{i}; {}; echo end-{i}",
+            wait_file(&gate)
+        ));
+        spec.provider = Some("wide".into());
+        ids.push(client.submit(spec).await.job_id);
+    }
+    // All three run at the same time, on one worker, before the gate opens.
+    let mut workers = Vec::new();
+    for id in &ids {
+        workers.push(client.running_worker(id).await);
+    }
+    assert!(
+        workers.iter().all(|w| *w == workers[0]),
+        "one worker runs all three: {workers:?}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let job = client.job(id).await;
+        assert_eq!(job.state, JobState::Running as i32, "job {i}: {job:?}");
+    }
+    touch(&gate);
+    for (i, id) in ids.iter().enumerate() {
+        let done = client.wait_terminal(id).await;
+        assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+        let logs: Vec<String> = client
+            .logs_of(id)
+            .await
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert_eq!(logs, [format!("start-{i}"), format!("end-{i}")]);
+    }
+    // A fourth job reuses the same worker.
+    let mut spec = sh("echo again");
+    spec.provider = Some("wide".into());
+    let again = client.submit(spec).await;
+    let done = client.wait_terminal(&again.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    assert_eq!(
+        done.attempts[0].worker_id.as_deref(),
+        Some(workers[0].as_str())
+    );
+    let listed = client
+        .workers()
+        .list(proto::ListWorkersRequest::default())
+        .await
+        .expect("workers")
+        .into_inner()
+        .workers;
+    let wide: Vec<_> = listed.iter().filter(|w| w.provider == "wide").collect();
+    assert_eq!(wide.len(), 1, "{listed:?}");
+    assert_eq!(wide[0].capacity, 3, "{:?}", wide[0]);
+}

@@ -1100,6 +1100,7 @@ mod tests {
             labels: BTreeMap::from([("a".to_owned(), "1".to_owned())]),
             job: None,
             server_id: "server-a".to_owned(),
+            capacity: 3,
         };
         let body = provider.container_body(&launch, DEFAULT_IMAGE);
         let env = body.env.unwrap();
@@ -1109,6 +1110,7 @@ mod tests {
         assert!(env.contains(&"EXTRA=1".to_owned()));
         assert!(env.contains(&"HODEI_WORKER_IMAGE=hodei-worker:latest".to_owned()));
         assert!(env.contains(&"HODEI_WORKER_LABELS=a=1".to_owned()));
+        assert!(env.contains(&"HODEI_WORKER_CAPACITY=3".to_owned()));
         let labels = body.labels.unwrap();
         assert_eq!(labels[labels::MANAGED], "true");
         assert!(!labels.contains_key(labels::JOB_ID));

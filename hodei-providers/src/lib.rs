@@ -59,10 +59,12 @@ pub mod env {
     pub const WORKER_LABELS: &str = "HODEI_WORKER_LABELS";
     /// Image the agent runs in (Docker provider only).
     pub const WORKER_IMAGE: &str = "HODEI_WORKER_IMAGE";
+    /// Jobs the agent runs at once (the provider's `worker_capacity`).
+    pub const WORKER_CAPACITY: &str = "HODEI_WORKER_CAPACITY";
 }
 
 /// The contract variables for `launch`, in a stable order: server URL,
-/// worker id, token, provider, labels. Providers add
+/// worker id, token, provider, labels, capacity. Providers add
 /// [`env::WORKER_IMAGE`] themselves when they run images.
 pub fn agent_env(
     launch: &WorkerLaunch,
@@ -75,6 +77,7 @@ pub fn agent_env(
         (env::WORKER_TOKEN, launch.token.clone()),
         (env::PROVIDER, provider.as_str().to_owned()),
         (env::WORKER_LABELS, format_labels(&launch.labels)),
+        (env::WORKER_CAPACITY, launch.capacity.max(1).to_string()),
     ]
 }
 

@@ -169,6 +169,7 @@ fn launch(config: &DockerConfig) -> WorkerLaunch {
         labels: BTreeMap::from([("pool".to_owned(), "test".to_owned())]),
         job: None,
         server_id: config.server_id.clone(),
+        capacity: 1,
     }
 }
 

@@ -75,6 +75,7 @@ fn launch(worker: WorkerId) -> WorkerLaunch {
         ]),
         job: Some(JobId::from_uuid(uuid::Uuid::new_v4())),
         server_id: "server-a".to_owned(),
+        capacity: 1,
     }
 }
 

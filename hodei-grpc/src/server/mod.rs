@@ -675,6 +675,7 @@ fn build_provider(
             "min_workers",
             "warm_pool",
             "ephemeral",
+            "worker_capacity",
         ]
         .iter()
         .chain(if s.kind == ProviderKind::Docker {
@@ -776,6 +777,7 @@ fn build_provider(
             warm_pool: s.warm_pool,
             ephemeral: s.ephemeral,
             default_image,
+            worker_capacity: s.worker_capacity,
         },
         provider,
     })
