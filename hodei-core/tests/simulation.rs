@@ -407,6 +407,7 @@ impl Sim {
                 min_workers: 0,
                 warm_pool: rng.range(0, u64::from(pool_max).min(2)) as u32,
                 ephemeral: false,
+                worker_capacity: rng.range(1, 3) as u32,
                 ..ProviderConfig::ephemeral("pool", "local", false, pool_max)
             },
         ];
@@ -1495,12 +1496,9 @@ impl Sim {
     }
 
     fn provision(&mut self, provider: ProviderId, launch: LaunchRequest) {
-        let capacity = if provider.as_str() == "pool" {
-            self.rng.range(1, 3) as u32
-        } else {
-            1
-        };
-        let w = self.new_worker(provider, launch.image.clone(), capacity, false);
+        // The agent starts with the capacity the engine launched it with
+        // (the pool's `worker_capacity`, 1 for ephemeral workers).
+        let w = self.new_worker(provider, launch.image.clone(), launch.capacity, false);
         self.workers.insert(launch.worker, w);
         let ok = !self.faults || !self.rng.chance(self.knobs.provision_fail);
         let slow = self.faults && self.rng.chance(self.knobs.slow_provision);

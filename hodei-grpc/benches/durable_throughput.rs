@@ -2,7 +2,7 @@
 //! skipped without it).
 //!
 //! 1. **Jobs.** An embedded server on a fresh database with 8 warm
-//!    reusable in-process workers runs 5,000 no-op jobs (`true`) submitted
+//!    reusable in-process workers (capacity 1, then 8 jobs each) runs 5,000 no-op jobs (`true`) submitted
 //!    by 8 concurrent clients through `ControlPlane::submit`: jobs/s from
 //!    the first submission to the last terminal state stored, and commits
 //!    per job (`pg_stat_database.xact_commit` delta / jobs). Beside it, the
@@ -19,7 +19,8 @@
 //!    delivery side alone, a new subscriber reading the stored backlog.
 //!
 //! `cargo bench -p hodei-grpc --bench durable_throughput`
-//! (`HODEI_BENCH_JOBS`, `HODEI_BENCH_EVENTS`, `HODEI_BENCH_PGBENCH_SECS`;
+//! (`HODEI_BENCH_JOBS`, `HODEI_BENCH_EVENTS`, `HODEI_BENCH_PGBENCH_SECS`,
+//! `HODEI_BENCH_CAPACITIES` (jobs per worker at once, default `1,8`);
 //! `HODEI_BENCH_PARTS=jobs` or `bus` for one part); without `--bench` a
 //! smoke pass.
 
@@ -75,32 +76,53 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
+/// `HODEI_BENCH_CAPACITIES`: the worker capacities to run, comma-separated
+/// (default `1,8`: one job per worker at a time, then 8).
+fn capacities() -> Result<Vec<u32>> {
+    let raw = std::env::var("HODEI_BENCH_CAPACITIES").unwrap_or_else(|_| "1,8".into());
+    raw.split(',')
+        .map(|c| {
+            c.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| {
+                    anyhow!("HODEI_BENCH_CAPACITIES: {c:?} is not a capacity; expected 1 to 256")
+                })
+        })
+        .collect()
+}
+
 async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
-    let hodei = durable_jobs(jobs).await?;
+    let mut runs = Vec::new();
+    for capacity in capacities()? {
+        runs.push((capacity, durable_jobs(jobs, capacity).await?));
+    }
     let ceiling = pgbench_ceiling(pgbench_secs).await;
     println!();
-    println!(
-        "durable no-op jobs, {CLIENTS} clients, {CLIENTS} warm workers, {} jobs:",
-        hodei.jobs
-    );
-    println!(
-        "  hodei:   {:>8.0} jobs/s  ({:.2} s; {:.1} commits/job; {} succeeded, {} other)",
-        hodei.jobs as f64 / hodei.secs,
-        hodei.secs,
-        hodei.commits as f64 / hodei.jobs as f64,
-        hodei.succeeded,
-        hodei.jobs - hodei.succeeded
-    );
+    println!("durable no-op jobs, {CLIENTS} clients, {CLIENTS} warm workers, {jobs} jobs:");
+    for (capacity, hodei) in &runs {
+        println!(
+            "  hodei, capacity {capacity:>3}: {:>8.0} jobs/s  ({:.2} s; {:.1} commits/job; {} succeeded, {} other)",
+            hodei.jobs as f64 / hodei.secs,
+            hodei.secs,
+            hodei.commits as f64 / hodei.jobs as f64,
+            hodei.succeeded,
+            hodei.jobs - hodei.succeeded
+        );
+    }
     match &ceiling {
         Ok(c) => {
             println!(
-                "  pgbench: {:>8.0} jobs/s  (insert + claim + complete, 3 commits/job, {CLIENTS} clients, {} s, {} jobs)",
+                "  pgbench:             {:>8.0} jobs/s  (insert + claim + complete, 3 commits/job, {CLIENTS} clients, {} s, {} jobs)",
                 c.tps, pgbench_secs, c.transactions
             );
-            println!(
-                "  ratio:   {:.2} of the ceiling (goal >= 0.50)",
-                hodei.jobs as f64 / hodei.secs / c.tps
-            );
+            for (capacity, hodei) in &runs {
+                println!(
+                    "  ratio, capacity {capacity:>3}: {:.2} of the ceiling (goal >= 0.50)",
+                    hodei.jobs as f64 / hodei.secs / c.tps
+                );
+            }
         }
         Err(e) => println!("  pgbench: not measured: {e:#}"),
     }
@@ -159,20 +181,21 @@ async fn xact_commit(conn: &mut sqlx::PgConnection) -> Result<i64> {
     Ok(n)
 }
 
-async fn durable_jobs(jobs: usize) -> Result<Durable> {
+async fn durable_jobs(jobs: usize, capacity: u32) -> Result<Durable> {
     let db = support::fresh_database("jobs")
         .await?
         .ok_or_else(|| anyhow!("no database"))?;
     let store = support::pg_store(&db.url).await?;
     let result = async {
         let probed = support::probe(Stores::from_store(Arc::new(store.clone())));
-        let settings = support::provider(
+        let mut settings = support::provider(
             ProviderKind::Inprocess,
             CLIENTS as u32,
             CLIENTS as u32,
             false,
             None,
         );
+        settings.worker_capacity = capacity;
         let server = support::start_server(probed.stores.clone(), vec![settings], None).await?;
         let cp = server.control_plane().clone();
         support::wait_ready(&cp, CLIENTS, Duration::from_secs(60)).await?;
