@@ -99,6 +99,8 @@ async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
         runs.push((capacity, durable_jobs(jobs, capacity).await?));
     }
     let ceiling = pgbench_ceiling(pgbench_secs).await;
+    let spawns = spawn_ceiling(pgbench_secs).await?;
+    let minimal = minimal_runner(pgbench_secs).await?;
     println!();
     println!("durable no-op jobs, {CLIENTS} clients, {CLIENTS} warm workers, {jobs} jobs:");
     for (capacity, hodei) in &runs {
@@ -126,8 +128,121 @@ async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
         }
         Err(e) => println!("  pgbench: not measured: {e:#}"),
     }
+    println!(
+        "  processes alone:     {:>8.0} jobs/s  (`true` started and reaped by {CLIENTS} tasks, no database, {} s)",
+        spawns, pgbench_secs
+    );
+    println!(
+        "  minimal runner:      {:>8.0} jobs/s  (the pgbench script's 3 statements + `true` per job, {CLIENTS} tasks, sqlx, {} s)",
+        minimal, pgbench_secs
+    );
+    for (capacity, hodei) in &runs {
+        println!(
+            "  ratio to the minimal runner, capacity {capacity:>3}: {:.2}",
+            hodei.jobs as f64 / hodei.secs / minimal
+        );
+    }
 
     Ok(())
+}
+
+/// `true` in `PATH`, as the agent would resolve it.
+fn true_binary() -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("true"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "/bin/true".into())
+}
+
+/// Processes alone: `true` started (by path, as the agent does) and
+/// reaped by [`CLIENTS`] concurrent tasks for `secs`: what any runner that
+/// starts a process per job is bounded by on this machine.
+async fn spawn_ceiling(secs: usize) -> Result<f64> {
+    let bin = true_binary();
+    let until = Instant::now() + Duration::from_secs(secs as u64);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let bin = bin.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let status = tokio::process::Command::new(&bin).status().await?;
+                anyhow::ensure!(status.success(), "{} failed: {status}", bin.display());
+                n += 1;
+            }
+            Ok::<u64, anyhow::Error>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// The least a durable runner must do per job, written directly: the
+/// pgbench script's insert, claim (`FOR UPDATE SKIP LOCKED`) and complete
+/// (three autocommitted statements) with a `true` process started and
+/// reaped between claim and complete, by [`CLIENTS`] tasks for `secs`.
+async fn minimal_runner(secs: usize) -> Result<f64> {
+    let db = support::fresh_database("minimal")
+        .await?
+        .ok_or_else(|| anyhow!("no database"))?;
+    let result = async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(CLIENTS as u32)
+            .connect(&db.url)
+            .await?;
+        sqlx::raw_sql(SCRATCH).execute(&pool).await?;
+        let bin = true_binary();
+        let until = Instant::now() + Duration::from_secs(secs as u64);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for client in 0..CLIENTS as i32 {
+            let (pool, bin) = (pool.clone(), bin.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    sqlx::query(
+                        "INSERT INTO bench_queue (state, spec) VALUES ('PENDING', '{\"command\": [\"true\"]}')",
+                    )
+                    .execute(&pool)
+                    .await?;
+                    let claimed: Option<i64> = sqlx::query_scalar(
+                        "UPDATE bench_queue SET state = 'RUNNING', claimed_by = $1, updated_at = now() \
+                         WHERE id = (SELECT id FROM bench_queue WHERE state = 'PENDING' ORDER BY id \
+                         FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id",
+                    )
+                    .bind(client)
+                    .fetch_optional(&pool)
+                    .await?;
+                    let Some(id) = claimed else { continue };
+                    let status = tokio::process::Command::new(&bin).status().await?;
+                    let state = if status.success() { "SUCCEEDED" } else { "FAILED" };
+                    sqlx::query("UPDATE bench_queue SET state = $1, updated_at = now() WHERE id = $2")
+                        .bind(state)
+                        .bind(id)
+                        .execute(&pool)
+                        .await?;
+                    n += 1;
+                }
+                Ok::<u64, anyhow::Error>(n)
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        let rate = total as f64 / t0.elapsed().as_secs_f64();
+        pool.close().await;
+        Ok(rate)
+    }
+    .await;
+    db.drop_db().await;
+    result
 }
 
 fn print_bus(bus: &Bus, writers: usize) {

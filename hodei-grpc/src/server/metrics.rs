@@ -2,11 +2,16 @@
 //! [`hodei_http::metrics::Metrics`], as `hodei_grpc_requests_total{method,code}`
 //! and `hodei_grpc_request_duration_seconds{method}`.
 //!
-//! The code is read from the response headers (`grpc-status`), which is
-//! where tonic puts it for calls that fail before sending a body; calls
-//! that answered normally report `OK`. The duration is the time to the
-//! response headers, so a server stream counts its set-up, not its life.
+//! A call is counted once, when its status is known: from the response
+//! headers (`grpc-status`) for calls that fail before sending a body
+//! (tonic's "trailers-only" answers), else from the trailers at the end of
+//! the response body, so a server stream that ends with an error counts
+//! with that error, not as `OK`. A response body dropped before its
+//! trailers (the client went away, the connection broke) counts as
+//! `CANCELLED`. The duration is the time to the response headers, so a
+//! server stream counts its set-up, not its life.
 
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -40,10 +45,11 @@ impl<S, B, RB> tower::Service<http::Request<B>> for GrpcMetrics<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
+    RB: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<MeteredBody<RB>>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -55,20 +61,98 @@ where
         let fut = self.inner.call(req);
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let result = fut.await;
-            if let (Some(m), Ok(resp)) = (&metrics, &result) {
-                let code = status_label(resp.headers().get("grpc-status"));
-                m.record_grpc(&method, code, start.elapsed().as_secs_f64());
+            let (parts, body) = fut.await?.into_parts();
+            let mut pending = metrics.map(|metrics| Pending {
+                metrics,
+                method,
+                secs: start.elapsed().as_secs_f64(),
+            });
+            // A status in the headers is the call's status: no trailers
+            // will follow.
+            if let Some(status) = parts.headers.get("grpc-status")
+                && let Some(p) = pending.take()
+            {
+                p.finish(status_label(Some(status)));
             }
-            result
+            Ok(http::Response::from_parts(
+                parts,
+                MeteredBody {
+                    inner: Box::pin(body),
+                    pending,
+                },
+            ))
         })
     }
 }
 
-/// The `code` label of a response: the canonical name of its `grpc-status`
-/// header, `OK` without one (the status of a normal answer comes in the
-/// trailers, after the headers this layer sees), `UNKNOWN` for a value that
-/// is not a status number.
+/// A call waiting for its status.
+struct Pending {
+    metrics: Metrics,
+    method: String,
+    secs: f64,
+}
+
+impl Pending {
+    fn finish(self, code: &'static str) {
+        self.metrics.record_grpc(&self.method, code, self.secs);
+    }
+}
+
+/// A response body that records its call when the trailers pass (or when
+/// it is dropped before them, as `CANCELLED`).
+pub struct MeteredBody<B> {
+    inner: Pin<Box<B>>,
+    pending: Option<Pending>,
+}
+
+impl<B: http_body::Body> http_body::Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame
+                .trailers_ref()
+                .map(|t| status_label(t.get("grpc-status"))),
+            // The body failed: the stream is reset, no status arrives.
+            Poll::Ready(Some(Err(_))) => Some(code_name(tonic::Code::Unknown)),
+            // Ended without trailers: nothing said otherwise.
+            Poll::Ready(None) => Some(code_name(tonic::Code::Ok)),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some(p) = this.pending.take()
+        {
+            p.finish(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish(code_name(tonic::Code::Cancelled));
+        }
+    }
+}
+
+/// The `code` label of a `grpc-status` value (headers or trailers): its
+/// canonical name, `OK` without one, `UNKNOWN` for a value that is not a
+/// status number.
 fn status_label(header: Option<&http::HeaderValue>) -> &'static str {
     let Some(value) = header else {
         return code_name(tonic::Code::Ok);
@@ -154,12 +238,35 @@ mod tests {
         assert_eq!(label("not-a-number"), "UNKNOWN");
     }
 
-    /// Answers `NOT_FOUND` in the headers (as tonic does for a failed
-    /// unary call) on paths ending in `/Get`, a plain response otherwise.
+    /// A response body of given frames.
+    struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+        }
+    }
+
+    fn trailers(code: &'static str) -> http_body::Frame<bytes::Bytes> {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static(code));
+        http_body::Frame::trailers(t)
+    }
+
+    /// Answers like tonic: `NOT_FOUND` in the headers on `/Get` (a failed
+    /// unary call), else a message and the status in the trailers: `OK`
+    /// on `/Submit`, `INTERNAL` on `/Watch` (a stream that failed later),
+    /// none yet on `/Follow` (a stream the client drops).
     struct Answer;
 
     impl tower::Service<http::Request<()>> for Answer {
-        type Response = http::Response<()>;
+        type Response = http::Response<Frames>;
         type Error = std::convert::Infallible;
         type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
 
@@ -168,8 +275,16 @@ mod tests {
         }
 
         fn call(&mut self, req: http::Request<()>) -> Self::Future {
-            let mut resp = http::Response::new(());
-            if req.uri().path().ends_with("/Get") {
+            let path = req.uri().path();
+            let data = http_body::Frame::data(bytes::Bytes::from_static(b"msg"));
+            let frames = match path.rsplit('/').next() {
+                Some("Get") => vec![],
+                Some("Submit") => vec![data, trailers("0")],
+                Some("Watch") => vec![data, trailers("13")],
+                _ => vec![data],
+            };
+            let mut resp = http::Response::new(Frames(frames.into()));
+            if path.ends_with("/Get") {
                 resp.headers_mut()
                     .insert("grpc-status", http::HeaderValue::from_static("5"));
             }
@@ -177,24 +292,57 @@ mod tests {
         }
     }
 
+    fn series(method: &str, code: &str) -> String {
+        format!(
+            r#"hodei_grpc_requests_total{{method="/hodei.v1.JobService/{method}",code="{code}"}} 1"#
+        )
+    }
+
     #[tokio::test]
-    async fn the_layer_records_canonical_codes() {
+    async fn the_layer_records_each_call_once_with_its_final_status() {
+        use http_body::Body as _;
         use tower::{Layer, Service};
         let metrics = Metrics::new();
         let mut svc = GrpcMetricsLayer(Some(metrics.clone())).layer(Answer);
-        for path in ["/hodei.v1.JobService/Submit", "/hodei.v1.JobService/Get"] {
+        let mut bodies = Vec::new();
+        for method in ["Get", "Submit", "Watch", "Follow"] {
             futures::future::poll_fn(|cx| svc.poll_ready(cx))
                 .await
                 .unwrap();
-            let req = http::Request::builder().uri(path).body(()).unwrap();
-            svc.call(req).await.unwrap();
+            let req = http::Request::builder()
+                .uri(format!("/hodei.v1.JobService/{method}"))
+                .body(())
+                .unwrap();
+            bodies.push((method, svc.call(req).await.unwrap().into_body()));
+        }
+        // A status in the headers counts at once; the others wait for
+        // their trailers.
+        let text = metrics.render().await;
+        assert!(text.contains(&series("Get", "NOT_FOUND")), "{text}");
+        assert!(!text.contains("JobService/Submit"), "{text}");
+        for (method, body) in &mut bodies {
+            if *method == "Follow" {
+                // One message, then the client goes away.
+                let frame =
+                    futures::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+                assert!(frame.is_some_and(|f| f.unwrap().is_data()));
+                continue;
+            }
+            while futures::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+                .await
+                .is_some()
+            {}
         }
         let text = metrics.render().await;
-        for series in [
-            r#"hodei_grpc_requests_total{method="/hodei.v1.JobService/Submit",code="OK"} 1"#,
-            r#"hodei_grpc_requests_total{method="/hodei.v1.JobService/Get",code="NOT_FOUND"} 1"#,
-        ] {
-            assert!(text.contains(series), "{series} missing from:\n{text}");
-        }
+        assert!(text.contains(&series("Submit", "OK")), "{text}");
+        assert!(text.contains(&series("Watch", "INTERNAL")), "{text}");
+        assert!(!text.contains(&series("Watch", "OK")), "{text}");
+        assert!(!text.contains("JobService/Follow"), "{text}");
+        drop(bodies);
+        let text = metrics.render().await;
+        assert!(text.contains(&series("Follow", "CANCELLED")), "{text}");
+        // Each call once.
+        assert!(text.contains(&series("Get", "NOT_FOUND")), "{text}");
+        assert!(!text.contains("code=\"OK\"} 2"), "{text}");
     }
 }
