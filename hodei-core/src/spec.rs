@@ -500,6 +500,22 @@ impl JobSpec {
                 format!("at most {} bytes in total", limits.max_spec_bytes),
             ));
         }
+        // serde would also map an array onto the fields in order
+        // (`[null, ["true"]]`): only the object form is a spec.
+        if text.trim_start().starts_with('[') {
+            return Err(SpecError::new(
+                "spec",
+                "is a JSON array",
+                format!(
+                    "a JSON object with the fields {}",
+                    RAW_SPEC_FIELDS
+                        .iter()
+                        .map(|(f, _)| *f)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         let raw: RawJobSpec = serde_path_to_error::deserialize(&mut de)
             .map_err(|e| json_error(&e.path().to_string(), e.inner()))?;
@@ -931,6 +947,14 @@ mod tests {
         assert_eq!(e.field, "spec", "{e}");
         let e = JobSpec::from_json("[1]", &SpecLimits::default()).unwrap_err();
         assert_eq!(e.field, "spec", "{e}");
+        // An array serde could map onto the fields is refused too.
+        let e = JobSpec::from_json(r#" [null, ["true"]]"#, &SpecLimits::default()).unwrap_err();
+        assert_eq!(e.field, "spec", "{e}");
+        assert!(e.to_string().contains("is a JSON array"), "{e}");
+        assert!(
+            e.to_string().contains("a JSON object with the fields"),
+            "{e}"
+        );
     }
 
     #[test]

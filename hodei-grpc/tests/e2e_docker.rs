@@ -769,17 +769,13 @@ async fn leftover_containers_of_this_server_are_removed_at_start() {
     ds.wait_no_containers().await;
 }
 
-/// 6. A missing image fails the job clearly (nothing is pulled), retried
-///    per policy, without hanging.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_image_fails_the_job_clearly() {
-    require_docker!();
-    let ds = DockerServer::start(Settings::default());
-    let client = ds.client().await;
-    let image = format!("hodei-e2e-missing-{}:latest", uuid::Uuid::new_v4().simple());
-
-    let mut spec = docker_job("docker", "echo never");
-    spec.image = Some(image.clone());
+/// Submits `spec` with two attempts and waits for it: it must fail
+/// within 30 s (no hang), both attempts as `provisioning_failed`. Returns
+/// the job and the attempts' failures.
+async fn fails_to_provision_twice(
+    client: &Client,
+    mut spec: proto::JobSpec,
+) -> (proto::Job, Vec<proto::Failure>) {
     spec.max_attempts = Some(2);
     let started = Instant::now();
     let job = client.submit(spec).await;
@@ -791,9 +787,30 @@ async fn a_missing_image_fails_the_job_clearly() {
     );
     assert_eq!(done.state, JobState::Failed as i32, "{done:?}");
     assert_eq!(done.attempt, 2, "retried per policy: {done:?}");
-    for attempt in &done.attempts {
-        let f = attempt.failure.as_ref().expect("failure");
+    let failures: Vec<proto::Failure> = done
+        .attempts
+        .iter()
+        .map(|a| a.failure.clone().expect("failure"))
+        .collect();
+    for f in &failures {
         assert_eq!(f.kind, "provisioning_failed", "{f:?}");
+    }
+    (done, failures)
+}
+
+/// 6. A missing image fails the job clearly (nothing is pulled), retried
+///    per policy, without hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_fails_the_job_clearly() {
+    require_docker!();
+    let ds = DockerServer::start(Settings::default());
+    let client = ds.client().await;
+    let image = format!("hodei-e2e-missing-{}:latest", uuid::Uuid::new_v4().simple());
+
+    let mut spec = docker_job("docker", "echo never");
+    spec.image = Some(image.clone());
+    let (job, failures) = fails_to_provision_twice(&client, spec).await;
+    for f in &failures {
         assert!(f.message.contains(&image), "{f:?}");
         assert!(f.message.contains("pulls nothing"), "{f:?}");
     }
@@ -805,6 +822,38 @@ async fn a_missing_image_fails_the_job_clearly() {
         "the image was pulled"
     );
     assert!(containers_of(&ds.server_id).is_empty());
+}
+
+/// 6b. A container the engine refuses to create (a memory limit below
+///     Docker's minimum of 6 MB) while the provider is healthy: the job
+///     fails clearly with the engine's reason after its retries, nothing
+///     hangs or leaks, and the provider keeps running other jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_the_engine_refuses_fails_the_job_and_the_provider_keeps_working() {
+    require_docker!();
+    let ds = DockerServer::start(Settings::default());
+    let client = ds.client().await;
+
+    let mut spec = docker_job("docker", "echo never");
+    spec.resources = Some(proto::Resources {
+        cpu: None,
+        memory_mb: Some(1),
+    });
+    let (job, failures) = fails_to_provision_twice(&client, spec).await;
+    for f in &failures {
+        assert!(f.message.contains("worker creation failed"), "{f:?}");
+        assert!(
+            f.message.to_lowercase().contains("memory"),
+            "the engine's reason: {f:?}"
+        );
+    }
+    assert!(client.logs_of(&job.job_id).await.is_empty());
+    // The same provider runs the next job.
+    let ok = client.submit(docker_job("docker", "echo fine")).await;
+    let ok = client.wait_terminal(&ok.job_id).await;
+    assert_eq!(ok.state, JobState::Succeeded as i32, "{ok:?}");
+    assert_eq!(texts(&client.logs_of(&ok.job_id).await), ["fine"]);
+    ds.wait_no_containers().await;
 }
 
 /// A unix socket at `path` forwarding to the Docker engine's, until
