@@ -1592,6 +1592,35 @@ pub async fn providers_upsert_and_list<S: Store + ?Sized>(store: Arc<S>) {
         list,
         vec![record("docker", false, 2_000), record("local", true, 1_000)]
     );
+
+    // A store that records events with its upserts
+    // (`ProviderStore::upsert_records_events`) stores both.
+    if ProviderStore::upsert_records_events(s) {
+        let before = EventLog::read_after(s, 0, 1000).await.expect("read").len();
+        let healthy_again = record("docker", true, 3_000);
+        let changed = event(
+            EventBody::ProviderHealthChanged {
+                provider: ProviderId::new("docker"),
+                healthy: true,
+                message: "ok".into(),
+            },
+            "corr-provider",
+            3_000,
+        );
+        let stored = ProviderStore::upsert_recording(s, &healthy_again, vec![changed.clone()])
+            .await
+            .expect("upsert with its events");
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].sequence > 0, "the store assigns sequences");
+        assert_eq!(stored[0].event_id, changed.event_id);
+        let all = EventLog::read_after(s, 0, 1000).await.expect("read");
+        assert_eq!(all.len(), before + 1);
+        assert_eq!(all.last().map(|e| e.event_id), Some(changed.event_id));
+        assert_eq!(
+            ProviderStore::list(s).await.expect("list"),
+            vec![healthy_again, record("local", true, 1_000)]
+        );
+    }
 }
 
 /// One holder per duty until its lease ends; renewing extends it; release

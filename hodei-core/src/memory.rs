@@ -633,6 +633,21 @@ impl ProviderStore for MemoryStore {
         Ok(())
     }
 
+    async fn upsert_recording(
+        &self,
+        record: &ProviderRecord,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        self.state()
+            .providers
+            .insert(record.id.to_string(), record.clone());
+        EventLog::append(self, events).await
+    }
+
+    fn upsert_records_events(&self) -> bool {
+        true
+    }
+
     async fn list(&self) -> Result<Vec<ProviderRecord>, StoreError> {
         Ok(self.state().providers.values().cloned().collect())
     }

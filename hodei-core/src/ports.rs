@@ -578,6 +578,30 @@ pub struct ProviderRecord {
 pub trait ProviderStore: Send + Sync {
     /// Creates or replaces a record.
     async fn upsert(&self, record: &ProviderRecord) -> Result<(), StoreError>;
+    /// [`ProviderStore::upsert`] and, in the same unit, the append of
+    /// `events` (the provider's registration, update or health change) to
+    /// this same object's [`EventLog`]. Returns the events with their
+    /// sequences. The runtime calls it only when
+    /// [`ProviderStore::upsert_records_events`] is `true` and one object
+    /// serves as both its provider store and its event log; the default
+    /// refuses.
+    async fn upsert_recording(
+        &self,
+        record: &ProviderRecord,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        let _ = (record, events);
+        Err(StoreError::Invalid(
+            "this provider store does not record events with its upserts \
+             (upsert_records_events is false)"
+                .into(),
+        ))
+    }
+    /// Whether [`ProviderStore::upsert_recording`] is supported. Default
+    /// `false`.
+    fn upsert_records_events(&self) -> bool {
+        false
+    }
     /// All records by name.
     async fn list(&self) -> Result<Vec<ProviderRecord>, StoreError>;
 }

@@ -154,6 +154,35 @@ impl Stores {
             && std::ptr::addr_eq(Arc::as_ptr(&self.workers), Arc::as_ptr(&self.events))
     }
 
+    /// Whether a provider record and its events can be stored as one unit:
+    /// the provider store supports it
+    /// ([`ProviderStore::upsert_records_events`]) and the event log is that
+    /// same object.
+    pub fn provider_saves_record_events(&self) -> bool {
+        self.providers.upsert_records_events()
+            && std::ptr::addr_eq(Arc::as_ptr(&self.providers), Arc::as_ptr(&self.events))
+    }
+
+    /// Saves a provider record with its events: one unit where the store
+    /// can; else the events first, so that a crash in between repeats an
+    /// event (the record is still old at the next start or check) rather
+    /// than losing one.
+    async fn save_provider(
+        &self,
+        record: &ProviderRecord,
+        events: Vec<DomainEvent>,
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return self.providers.upsert(record).await;
+        }
+        if self.provider_saves_record_events() {
+            self.providers.upsert_recording(record, events).await?;
+            return Ok(());
+        }
+        self.events.append(events).await?;
+        self.providers.upsert(record).await
+    }
+
     /// Marks `job`'s log finished after its terminal update, unless that
     /// update did it already.
     async fn finish_log(&self, job: JobId) {
@@ -656,6 +685,7 @@ impl ControlPlane {
             log_seqs: log_seqs.clone(),
             after_drain: Vec::new(),
             provider_records: Vec::new(),
+            provider_events: HashMap::new(),
             own_queued: std::collections::HashSet::new(),
         };
         let inner = Arc::new(Inner {
@@ -1666,20 +1696,19 @@ async fn register_providers(stores: &Stores, providers: &[ProviderSetup]) -> Res
                 .unwrap_or_else(|| "not checked yet".into()),
             updated_at: now_utc(),
         };
-        // The event before the record: a crash in between records the
-        // event again at the next start (the record is still missing or
-        // old), where the other order would lose it for good.
-        if let Some(body) = body {
-            let e = DomainEvent::new(
-                EventId::from_uuid(Uuid::new_v4()),
-                now_utc(),
-                CorrelationId::new(format!("provider-{id}")),
-                Actor::system("config"),
-                body,
-            );
-            stores.events.append(vec![e]).await?;
-        }
-        stores.providers.upsert(&record).await?;
+        let events = body
+            .map(|body| {
+                DomainEvent::new(
+                    EventId::from_uuid(Uuid::new_v4()),
+                    now_utc(),
+                    CorrelationId::new(format!("provider-{id}")),
+                    Actor::system("config"),
+                    body,
+                )
+            })
+            .into_iter()
+            .collect();
+        stores.save_provider(&record, events).await?;
     }
     Ok(())
 }
@@ -1703,11 +1732,15 @@ struct Driver {
     /// Answers sent once the effects of the inputs that decided them are
     /// carried out (stored).
     after_drain: Vec<Box<dyn FnOnce() + Send>>,
-    /// Provider records whose health changed, saved once the passes that
-    /// store their `ProviderHealthChanged` events are done (the event
-    /// first: a crash in between leaves an event the next check repeats,
-    /// never a record without its event).
+    /// Provider records whose health changed, saved once the passes are
+    /// done: with their `ProviderHealthChanged` events as one unit where
+    /// the store can, else after the passes that stored those events (the
+    /// event first: a crash in between leaves an event the next check
+    /// repeats, never a record without its event).
     provider_records: Vec<ProviderRecord>,
+    /// `ProviderHealthChanged` events stored with their provider's record
+    /// (see [`Driver::take_provider_events`]).
+    provider_events: HashMap<ProviderId, Vec<DomainEvent>>,
     /// `JobQueued` events this driver stored: their echo from the bus is
     /// no news (the engine claims after its own submissions and requeues).
     own_queued: std::collections::HashSet<EventId>,
@@ -2026,22 +2059,56 @@ impl Driver {
             if effects.is_empty() {
                 break;
             }
+            self.take_provider_events(&mut effects);
             let follow_ups = self.run_pass(effects).await;
             let now = self.now();
             for f in follow_ups.into_iter().flatten() {
                 self.follow_up(now, f);
             }
         }
+        let mut events = std::mem::take(&mut self.provider_events);
         for r in std::mem::take(&mut self.provider_records) {
-            if let Err(e) = self.stores.providers.upsert(&r).await {
+            let events = events.remove(&r.id).unwrap_or_default();
+            if let Err(e) = self.stores.save_provider(&r, events).await {
                 tracing::warn!(provider = %r.id, error = %e, "provider record not saved");
             }
         }
+        // (Only events of providers with a record to save were taken.)
+        debug_assert!(events.is_empty(), "{events:?}");
         for (id, reply) in self.submit_replies.drain() {
             let _ = reply.send(Err(ApiError::Internal(format!("job {id} was not created"))));
         }
         for answer in std::mem::take(&mut self.after_drain) {
             answer();
+        }
+    }
+
+    /// Takes the `ProviderHealthChanged` events of the providers whose
+    /// record waits in [`Driver::provider_records`] out of `effects`, to be
+    /// stored with that record as one unit after the passes (where the
+    /// store can; else they stay in the pass and the record follows).
+    fn take_provider_events(&mut self, effects: &mut [Effect]) {
+        if self.provider_records.is_empty() || !self.stores.provider_saves_record_events() {
+            return;
+        }
+        for effect in effects.iter_mut() {
+            let Effect::Record(events) = effect else {
+                continue;
+            };
+            let (take, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(events).into_iter().partition(|e| {
+                    matches!(&e.body, EventBody::ProviderHealthChanged { provider, .. }
+                        if self.provider_records.iter().any(|r| r.id == *provider))
+                });
+            *events = keep;
+            for e in take {
+                if let EventBody::ProviderHealthChanged { provider, .. } = &e.body {
+                    self.provider_events
+                        .entry(provider.clone())
+                        .or_default()
+                        .push(e);
+                }
+            }
         }
     }
 

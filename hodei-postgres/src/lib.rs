@@ -34,7 +34,8 @@
 //!   own: a conflict or a used idempotency key answers for that entry
 //!   only), and [`WorkerRegistry::upsert_recording`] /
 //!   [`WorkerRegistry::upsert_many_recording`] store worker records with
-//!   the events of their change.
+//!   the events of their change ([`ProviderStore::upsert_recording`] does
+//!   the same for provider records).
 //! - **The queue is the `jobs` table.** A job is queued while its `state`
 //!   column is `PENDING`; `queue_order` (renewed each time it re-enters the
 //!   queue) gives FIFO order within a priority. [`JobQueue::claim`] selects

@@ -253,6 +253,48 @@ impl ProviderStore for PgStore {
         Ok(())
     }
 
+    async fn upsert_recording(
+        &self,
+        record: &ProviderRecord,
+        events: Vec<DomainEvent>,
+    ) -> Result<Vec<DomainEvent>, StoreError> {
+        // One statement: the upsert, then its events and their
+        // notification (see `write_sql`); one transaction.
+        static UPSERT_RECORDING: LazyLock<String> = LazyLock::new(|| {
+            write_sql(
+                "INSERT INTO providers (id, kind, config, healthy, health_message, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (id) DO UPDATE SET kind = EXCLUDED.kind, config = EXCLUDED.config, \
+                 healthy = EXCLUDED.healthy, health_message = EXCLUDED.health_message, \
+                 updated_at = EXCLUDED.updated_at RETURNING 1",
+                7,
+            )
+        });
+        let q = sqlx::query(sqlx::AssertSqlSafe(UPSERT_RECORDING.as_str()))
+            .bind(record.id.as_str())
+            .bind(&record.kind)
+            .bind(&record.config)
+            .bind(record.healthy)
+            .bind(&record.health_message)
+            .bind(record.updated_at);
+        let answer = bind_events(q, &events)?
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(store_err)?;
+        let (saved, events) = stored_events(&answer, events)?;
+        if !saved {
+            return Err(StoreError::Other(format!(
+                "provider {} was not saved",
+                record.id
+            )));
+        }
+        Ok(events)
+    }
+
+    fn upsert_records_events(&self) -> bool {
+        true
+    }
+
     async fn list(&self) -> Result<Vec<ProviderRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, kind, config, healthy, health_message, updated_at FROM providers \
