@@ -9,6 +9,11 @@
 
 #![allow(dead_code)]
 
+/// The allocator `hodei-server` uses, so that the embedded server measured
+/// here allocates as the binary does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
