@@ -6,29 +6,26 @@
 mod runtime_support;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use hodei_core::engine::{AttemptReport, ProviderConfig};
+use hodei_core::engine::AttemptReport;
 use hodei_core::event::{DomainEvent, EventBody};
-use hodei_core::ids::{Actor, CorrelationId, JobId, ProviderId, WorkerId};
+use hodei_core::ids::{Actor, CorrelationId, JobId, WorkerId};
 use hodei_core::job::{AttemptOutcome, FailureKind, Job, JobState};
 use hodei_core::memory::MemoryStore;
 use hodei_core::ports::{
-    EventLog, JobStore, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
-    SecretMeta, SecretStore, StoreError, ToWorker, TokenRejection, WorkerExit, WorkerLaunch,
-    WorkerProvider, WorkerRegistry,
+    EventLog, JobStore, RequestContext, SecretMeta, SecretStore, StoreError, ToWorker,
+    TokenRejection, WorkerLaunch, WorkerRegistry,
 };
 use hodei_core::runtime::{
-    ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, attempt_decided,
+    ControlPlane, FromWorker, RuntimeConfig, Stores, WorkerHello, attempt_decided,
 };
 use hodei_core::spec::RawJobSpec;
 use hodei_core::time::Timestamp;
 use hodei_core::worker::Worker;
-use runtime_support::{ChanLink, HeldJobs};
+use runtime_support::{ChanLink, FakeProvider, HeldJobs, start_control_plane};
 use tokio::sync::mpsc;
 
 /// What the next reads of a secret do.
@@ -160,55 +157,8 @@ type Decided = Arc<Mutex<Vec<(JobId, u32, bool, bool)>>>;
 /// The secrets each dispatched attempt received.
 type Delivered = Arc<Mutex<Vec<(u32, BTreeMap<String, String>)>>>;
 
-/// Workers that acknowledge every attempt and report exit 0 at once,
+/// An agent that acknowledges every attempt and reports exit 0 at once,
 /// noting the secrets each attempt received.
-struct TaskProvider {
-    id: ProviderId,
-    cp: Arc<OnceLock<ControlPlane>>,
-    delivered: Delivered,
-    decided: Decided,
-    mem: Arc<MemoryStore>,
-}
-
-#[async_trait]
-impl WorkerProvider for TaskProvider {
-    fn id(&self) -> &ProviderId {
-        &self.id
-    }
-    fn kind(&self) -> &'static str {
-        "local"
-    }
-    fn runs_images(&self) -> bool {
-        false
-    }
-    async fn create(&self, launch: WorkerLaunch) -> Result<(), ProviderError> {
-        let cp = self.cp.get().expect("control plane set").clone();
-        tokio::spawn(agent(
-            cp,
-            launch,
-            self.delivered.clone(),
-            self.decided.clone(),
-            self.mem.clone(),
-        ));
-        Ok(())
-    }
-    async fn destroy(&self, _worker: WorkerId) -> Result<(), ProviderError> {
-        Ok(())
-    }
-    async fn health(&self) -> ProviderHealth {
-        ProviderHealth {
-            healthy: true,
-            message: "ok".into(),
-        }
-    }
-    async fn list(&self) -> Result<Vec<ProvisionedWorker>, ProviderError> {
-        Ok(Vec::new())
-    }
-    fn exits(&self) -> BoxStream<'static, WorkerExit> {
-        futures::stream::pending().boxed()
-    }
-}
-
 async fn agent(
     cp: ControlPlane,
     launch: WorkerLaunch,
@@ -309,29 +259,17 @@ async fn start() -> Harness {
         jobs: jobs.clone(),
         ..Stores::from_store(mem.clone())
     };
-    let slot = Arc::new(OnceLock::new());
     let delivered = Arc::new(Mutex::new(Vec::new()));
     let decided: Decided = Arc::default();
-    let provider = Arc::new(TaskProvider {
-        id: ProviderId::new("local"),
-        cp: slot.clone(),
-        delivered: delivered.clone(),
-        decided: decided.clone(),
-        mem,
-    });
+    let provider = {
+        let (delivered, decided) = (delivered.clone(), decided.clone());
+        FakeProvider::new("local").spawning(move |cp, launch| {
+            agent(cp, launch, delivered.clone(), decided.clone(), mem.clone())
+        })
+    };
     let mut config = RuntimeConfig::default();
     config.engine.retry.base = Duration::from_millis(10);
-    let cp = ControlPlane::start(
-        config,
-        stores,
-        vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("local", "local", false, 8),
-            provider,
-        }],
-    )
-    .await
-    .unwrap();
-    slot.set(cp.clone()).unwrap();
+    let cp = start_control_plane(config, stores, Arc::new(provider), 8).await;
     let ctx = ctx();
     cp.set_secret("API_KEY", "s3cret", &ctx).await.unwrap();
     Harness {

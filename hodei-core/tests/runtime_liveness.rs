@@ -10,62 +10,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use hodei_core::engine::{AttemptReport, ProviderConfig, RefusalCode};
+use hodei_core::engine::{AttemptReport, RefusalCode};
 use hodei_core::event::{DomainEvent, EventBody};
-use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
+use hodei_core::ids::{Actor, CorrelationId, WorkerId};
 use hodei_core::job::JobState;
 use hodei_core::memory::MemoryStore;
-use hodei_core::ports::{
-    LogStream, NewLogLine, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
-    ToWorker, WorkerExit, WorkerLaunch, WorkerProvider,
-};
-use hodei_core::runtime::{
-    ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, now_utc,
-};
+use hodei_core::ports::{LogStream, NewLogLine, RequestContext, ToWorker, WorkerLaunch};
+use hodei_core::runtime::{ControlPlane, FromWorker, RuntimeConfig, Stores, WorkerHello, now_utc};
 use hodei_core::spec::RawJobSpec;
-use runtime_support::{ChanLink, HeldJobs};
+use runtime_support::{ChanLink, FakeProvider, HeldJobs, start_control_plane};
 use tokio::sync::mpsc;
-
-/// Hands every launch to the test, which plays the agent.
-struct HandProvider {
-    id: ProviderId,
-    launches: mpsc::UnboundedSender<WorkerLaunch>,
-}
-
-#[async_trait]
-impl WorkerProvider for HandProvider {
-    fn id(&self) -> &ProviderId {
-        &self.id
-    }
-    fn kind(&self) -> &'static str {
-        "local"
-    }
-    fn runs_images(&self) -> bool {
-        false
-    }
-    async fn create(&self, launch: WorkerLaunch) -> Result<(), ProviderError> {
-        let _ = self.launches.send(launch);
-        Ok(())
-    }
-    async fn destroy(&self, _worker: WorkerId) -> Result<(), ProviderError> {
-        Ok(())
-    }
-    async fn health(&self) -> ProviderHealth {
-        ProviderHealth {
-            healthy: true,
-            message: "ok".into(),
-        }
-    }
-    async fn list(&self) -> Result<Vec<ProvisionedWorker>, ProviderError> {
-        Ok(Vec::new())
-    }
-    fn exits(&self) -> BoxStream<'static, WorkerExit> {
-        futures::stream::pending().boxed()
-    }
-}
 
 /// The attempt of the next job the worker is given (a guard fails the
 /// test if none comes).
@@ -131,19 +87,8 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     let mut config = RuntimeConfig::default();
     config.engine.heartbeat_timeout = Duration::from_millis(300);
     config.engine.reconnect_grace = Duration::from_secs(600);
-    let cp = ControlPlane::start(
-        config,
-        Stores::memory(),
-        vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("local", "local", false, 4),
-            provider: Arc::new(HandProvider {
-                id: ProviderId::new("local"),
-                launches: launches_tx,
-            }),
-        }],
-    )
-    .await
-    .unwrap();
+    let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
+    let cp = start_control_plane(config, Stores::memory(), Arc::new(provider), 4).await;
     let mut events = cp.watch_events(0);
     let ctx = RequestContext {
         correlation_id: CorrelationId::new("corr-live"),
@@ -230,19 +175,14 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
 #[tokio::test]
 async fn a_typed_capacity_refusal_gives_the_attempt_back() {
     let (launches_tx, mut launches) = mpsc::unbounded_channel();
-    let cp = ControlPlane::start(
+    let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
+    let cp = start_control_plane(
         RuntimeConfig::default(),
         Stores::memory(),
-        vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("local", "local", false, 1),
-            provider: Arc::new(HandProvider {
-                id: ProviderId::new("local"),
-                launches: launches_tx,
-            }),
-        }],
+        Arc::new(provider),
+        1,
     )
-    .await
-    .unwrap();
+    .await;
     let mut events = cp.watch_events(0);
     let ctx = RequestContext {
         correlation_id: CorrelationId::new("corr-refuse"),
@@ -289,22 +229,17 @@ async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
     let jobs = Arc::new(HeldJobs::new(mem.clone()));
     let mut config = RuntimeConfig::default();
     config.engine.dispatch_timeout = Duration::from_millis(300);
-    let cp = ControlPlane::start(
+    let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
+    let cp = start_control_plane(
         config,
         Stores {
             jobs: jobs.clone(),
             ..Stores::from_store(mem)
         },
-        vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("local", "local", false, 4),
-            provider: Arc::new(HandProvider {
-                id: ProviderId::new("local"),
-                launches: launches_tx,
-            }),
-        }],
+        Arc::new(provider),
+        4,
     )
-    .await
-    .unwrap();
+    .await;
     let ctx = RequestContext {
         correlation_id: CorrelationId::new("corr-held"),
         actor: Actor::new("tester"),

@@ -6,64 +6,21 @@
 mod runtime_support;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::StreamExt;
-use futures::stream::BoxStream;
-use hodei_core::engine::{AttemptReport, ProviderConfig};
-use hodei_core::ids::{Actor, CorrelationId, ProviderId, WorkerId};
+use hodei_core::engine::AttemptReport;
+use hodei_core::ids::{Actor, CorrelationId, WorkerId};
 use hodei_core::job::JobState;
-use hodei_core::ports::{
-    LogStream, NewLogLine, ProviderError, ProviderHealth, ProvisionedWorker, RequestContext,
-    ToWorker, WorkerExit, WorkerLaunch, WorkerProvider,
-};
+use hodei_core::ports::{LogStream, NewLogLine, RequestContext, ToWorker, WorkerLaunch};
 use hodei_core::runtime::{
-    ApiError, ControlPlane, FromWorker, ProviderSetup, RuntimeConfig, Stores, WorkerHello, now_utc,
+    ApiError, ControlPlane, FromWorker, RuntimeConfig, Stores, WorkerHello, now_utc,
 };
 use hodei_core::spec::RawJobSpec;
-use runtime_support::ChanLink;
+use runtime_support::{ChanLink, FakeProvider, start_control_plane};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-
-struct TaskProvider {
-    id: ProviderId,
-    cp: Arc<OnceLock<ControlPlane>>,
-}
-
-#[async_trait]
-impl WorkerProvider for TaskProvider {
-    fn id(&self) -> &ProviderId {
-        &self.id
-    }
-    fn kind(&self) -> &'static str {
-        "local"
-    }
-    fn runs_images(&self) -> bool {
-        false
-    }
-    async fn create(&self, launch: WorkerLaunch) -> Result<(), ProviderError> {
-        let cp = self.cp.get().expect("control plane set").clone();
-        tokio::spawn(fake_agent(cp, launch));
-        Ok(())
-    }
-    async fn destroy(&self, _worker: WorkerId) -> Result<(), ProviderError> {
-        Ok(())
-    }
-    async fn health(&self) -> ProviderHealth {
-        ProviderHealth {
-            healthy: true,
-            message: "ok".into(),
-        }
-    }
-    async fn list(&self) -> Result<Vec<ProvisionedWorker>, ProviderError> {
-        Ok(Vec::new())
-    }
-    fn exits(&self) -> BoxStream<'static, WorkerExit> {
-        futures::stream::pending().boxed()
-    }
-}
 
 /// A minimal agent: runs `sh -c <argv joined>` and reports.
 async fn fake_agent(cp: ControlPlane, launch: WorkerLaunch) {
@@ -154,25 +111,10 @@ async fn fake_agent(cp: ControlPlane, launch: WorkerLaunch) {
 }
 
 async fn start() -> ControlPlane {
-    let slot = Arc::new(OnceLock::new());
-    let provider = Arc::new(TaskProvider {
-        id: ProviderId::new("local"),
-        cp: slot.clone(),
-    });
+    let provider = FakeProvider::new("local").spawning(fake_agent);
     let mut config = RuntimeConfig::default();
     config.engine.retry.base = Duration::from_millis(50);
-    let cp = ControlPlane::start(
-        config,
-        Stores::memory(),
-        vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("local", "local", false, 8),
-            provider,
-        }],
-    )
-    .await
-    .unwrap();
-    slot.set(cp.clone()).unwrap();
-    cp
+    start_control_plane(config, Stores::memory(), Arc::new(provider), 8).await
 }
 
 fn ctx(corr: &str) -> RequestContext {

@@ -5,68 +5,18 @@
 //! sharing the provider.
 #![cfg(feature = "runtime")]
 
+mod runtime_support;
+
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use hodei_core::engine::ProviderConfig;
 use hodei_core::ids::{ProviderId, WorkerId};
 use hodei_core::memory::MemoryStore;
-use hodei_core::ports::{
-    Leases, ProviderError, ProviderHealth, ProvisionedWorker, WorkerExit, WorkerLaunch,
-    WorkerProvider, WorkerRegistry,
-};
-use hodei_core::runtime::{
-    ControlPlane, ProviderSetup, RuntimeConfig, Stores, now_utc, orphan_duty,
-};
+use hodei_core::ports::{Leases, ProvisionedWorker, WorkerRegistry};
+use hodei_core::runtime::{RuntimeConfig, Stores, now_utc, orphan_duty};
 use hodei_core::worker::{Worker, WorkerState};
-use tokio::sync::watch;
-
-/// A provider whose fleet is what the test says, and which records what
-/// the control plane destroys and how often it lists.
-struct FleetProvider {
-    id: ProviderId,
-    fleet: Vec<ProvisionedWorker>,
-    destroyed: Mutex<Vec<WorkerId>>,
-    lists: watch::Sender<usize>,
-}
-
-#[async_trait]
-impl WorkerProvider for FleetProvider {
-    fn id(&self) -> &ProviderId {
-        &self.id
-    }
-    fn kind(&self) -> &'static str {
-        "docker"
-    }
-    fn runs_images(&self) -> bool {
-        false
-    }
-    async fn create(&self, _launch: WorkerLaunch) -> Result<(), ProviderError> {
-        Ok(())
-    }
-    async fn destroy(&self, worker: WorkerId) -> Result<(), ProviderError> {
-        self.destroyed.lock().unwrap().push(worker);
-        Ok(())
-    }
-    async fn health(&self) -> ProviderHealth {
-        ProviderHealth {
-            healthy: true,
-            message: "ok".into(),
-        }
-    }
-    async fn list(&self) -> Result<Vec<ProvisionedWorker>, ProviderError> {
-        let fleet = self.fleet.clone();
-        self.lists.send_modify(|n| *n += 1);
-        Ok(fleet)
-    }
-    fn exits(&self) -> BoxStream<'static, WorkerExit> {
-        futures::stream::pending().boxed()
-    }
-}
+use runtime_support::{FakeProvider, start_control_plane};
 
 fn leftover(worker: WorkerId, server: &str) -> ProvisionedWorker {
     ProvisionedWorker {
@@ -114,17 +64,12 @@ async fn leftovers_of_a_server_that_is_gone_are_adopted_and_of_a_live_one_kept()
         .await
         .unwrap()
     );
-    let provider = Arc::new(FleetProvider {
-        id: ProviderId::new("docker"),
-        fleet: vec![
-            leftover(gone, "srv-a"),
-            leftover(live, "srv-c"),
-            leftover(foreign, "srv-a"),
-            leftover(own, "srv-b"),
-        ],
-        destroyed: Mutex::new(Vec::new()),
-        lists: watch::Sender::new(0),
-    });
+    let provider = Arc::new(FakeProvider::new("docker").with_fleet(vec![
+        leftover(gone, "srv-a"),
+        leftover(live, "srv-c"),
+        leftover(foreign, "srv-a"),
+        leftover(own, "srv-b"),
+    ]));
     let mut config = RuntimeConfig {
         server_id: "srv-b".into(),
         reconcile_interval: Duration::from_millis(50),
@@ -132,16 +77,8 @@ async fn leftovers_of_a_server_that_is_gone_are_adopted_and_of_a_live_one_kept()
     };
     config.engine.replica_id = "replica-b".into();
     config.engine.reconnect_grace = Duration::from_millis(10);
-    let cp = ControlPlane::start(
-        config,
-        Stores::from_store(mem.clone()),
-        vec![ProviderSetup {
-            config: ProviderConfig::ephemeral("docker", "docker", false, 4),
-            provider: provider.clone(),
-        }],
-    )
-    .await
-    .unwrap();
+    let cp =
+        start_control_plane(config, Stores::from_store(mem.clone()), provider.clone(), 4).await;
 
     // Three reconciliations after the first: enough for every decision.
     let mut lists = provider.lists.subscribe();

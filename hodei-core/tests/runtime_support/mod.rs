@@ -1,7 +1,12 @@
 //! Pieces shared by the runtime tests (`runtime_*.rs`): a worker link over
-//! a channel, and a job store that can hold writes back like a slow
-//! database.
+//! a channel, a job store that can hold writes back like a slow
+//! database, and a fake worker provider with the start of a control plane
+//! around it (`provider`).
 #![allow(dead_code)] // each test file uses part of it
+
+mod provider;
+
+pub use provider::{FakeProvider, start_control_plane};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
