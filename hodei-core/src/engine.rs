@@ -757,11 +757,28 @@ pub struct Engine {
     queue_depth: u64,
     /// Since when each idle worker of a reusable pool has been idle.
     idle_since: BTreeMap<WorkerId, Timestamp>,
+    /// Workers of reusable pools with `worker_capacity > 1` still being
+    /// started for a job, and the slots they have left for more jobs like
+    /// it (see [`Engine::share_starting_worker`]).
+    starting: BTreeMap<WorkerId, StartingSlots>,
     /// `now` of the latest input (ticks included).
     last_input: Option<Timestamp>,
     /// After a stall of the shell: no worker is timed out or declared
     /// lost before this (see "Liveness of workers" in the module docs).
     liveness_floor: Option<Timestamp>,
+}
+
+/// A multi-job worker being started for a job, and what the jobs that
+/// may wait for it with that job must share: its image, its resource
+/// limits and the labels it advertises are the first job's.
+#[derive(Debug, Clone, PartialEq)]
+struct StartingSlots {
+    provider: ProviderId,
+    image: Option<String>,
+    resources: Resources,
+    labels: BTreeMap<String, String>,
+    /// Slots not yet promised to a job.
+    left: u32,
 }
 
 impl std::fmt::Debug for Engine {
@@ -808,6 +825,7 @@ impl Engine {
             actor,
             queue_depth: 0,
             idle_since: BTreeMap::new(),
+            starting: BTreeMap::new(),
             last_input: None,
             liveness_floor: None,
         }
@@ -1838,6 +1856,9 @@ impl Engine {
             self.assign(now, id, worker);
             return true;
         }
+        if self.share_starting_worker(now, id) {
+            return true;
+        }
         let snapshots: Vec<ProviderSnapshot> = self.provider_snapshots();
         let spec = &self.jobs[&id].spec;
         match scheduler::select_provider(spec, &snapshots, &self.config.provider_preference) {
@@ -1854,6 +1875,13 @@ impl Engine {
                 };
                 let image = launch.image.clone();
                 let ephemeral = self.providers[&provider].config.ephemeral;
+                let slots = StartingSlots {
+                    provider: provider.clone(),
+                    image: launch.image.clone(),
+                    resources: launch.resources,
+                    labels: launch.labels.clone(),
+                    left: launch.capacity.saturating_sub(1),
+                };
                 if self
                     .apply(
                         now,
@@ -1869,6 +1897,9 @@ impl Engine {
                 {
                     let corr = self.jobs[&id].correlation_id.clone();
                     self.start_worker(now, &provider, worker, image, Some(id), ephemeral, corr);
+                    if slots.left > 0 {
+                        self.starting.insert(worker, slots);
+                    }
                     self.effects
                         .push_back(Effect::Provision { provider, launch });
                 }
@@ -1893,6 +1924,67 @@ impl Engine {
                     format!("the job names an image but provider {p} cannot run images"),
                 );
                 let _ = self.apply(now, id, JobCommand::Fail(f), By::Engine);
+            }
+        }
+        true
+    }
+
+    /// Schedules `job` on a multi-job worker that is still being started
+    /// for jobs like it (same image, resources and labels; a provider the
+    /// job accepts, healthy), instead of starting a worker per job: a burst
+    /// of `n` jobs on a pool of `worker_capacity = c` starts `n / c`
+    /// workers, rounded up. The worker takes all of them when it
+    /// registers ([`Engine::offer_work`]). Returns `false` when there is
+    /// no such worker.
+    fn share_starting_worker(&mut self, now: Timestamp, job: JobId) -> bool {
+        if self.starting.is_empty() {
+            return false;
+        }
+        // Entries of workers no longer starting are dropped on the way.
+        self.starting.retain(|w, _| {
+            self.workers.get(w).is_some_and(|e| {
+                matches!(
+                    e.worker.state,
+                    WorkerState::Creating | WorkerState::Connecting
+                ) && !e.worker.connected
+            })
+        });
+        let spec = &self.jobs[&job].spec;
+        let found = self.starting.iter().find_map(|(w, slots)| {
+            let fits = slots.left > 0
+                && spec.provider().is_none_or(|p| *p == slots.provider)
+                && self
+                    .providers
+                    .get(&slots.provider)
+                    .is_some_and(|p| p.healthy)
+                && spec.image() == slots.image.as_deref()
+                && spec.resources() == slots.resources
+                && *spec.labels() == slots.labels;
+            fits.then(|| (*w, slots.provider.clone()))
+        });
+        let Some((worker, provider)) = found else {
+            return false;
+        };
+        let deadline = add(now, self.config.provision_timeout);
+        if self
+            .apply(
+                now,
+                job,
+                JobCommand::Schedule {
+                    provider,
+                    worker,
+                    deadline,
+                },
+                By::Engine,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        if let Some(slots) = self.starting.get_mut(&worker) {
+            slots.left -= 1;
+            if slots.left == 0 {
+                self.starting.remove(&worker);
             }
         }
         true
@@ -2288,13 +2380,19 @@ impl Engine {
     /// healthy providers.
     fn capacity(&mut self) -> usize {
         let slots = self.workers.free_slots();
+        // A new worker takes `capacity_per_worker` jobs (the first starts
+        // it, the others wait for it), and so do the ones still starting.
         let room: usize = self
             .providers
             .values()
             .filter(|p| p.healthy)
-            .map(|p| p.config.max_workers.saturating_sub(p.live) as usize)
+            .map(|p| {
+                p.config.max_workers.saturating_sub(p.live) as usize
+                    * p.config.capacity_per_worker() as usize
+            })
             .sum();
-        slots + room
+        let starting: usize = self.starting.values().map(|s| s.left as usize).sum();
+        slots + room + starting
     }
 
     fn provider_snapshots(&self) -> Vec<ProviderSnapshot> {
@@ -2398,11 +2496,7 @@ impl Engine {
                     .values()
                     .filter(|e| {
                         let w = &e.worker;
-                        w.provider == p.id
-                            && !w.ephemeral
-                            && !w.jobs.is_empty()
-                            && w.connected
-                            && !e.saturated
+                        w.provider == p.id && !w.ephemeral && !w.jobs.is_empty() && e.takes_work()
                     })
                     .map(|e| u64::from(e.worker.free_slots()))
                     .sum();

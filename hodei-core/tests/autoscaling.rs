@@ -345,6 +345,92 @@ fn a_pool_of_multi_job_workers_scales_by_slots_not_by_jobs() {
     assert_eq!(shell.provisions.len(), before + 2);
 }
 
+/// `n` jobs submitted at once, claimed by the engine.
+fn submit_burst(shell: &mut Shell, specs: Vec<JobSpec>) -> Vec<hodei_core::ids::JobId> {
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("c-burst"),
+        actor: Actor::new("tester"),
+    };
+    let ids = specs
+        .into_iter()
+        .map(|spec| {
+            shell
+                .engine
+                .handle_submit(shell.now, spec, &ctx)
+                .expect("submitted")
+        })
+        .collect();
+    shell.pump();
+    shell.engine.handle_queue_hint();
+    shell.pump();
+    ids
+}
+
+#[test]
+fn a_burst_on_multi_job_workers_starts_one_worker_per_capacity_jobs() {
+    let mut config = pool("pool", 0, 8);
+    config.worker_capacity = 4;
+    let mut shell = Shell::new(vec![config]);
+    shell.tick();
+    assert_eq!(shell.live("pool"), 0);
+    // 10 jobs like each other, no worker yet: 3 workers (4 + 4 + 2), not
+    // one per job, each launched with 4 slots.
+    let ids = submit_burst(&mut shell, (0..10).map(|_| job_spec("pool")).collect());
+    assert_eq!(shell.provisions.len(), 3, "{:?}", shell.provisions);
+    assert!(shell.capacities.values().all(|c| *c == 4));
+    let scheduled_on = |shell: &Shell, id| match shell.engine.job(id).map(|j| &j.status) {
+        Some(JobStatus::Scheduled { worker, .. }) => Some(*worker),
+        _ => None,
+    };
+    let mut per_worker: BTreeMap<WorkerId, usize> = BTreeMap::new();
+    let mut waited_for = BTreeMap::new();
+    for id in &ids {
+        let w = scheduled_on(&shell, *id).expect("every job waits for a worker");
+        *per_worker.entry(w).or_default() += 1;
+        waited_for.insert(*id, w);
+    }
+    let mut counts: Vec<usize> = per_worker.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [2, 4, 4]);
+    // Registered, each worker takes all the jobs that waited for it.
+    shell.register_all();
+    for id in &ids {
+        let job = shell.engine.job(*id).expect("job");
+        assert_eq!(job.state(), JobState::Assigned, "{job:?}");
+        assert_eq!(job.status.worker(), Some(waited_for[id]), "{job:?}");
+    }
+    for w in shell.engine.workers() {
+        assert!(w.jobs.len() <= 4, "{w:?}");
+    }
+
+    // Jobs that differ (here the memory limit of the worker's container)
+    // do not share a starting worker.
+    let mut shell = Shell::new(vec![{
+        let mut c = pool("pool", 0, 8);
+        c.worker_capacity = 4;
+        c
+    }]);
+    shell.tick();
+    let big = JobSpec::parse(
+        RawJobSpec {
+            command: Some(vec!["true".into()]),
+            provider: Some("pool".into()),
+            resources: Some(hodei_core::spec::RawResources {
+                cpu: None,
+                memory_mb: Some(512),
+            }),
+            ..Default::default()
+        },
+        &SpecLimits::default(),
+    )
+    .expect("valid spec");
+    submit_burst(
+        &mut shell,
+        vec![job_spec("pool"), big.clone(), job_spec("pool"), big],
+    );
+    assert_eq!(shell.provisions.len(), 2, "{:?}", shell.provisions);
+}
+
 #[test]
 fn ephemeral_workers_run_one_job_whatever_the_capacity_says() {
     let mut eph = ProviderConfig::ephemeral("eph", "docker", true, 4);
