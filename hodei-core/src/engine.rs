@@ -245,12 +245,18 @@ pub struct ProviderConfig {
     pub default_image: Option<String>,
     /// Jobs a reusable worker of this provider runs at once (at least 1;
     /// ephemeral workers run one job each whatever it says).
-    #[serde(default = "one")]
+    /// (Left out of the JSON form when 1, so that configurations written
+    /// before this setting existed compare equal.)
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub worker_capacity: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl ProviderConfig {
@@ -2427,10 +2433,11 @@ impl Engine {
     }
 
     /// Sizes the pools of reusable workers, between `min_workers` and
-    /// `max_workers`: a provider wants its busy workers, plus one per job
-    /// waiting in the queue (reusable, non-ephemeral providers only), plus
-    /// its warm pool of idle workers, at least `min_workers` and never more
-    /// than `max_workers`.
+    /// `max_workers`: a provider wants its busy workers, plus what the jobs
+    /// waiting in the queue need beyond the free slots of its busy workers,
+    /// one worker per `worker_capacity` jobs (reusable, non-ephemeral
+    /// providers only), plus its warm pool of idle workers, at least
+    /// `min_workers` and never more than `max_workers`.
     /// Below that it provisions the difference; above it, it retires idle
     /// workers that have been idle for [`SCALE_DOWN_IDLE`]. Each decision
     /// is an `AutoScalingTriggered` event.

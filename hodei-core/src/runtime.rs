@@ -685,7 +685,6 @@ impl ControlPlane {
             log_seqs: log_seqs.clone(),
             after_drain: Vec::new(),
             provider_records: Vec::new(),
-            provider_events: HashMap::new(),
             own_queued: std::collections::HashSet::new(),
         };
         let inner = Arc::new(Inner {
@@ -1732,15 +1731,13 @@ struct Driver {
     /// Answers sent once the effects of the inputs that decided them are
     /// carried out (stored).
     after_drain: Vec<Box<dyn FnOnce() + Send>>,
-    /// Provider records whose health changed, saved once the passes are
-    /// done: with their `ProviderHealthChanged` events as one unit where
-    /// the store can, else after the passes that stored those events (the
-    /// event first: a crash in between leaves an event the next check
+    /// Provider records whose health changed: saved with their
+    /// `ProviderHealthChanged` events as one unit before the pass that
+    /// would store those events, where the store can
+    /// ([`Driver::save_provider_changes`]); else once the passes are done,
+    /// after the events (a crash in between leaves an event the next check
     /// repeats, never a record without its event).
     provider_records: Vec<ProviderRecord>,
-    /// `ProviderHealthChanged` events stored with their provider's record
-    /// (see [`Driver::take_provider_events`]).
-    provider_events: HashMap<ProviderId, Vec<DomainEvent>>,
     /// `JobQueued` events this driver stored: their echo from the bus is
     /// no news (the engine claims after its own submissions and requeues).
     own_queued: std::collections::HashSet<EventId>,
@@ -2059,22 +2056,18 @@ impl Driver {
             if effects.is_empty() {
                 break;
             }
-            self.take_provider_events(&mut effects);
+            self.save_provider_changes(&mut effects).await;
             let follow_ups = self.run_pass(effects).await;
             let now = self.now();
             for f in follow_ups.into_iter().flatten() {
                 self.follow_up(now, f);
             }
         }
-        let mut events = std::mem::take(&mut self.provider_events);
         for r in std::mem::take(&mut self.provider_records) {
-            let events = events.remove(&r.id).unwrap_or_default();
-            if let Err(e) = self.stores.save_provider(&r, events).await {
+            if let Err(e) = self.stores.providers.upsert(&r).await {
                 tracing::warn!(provider = %r.id, error = %e, "provider record not saved");
             }
         }
-        // (Only events of providers with a record to save were taken.)
-        debug_assert!(events.is_empty(), "{events:?}");
         for (id, reply) in self.submit_replies.drain() {
             let _ = reply.send(Err(ApiError::Internal(format!("job {id} was not created"))));
         }
@@ -2083,14 +2076,17 @@ impl Driver {
         }
     }
 
-    /// Takes the `ProviderHealthChanged` events of the providers whose
-    /// record waits in [`Driver::provider_records`] out of `effects`, to be
-    /// stored with that record as one unit after the passes (where the
-    /// store can; else they stay in the pass and the record follows).
-    fn take_provider_events(&mut self, effects: &mut [Effect]) {
+    /// Stores the records in [`Driver::provider_records`] whose
+    /// `ProviderHealthChanged` events are among `effects` together with
+    /// those events, as one unit, before the pass (so the change keeps its
+    /// place before what the engine decided after it), where the store
+    /// can. Elsewhere the events stay in the pass and the records are
+    /// saved after it (see [`Driver::drain`]).
+    async fn save_provider_changes(&mut self, effects: &mut [Effect]) {
         if self.provider_records.is_empty() || !self.stores.provider_saves_record_events() {
             return;
         }
+        let mut taken: HashMap<ProviderId, Vec<DomainEvent>> = HashMap::new();
         for effect in effects.iter_mut() {
             let Effect::Record(events) = effect else {
                 continue;
@@ -2103,11 +2099,21 @@ impl Driver {
             *events = keep;
             for e in take {
                 if let EventBody::ProviderHealthChanged { provider, .. } = &e.body {
-                    self.provider_events
-                        .entry(provider.clone())
-                        .or_default()
-                        .push(e);
+                    taken.entry(provider.clone()).or_default().push(e);
                 }
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.provider_records)
+            .into_iter()
+            .partition(|r| taken.contains_key(&r.id));
+        self.provider_records = later;
+        for r in now {
+            let events = taken.remove(&r.id).unwrap_or_default();
+            if let Err(e) = self.stores.save_provider(&r, events).await {
+                tracing::warn!(provider = %r.id, error = %e, "provider record not saved");
             }
         }
     }

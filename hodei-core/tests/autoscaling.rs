@@ -522,3 +522,23 @@ fn a_worker_killed_for_its_memory_limit_fails_its_job_as_oom_killed() {
     assert!(failure.message.contains("limit 16 MiB"), "{failure:?}");
     let _: BTreeSet<WorkerId> = shell.destroyed.iter().copied().collect();
 }
+
+#[test]
+fn a_provider_config_names_its_capacity_only_when_above_one() {
+    // Records written before `worker_capacity` existed compare equal to
+    // today's form of the same configuration (no ProviderUpdated on
+    // upgrade), and the field reads back.
+    let one = ProviderConfig::ephemeral("p", "local", false, 2);
+    let json = serde_json::to_value(&one).expect("json");
+    assert!(json.get("worker_capacity").is_none(), "{json}");
+    let back: ProviderConfig = serde_json::from_value(json).expect("back");
+    assert_eq!(back, one);
+    let mut four = pool("p", 0, 2);
+    four.worker_capacity = 4;
+    let json = serde_json::to_value(&four).expect("json");
+    assert_eq!(json["worker_capacity"], 4, "{json}");
+    assert_eq!(
+        serde_json::from_value::<ProviderConfig>(json).expect("back"),
+        four
+    );
+}

@@ -138,6 +138,7 @@ async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
     const TIMEOUT_SECS: u64 = 30;
     const BATCH: usize = 12;
     const MAX_ROUNDS: usize = 6;
+    const MAX_TOP_UPS: usize = 4;
     ids.extend(submit_batch(0, 3 * BATCH).await);
     // Jobs per state in the database right after each SIGKILL: exactly
     // what the dead server left behind (nothing else writes meanwhile).
@@ -174,14 +175,18 @@ async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
         // low: the moment comes again every few seconds until seen.
         let watch_from = Instant::now();
         let mut seen = Vec::new();
+        let mut top_ups = 0;
         loop {
             let s = states(&client).await;
             let (pending, between, running) = in_flight(&s);
             if pending >= 1 && between >= 1 && running >= 2 {
                 break;
             }
-            if pending < 3 {
+            // At most a few batches a round: the final wait must be able
+            // to finish everything.
+            if pending < 3 && top_ups < MAX_TOP_UPS {
                 ids.extend(submit_batch(ids.len(), BATCH).await);
+                top_ups += 1;
             }
             if seen.last() != Some(&s) {
                 seen.push(s);
@@ -267,7 +272,9 @@ async fn a_sigkilled_server_restarts_on_its_database_and_loses_no_job() {
     )
     .await;
 
-    let jobs = wait_all_terminal(&client, &ids, Duration::from_secs(150)).await;
+    // 2 s jobs on 6 workers, with room for retries and restarts.
+    let all_done = Duration::from_secs(150).max(Duration::from_secs(ids.len() as u64));
+    let jobs = wait_all_terminal(&client, &ids, all_done).await;
     let elapsed = started.elapsed();
     let by_state = check_jobs(&client, &jobs, Some(&ledger)).await;
     let runs = read_ledger(&ledger);

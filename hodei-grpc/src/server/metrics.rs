@@ -45,7 +45,7 @@ impl<S, B, RB> tower::Service<http::Request<B>> for GrpcMetrics<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
-    RB: Send + 'static,
+    RB: http_body::Body + Send + 'static,
 {
     type Response = http::Response<MeteredBody<RB>>;
     type Error = S::Error;
@@ -56,17 +56,33 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
         let start = Instant::now();
-        let fut = self.inner.call(req);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let (parts, body) = fut.await?.into_parts();
-            let mut pending = metrics.map(|metrics| Pending {
+        // Counted as CANCELLED if the call is dropped before it answers
+        // (its client went away while the handler ran).
+        let mut guard = Unanswered(
+            self.metrics.clone().map(|metrics| Pending {
                 metrics,
-                method,
-                secs: start.elapsed().as_secs_f64(),
+                method: req.uri().path().to_owned(),
+                secs: 0.0,
+            }),
+            start,
+        );
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let answer = fut.await;
+            let mut pending = guard.0.take().map(|mut p| {
+                p.secs = start.elapsed().as_secs_f64();
+                p
             });
+            let (parts, body) = match answer {
+                Ok(resp) => resp.into_parts(),
+                Err(e) => {
+                    if let Some(p) = pending.take() {
+                        p.finish(code_name(tonic::Code::Unknown));
+                    }
+                    return Err(e);
+                }
+            };
             // A status in the headers is the call's status: no trailers
             // will follow.
             if let Some(status) = parts.headers.get("grpc-status")
@@ -98,9 +114,23 @@ impl Pending {
     }
 }
 
+/// A call whose handler has not answered yet: dropped (the client went
+/// away, the connection closed), it counts as `CANCELLED` with the time it
+/// ran.
+struct Unanswered(Option<Pending>, Instant);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.0.take() {
+            p.secs = self.1.elapsed().as_secs_f64();
+            p.finish(code_name(tonic::Code::Cancelled));
+        }
+    }
+}
+
 /// A response body that records its call when the trailers pass (or when
 /// it is dropped before them, as `CANCELLED`).
-pub struct MeteredBody<B> {
+pub struct MeteredBody<B: http_body::Body> {
     inner: Pin<Box<B>>,
     pending: Option<Pending>,
 }
@@ -142,10 +172,17 @@ impl<B: http_body::Body> http_body::Body for MeteredBody<B> {
     }
 }
 
-impl<B> Drop for MeteredBody<B> {
+impl<B: http_body::Body> Drop for MeteredBody<B> {
     fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
-            p.finish(code_name(tonic::Code::Cancelled));
+            // Never polled to its end: cancelled, unless there was nothing
+            // more to read (an empty body that ended without trailers).
+            let code = if self.inner.is_end_stream() {
+                tonic::Code::Ok
+            } else {
+                tonic::Code::Cancelled
+            };
+            p.finish(code_name(code));
         }
     }
 }
@@ -290,6 +327,40 @@ mod tests {
             }
             std::future::ready(Ok(resp))
         }
+    }
+
+    /// Never answers.
+    struct Stuck;
+
+    impl tower::Service<http::Request<()>> for Stuck {
+        type Response = http::Response<Frames>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_it_answers_counts_as_cancelled() {
+        use tower::{Layer, Service};
+        let metrics = Metrics::new();
+        let mut svc = GrpcMetricsLayer(Some(metrics.clone())).layer(Stuck);
+        let req = http::Request::builder()
+            .uri("/hodei.v1.JobService/Slow")
+            .body(())
+            .unwrap();
+        let call = svc.call(req);
+        let text = metrics.render().await;
+        assert!(!text.contains("JobService/Slow"), "{text}");
+        drop(call);
+        let text = metrics.render().await;
+        assert!(text.contains(&series("Slow", "CANCELLED")), "{text}");
     }
 
     fn series(method: &str, code: &str) -> String {
