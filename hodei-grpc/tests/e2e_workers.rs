@@ -69,42 +69,83 @@ async fn a_killed_worker_is_replaced_and_the_job_retried_before_its_deadline() {
     assert_eq!(texts, [(1, "first"), (2, "second")]);
 }
 
-/// A TCP proxy whose connections can all be cut at once.
+/// A TCP proxy whose connections can all be cut at once, and which can
+/// swallow what clients send (read and dropped, as a connection that dies
+/// takes what it had not delivered).
 struct Proxy {
     addr: String,
     cut: Arc<Notify>,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+    swallowed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
     async fn start(upstream: String) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let cut = Arc::new(Notify::new());
-        let c = cut.clone();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let swallowed = Arc::new(AtomicU64::new(0));
+        let (c, sw, swd) = (cut.clone(), swallow.clone(), swallowed.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 let upstream = upstream.clone();
-                let cut = c.clone();
+                let (cut, swallow, swallowed) = (c.clone(), sw.clone(), swd.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                    let Ok(outbound) = TcpStream::connect(&upstream).await else {
                         return;
                     };
+                    let (mut in_r, mut in_w) = inbound.into_split();
+                    let (mut out_r, mut out_w) = outbound.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match in_r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if swallow.load(Ordering::SeqCst) {
+                                swallowed.fetch_add(n as u64, Ordering::SeqCst);
+                            } else if out_w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut out_r, &mut in_w);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up => {}
+                        _ = down => {}
                         _ = cut.notified() => {}
                     }
                 });
             }
         });
-        Proxy { addr, cut }
+        Proxy {
+            addr,
+            cut,
+            swallow,
+            swallowed,
+        }
     }
 
     /// Drops every proxied connection now.
     fn cut_all(&self) {
         self.cut.notify_waiters();
+    }
+
+    /// Starts or stops dropping what clients send.
+    fn swallow(&self, on: bool) {
+        self.swallow.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Bytes dropped so far.
+    fn swallowed(&self) -> u64 {
+        self.swallowed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -157,6 +198,105 @@ async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
         .map(|l| l.text)
         .collect();
     assert_eq!(texts, ["before", "after"]);
+}
+
+/// Connections lose what the agent sends and are then cut, three times,
+/// while a job prints 100,000 lines: every line is stored exactly once, in
+/// order (the agent sends again what a dead connection took, the server
+/// ignores what it has).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_lose_no_log_line_and_duplicate_none() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let upstream = format!("127.0.0.1:{port}");
+    let proxy = Proxy::start(upstream.clone()).await;
+    let server = TestServer::start_with(ServerOpts {
+        grpc_addr: Some(upstream),
+        advertise_url: Some(format!("http://{}", proxy.addr)),
+        ..Default::default()
+    });
+    let client = server.client().await;
+    const LINES: u64 = 100_000;
+    // 2,000 lines every 50 ms or so: still printing across the cuts.
+    let mut spec = sh(&format!(
+        "i=0; while [ $i -lt {chunks} ]; do seq $((i*2000+1)) $((i*2000+2000)); \
+         i=$((i+1)); sleep 0.05; done",
+        chunks = LINES / 2000
+    ));
+    spec.timeout_secs = Some(300);
+    let job = client.submit(spec).await;
+    client.running_worker(&job.job_id).await;
+    // Stored lines so far (paged from where the last look ended).
+    let stored = std::sync::atomic::AtomicU64::new(0);
+    let count = || async {
+        loop {
+            let after = stored.load(std::sync::atomic::Ordering::Relaxed);
+            let page = client
+                .logs()
+                .page(proto::PageLogsRequest {
+                    job_id: job.job_id.clone(),
+                    after,
+                    limit: 10_000,
+                })
+                .await
+                .expect("logs")
+                .into_inner();
+            match page.lines.last() {
+                Some(l) => stored.store(l.seq, std::sync::atomic::Ordering::Relaxed),
+                None => return after,
+            }
+        }
+    };
+    let mut cuts = Vec::new();
+    for _ in 0..3 {
+        // Lines flow (again: the agent is connected), then the cut.
+        let at_start = count().await;
+        wait_for("log lines to flow", DEADLINE, || async {
+            (count().await >= at_start + 3_000).then_some(())
+        })
+        .await;
+        // The link starts losing what the agent sends; once some of it is
+        // gone, the connection dies.
+        let before = proxy.swallowed();
+        proxy.swallow(true);
+        wait_for("sent lines to be lost on the way", DEADLINE, || async {
+            (proxy.swallowed() >= before + 16 * 1024).then_some(())
+        })
+        .await;
+        let at_cut = count().await;
+        proxy.cut_all();
+        proxy.swallow(false);
+        cuts.push(at_cut);
+    }
+    let done = client.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.attempt, 1, "no retry: {done:?}");
+    assert!(
+        cuts.last().is_some_and(|c| *c < LINES),
+        "the job was still printing at the last cut: {cuts:?}"
+    );
+    let texts: Vec<String> = client
+        .logs_of(&job.job_id)
+        .await
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    let missing: Vec<u64> = (1..=LINES)
+        .filter(|n| {
+            texts
+                .get(*n as usize - 1)
+                .is_none_or(|t| *t != n.to_string())
+        })
+        .take(10)
+        .collect();
+    assert!(
+        texts.len() as u64 == LINES && missing.is_empty(),
+        "{} lines stored for {LINES} printed (cuts at {cuts:?}); first lines out of place: \
+         {missing:?}",
+        texts.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

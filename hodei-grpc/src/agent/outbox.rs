@@ -14,6 +14,14 @@
 //! already decided). At most [`UNACKED_LIMIT`] are kept (a server that
 //! never acknowledges, from before `ResultAck`, must not grow it forever).
 //!
+//! Log batches handed to a stream are kept too, until their attempt's
+//! result is acknowledged (the newest [`SENT_LOG_BYTES`] of them): the
+//! batches a dying connection took without delivering are sent again on
+//! the next session, ahead of the unacknowledged results (so an attempt's
+//! lines still come before its result). The server ignores lines it
+//! already stored (they are keyed by the agent's sequence numbers), so a
+//! reconnect loses no line and duplicates none.
+//!
 //! The outbox also tracks the attempts the server has not acknowledged a
 //! result for yet, and the highest log sequence handed to a stream for
 //! each, which is what `Hello.running` reports on reconnect.
@@ -34,6 +42,15 @@ pub(crate) type AttemptKey = (String, u32);
 
 /// Most results kept for a resend while unacknowledged.
 pub(crate) const UNACKED_LIMIT: usize = 256;
+
+/// Most memory (line text plus [`LINE_OVERHEAD`] a line) kept in log
+/// batches for a resend: about 4 MiB of 100-byte lines, more than a
+/// connection holds undelivered (HTTP/2 windows and socket buffers).
+pub(crate) const SENT_LOG_BYTES: usize = 6 << 20;
+
+/// What a kept line costs besides its text (the line's struct, its
+/// string's header and allocation).
+const LINE_OVERHEAD: usize = 96;
 
 /// Bounded FIFO of messages for the server, shared by jobs and sessions.
 pub(crate) struct Outbox {
@@ -56,8 +73,12 @@ struct State {
     open: BTreeMap<AttemptKey, u64>,
     /// Results handed to a stream and not acknowledged, oldest first.
     unacked: VecDeque<(AttemptKey, WorkerMessage)>,
-    /// Unacknowledged results of earlier sessions, sent again before the
-    /// queue (they hold no slot).
+    /// Log batches of open attempts handed to a stream, oldest first, with
+    /// their size; at most [`SENT_LOG_BYTES`] in all.
+    sent_logs: VecDeque<(AttemptKey, WorkerMessage, usize)>,
+    sent_log_bytes: usize,
+    /// Log batches and results of earlier sessions that may not have
+    /// arrived, sent again before the queue (they hold no slot).
     resend: VecDeque<(AttemptKey, WorkerMessage)>,
 }
 
@@ -70,6 +91,8 @@ impl Outbox {
                 waker: None,
                 open: BTreeMap::new(),
                 unacked: VecDeque::new(),
+                sent_logs: VecDeque::new(),
+                sent_log_bytes: 0,
                 resend: VecDeque::new(),
             }),
             slots: Semaphore::new(capacity.max(1)),
@@ -105,6 +128,15 @@ impl Outbox {
         state.open.remove(key);
         state.unacked.retain(|(k, _)| k != key);
         state.resend.retain(|(k, _)| k != key);
+        let mut freed = 0;
+        state.sent_logs.retain(|(k, _, size)| {
+            let keep = k != key;
+            if !keep {
+                freed += size;
+            }
+            keep
+        });
+        state.sent_log_bytes -= freed;
         let empty = state.queue.is_empty() && state.resend.is_empty();
         drop(state);
         if empty {
@@ -176,9 +208,18 @@ impl Outbox {
         state.generation += 1;
         state.waker = None;
         // What the ended session took without an acknowledgement may not
-        // have arrived: the next session sends it again, first.
+        // have arrived: the next session sends it again, first: its log
+        // batches, then its results (an attempt's result comes after its
+        // lines), then what it had not re-sent yet of an earlier session
+        // (a session takes from the queue only once that is empty, so this
+        // is what came after all of the above).
+        state.sent_log_bytes = 0;
+        let logs = std::mem::take(&mut state.sent_logs)
+            .into_iter()
+            .map(|(k, m, _)| (k, m));
         let unacked = std::mem::take(&mut state.unacked);
-        state.resend.extend(unacked);
+        let earlier = std::mem::take(&mut state.resend);
+        state.resend = logs.chain(unacked).chain(earlier).collect();
         state.generation
     }
 
@@ -210,6 +251,21 @@ impl Outbox {
                 let key = (batch.job_id.clone(), batch.attempt);
                 if let (Some(seq), Some(last)) = (state.open.get_mut(&key), batch.lines.last()) {
                     *seq = (*seq).max(last.seq);
+                }
+                // Kept until the attempt's result is acknowledged.
+                if state.open.contains_key(&key) {
+                    let size = batch
+                        .lines
+                        .iter()
+                        .map(|l| l.text.len() + LINE_OVERHEAD)
+                        .sum::<usize>();
+                    state.sent_logs.push_back((key, msg.clone(), size));
+                    state.sent_log_bytes += size;
+                    while state.sent_log_bytes > SENT_LOG_BYTES
+                        && let Some((_, _, size)) = state.sent_logs.pop_front()
+                    {
+                        state.sent_log_bytes -= size;
+                    }
                 }
             }
             Some(Kind::Result(result)) => {
@@ -328,6 +384,9 @@ mod tests {
         tx2.send(Control::Send(WorkerMessage::default())).unwrap();
         tx2.send(Control::OpenOutbox).unwrap();
         assert_eq!(second.next().await, Some(WorkerMessage::default()));
+        // The batch the first session took is sent again (it may not have
+        // arrived), then the rest.
+        assert_eq!(second.next().await, Some(batch("j", &[1, 2])));
         assert_eq!(second.next().await, Some(batch("j", &[3])));
         assert_eq!(outbox.running()[0].last_log_seq, 3);
         assert_eq!(second.next().await, Some(result("j")));
@@ -382,6 +441,125 @@ mod tests {
         drop(tx4);
         assert!(fourth.next().await.is_none(), "nothing left to resend");
         drop((tx, tx2, tx3));
+    }
+
+    /// Log batches a dead connection took are sent again on the next
+    /// session, before the results, until their attempt's result is
+    /// acknowledged.
+    #[tokio::test]
+    async fn log_batches_are_sent_again_until_their_result_is_acknowledged() {
+        let outbox = Outbox::new(8);
+        outbox.open_attempt(("j".to_owned(), 1));
+        outbox.open_attempt(("k".to_owned(), 1));
+        outbox.push(batch("j", &[1, 2])).await;
+        outbox.push(batch("k", &[1])).await;
+        outbox.push(result("k")).await;
+        outbox.push(batch("j", &[3])).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut first = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        for _ in 0..3 {
+            assert!(first.next().await.is_some());
+        }
+        // The connection dies with j's [3] still queued.
+        outbox.end_session();
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let mut second = outbox.session_stream(rx2);
+        tx2.send(Control::OpenOutbox).unwrap();
+        assert_eq!(second.next().await, Some(batch("j", &[1, 2])));
+        assert_eq!(second.next().await, Some(batch("k", &[1])));
+        assert_eq!(second.next().await, Some(result("k")), "after its lines");
+        assert_eq!(second.next().await, Some(batch("j", &[3])));
+        // k's result is acknowledged: its lines are not sent again; j's
+        // are, all of them, in order.
+        outbox.acked(&("k".to_owned(), 1));
+        outbox.end_session();
+        let (tx3, rx3) = mpsc::unbounded_channel();
+        let mut third = outbox.session_stream(rx3);
+        tx3.send(Control::OpenOutbox).unwrap();
+        assert_eq!(third.next().await, Some(batch("j", &[1, 2])));
+        assert_eq!(third.next().await, Some(batch("j", &[3])));
+        assert_eq!(outbox.len(), 0);
+        outbox.acked(&("j".to_owned(), 1));
+        outbox.end_session();
+        assert_eq!(outbox.len(), 0, "nothing kept once acknowledged");
+        drop((tx, tx2, tx3));
+    }
+
+    /// A session that died while re-sending: what it re-sent goes again,
+    /// then what it had not reached, in the original order.
+    #[tokio::test]
+    async fn a_resend_cut_short_keeps_each_attempt_s_order() {
+        let outbox = Outbox::new(8);
+        outbox.open_attempt(("j".to_owned(), 1));
+        outbox.push(batch("j", &[1])).await;
+        outbox.push(batch("j", &[2])).await;
+        outbox.push(result("j")).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut first = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        for _ in 0..3 {
+            assert!(first.next().await.is_some());
+        }
+        outbox.end_session();
+        // The second session re-sends one batch, then dies too.
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let mut second = outbox.session_stream(rx2);
+        tx2.send(Control::OpenOutbox).unwrap();
+        assert_eq!(second.next().await, Some(batch("j", &[1])));
+        outbox.end_session();
+        let (tx3, rx3) = mpsc::unbounded_channel();
+        let mut third = outbox.session_stream(rx3);
+        tx3.send(Control::OpenOutbox).unwrap();
+        assert_eq!(third.next().await, Some(batch("j", &[1])));
+        assert_eq!(third.next().await, Some(batch("j", &[2])));
+        assert_eq!(third.next().await, Some(result("j")));
+        drop((tx, tx2, tx3));
+    }
+
+    #[tokio::test]
+    async fn sent_log_batches_kept_are_bounded() {
+        let outbox = Outbox::new(4);
+        outbox.open_attempt(("j".to_owned(), 1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stream = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        let line = "x".repeat(64 * 1024);
+        let big = |seq: u64| WorkerMessage {
+            kind: Some(Kind::Logs(LogBatch {
+                job_id: "j".to_owned(),
+                attempt: 1,
+                lines: vec![LogLine {
+                    seq,
+                    text: line.clone(),
+                    ..LogLine::default()
+                }],
+            })),
+        };
+        let n = SENT_LOG_BYTES / (64 * 1024) + 20;
+        for seq in 1..=n as u64 {
+            outbox.push(big(seq)).await;
+            assert!(stream.next().await.is_some());
+        }
+        outbox.end_session();
+        let kept = outbox.len();
+        assert!(kept < n && kept >= n - 21, "kept {kept} of {n}");
+        // The newest are the ones kept.
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let mut again = outbox.session_stream(rx2);
+        tx2.send(Control::OpenOutbox).unwrap();
+        let mut last = 0;
+        for _ in 0..kept {
+            let Some(WorkerMessage {
+                kind: Some(Kind::Logs(b)),
+            }) = again.next().await
+            else {
+                panic!("a log batch");
+            };
+            last = b.lines[0].seq;
+        }
+        assert_eq!(last, n as u64);
+        drop((tx, tx2));
     }
 
     #[tokio::test]
