@@ -429,6 +429,9 @@ struct Inner {
     providers: Vec<ProviderSetup>,
     /// Log pipes by worker and job.
     log_pipes: Mutex<HashMap<(WorkerId, JobId), LogPipe>>,
+    /// The newest log pipe of each job and when it is done (see
+    /// [`LogPipe::start`]).
+    log_tails: Arc<LogTails>,
     /// Gap detection in the agents' log sequence numbers.
     log_seqs: Arc<LogSeqs>,
     /// Who waits for an attempt to be decided in the store.
@@ -696,6 +699,7 @@ impl ControlPlane {
             counters,
             providers,
             log_pipes: Mutex::new(HashMap::new()),
+            log_tails: Arc::new(LogTails::default()),
             log_seqs,
             decisions,
         });
@@ -1091,7 +1095,12 @@ impl ControlPlane {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 let pipe = pipes.entry(key).or_insert_with(|| {
-                    LogPipe::start(&self.inner.stores, &self.inner.counters, job)
+                    LogPipe::start(
+                        &self.inner.stores,
+                        &self.inner.counters,
+                        &self.inner.log_tails,
+                        job,
+                    )
                 });
                 (pipe.tx.clone(), pipe.failed.clone())
             };
@@ -1418,17 +1427,59 @@ struct LogPipe {
     failed: Arc<Mutex<Option<ApiError>>>,
 }
 
+/// The newest log pipe of each job that is still storing: its number and
+/// a future that resolves when it is done.
+#[derive(Default)]
+struct LogTails {
+    next: AtomicU64,
+    tails: Mutex<HashMap<JobId, (u64, PipeDone)>>,
+}
+
+/// Resolves when a log pipe has stored all it was given and stopped.
+type PipeDone = futures::future::Shared<oneshot::Receiver<()>>;
+
 impl LogPipe {
-    fn start(stores: &Stores, counters: &Arc<Counters>, job: JobId) -> LogPipe {
+    /// Starts the pipe of `job` for one worker session. A job has one pipe
+    /// at a time, but one that was let go (its session ended, or a result
+    /// flushed it) may still be storing when the next one starts (the
+    /// worker reconnected and sends again, or another attempt began): the
+    /// new pipe waits for it before its first append, so a job's lines
+    /// reach the store in the order they arrived, and a flush of the new
+    /// pipe covers the old one's lines too.
+    fn start(
+        stores: &Stores,
+        counters: &Arc<Counters>,
+        tails: &Arc<LogTails>,
+        job: JobId,
+    ) -> LogPipe {
         let (tx, rx) = mpsc::channel(LOG_PIPE_DEPTH);
         let failed = Arc::new(Mutex::new(None));
-        tokio::spawn(run_log_pipe(
+        let id = tails.next.fetch_add(1, Ordering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let before = tails
+            .tails
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job, (id, futures::FutureExt::shared(done_rx)))
+            .map(|(_, done)| done);
+        let (logs, counters, tails, f) = (
             stores.logs.clone(),
             counters.clone(),
-            job,
-            rx,
+            tails.clone(),
             failed.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            run_log_pipe(logs, counters, job, rx, f).await;
+            let mut t = tails.tails.lock().unwrap_or_else(|e| e.into_inner());
+            if t.get(&job).is_some_and(|(newest, _)| *newest == id) {
+                t.remove(&job);
+            }
+            drop(t);
+            let _ = done_tx.send(());
+        });
         LogPipe { tx, failed }
     }
 }
@@ -1481,9 +1532,9 @@ async fn run_log_pipe(
 }
 
 /// Stores lines, retrying while the store is unavailable (the database
-/// restarts) rather than dropping them: the agent does not resend what
-/// its stream took. Appends are idempotent (lines are de-duplicated by
-/// attempt and agent sequence).
+/// restarts) rather than dropping them: the agent resends what its stream
+/// took only after a reconnect, not when a store is slow. Appends are
+/// idempotent (lines are de-duplicated by attempt and agent sequence).
 async fn append_logs(
     logs: &dyn LogStore,
     counters: &Counters,

@@ -306,3 +306,214 @@ async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
     assert!(!types.iter().any(|t| t == "JobDispatchFailed"), "{types:?}");
     cp.shutdown().await;
 }
+
+/// A log store whose first append waits until released, and which records
+/// whether an append of a job ever started while another was in flight.
+struct HeldLogs {
+    inner: Arc<MemoryStore>,
+    release: tokio::sync::watch::Receiver<bool>,
+    entered: std::sync::atomic::AtomicUsize,
+    in_flight: std::sync::atomic::AtomicUsize,
+    overlapped: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl hodei_core::ports::LogStore for HeldLogs {
+    async fn append(
+        &self,
+        job: hodei_core::ids::JobId,
+        attempt: u32,
+        lines: Vec<NewLogLine>,
+    ) -> Result<u64, hodei_core::ports::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.in_flight.fetch_add(1, SeqCst) > 0 {
+            self.overlapped.store(true, SeqCst);
+        }
+        if self.entered.fetch_add(1, SeqCst) == 0 {
+            let mut release = self.release.clone();
+            let _ = release.wait_for(|r| *r).await;
+        }
+        let r = self.inner.append(job, attempt, lines).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        r
+    }
+
+    async fn read(
+        &self,
+        job: hodei_core::ids::JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<hodei_core::ports::LogLine>, hodei_core::ports::StoreError> {
+        self.inner.read(job, after, limit).await
+    }
+
+    async fn finish(
+        &self,
+        job: hodei_core::ids::JobId,
+    ) -> Result<(), hodei_core::ports::StoreError> {
+        self.inner.finish(job).await
+    }
+
+    fn follow(
+        &self,
+        job: hodei_core::ids::JobId,
+        after: u64,
+    ) -> BoxStream<'static, Result<hodei_core::ports::LogLine, hodei_core::ports::StoreError>> {
+        self.inner.follow(job, after)
+    }
+}
+
+/// A worker session ends while its job's lines are still being stored
+/// (the store is slow), the worker reconnects and sends the next lines:
+/// they are stored after the first ones, never alongside them, so none is
+/// lost to the store's de-duplication and the order is kept.
+#[tokio::test]
+async fn lines_of_a_new_session_wait_for_the_old_session_s_lines_to_be_stored() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (launches_tx, mut launches) = mpsc::unbounded_channel();
+    let mut config = RuntimeConfig::default();
+    config.engine.reconnect_grace = Duration::from_secs(600);
+    let mem = Arc::new(MemoryStore::new());
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let held = Arc::new(HeldLogs {
+        inner: mem.clone(),
+        release,
+        entered: Default::default(),
+        in_flight: Default::default(),
+        overlapped: Default::default(),
+    });
+    let mut stores = Stores::from_store(mem.clone());
+    stores.logs = held.clone();
+    let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
+    let cp = start_control_plane(config, stores, Arc::new(provider), 4).await;
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("corr-pipes"),
+        actor: Actor::new("tester"),
+    };
+    let spec = RawJobSpec {
+        command: Some(vec!["true".into()]),
+        ..Default::default()
+    };
+    let job = cp.submit(spec, &ctx).await.unwrap();
+    let launch = launches.recv().await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let welcome = cp
+        .worker_hello(
+            WorkerHello {
+                worker: launch.worker,
+                token: launch.token,
+                provider: "local".into(),
+                labels: BTreeMap::new(),
+                image: None,
+                capacity: 1,
+                running: Vec::new(),
+            },
+            Arc::new(ChanLink(tx)),
+        )
+        .await
+        .unwrap();
+    let w = launch.worker;
+    let attempt = next_run(&mut rx).await;
+    cp.worker_message(
+        w,
+        FromWorker::Ack {
+            job: job.id,
+            attempt,
+        },
+    )
+    .await
+    .unwrap();
+    let lines = |seqs: std::ops::RangeInclusive<u64>| {
+        seqs.map(|n| NewLogLine {
+            agent_seq: n,
+            stream: LogStream::Stdout,
+            at: now_utc(),
+            text: format!("line {n}"),
+        })
+        .collect::<Vec<_>>()
+    };
+    // Session 1: lines 1–3; their append is held.
+    cp.worker_message(
+        w,
+        FromWorker::Logs {
+            job: job.id,
+            attempt,
+            lines: lines(1..=3),
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while held.entered.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first append starts");
+    cp.worker_gone(w, welcome.session, "stream reset").await;
+
+    // Session 2: the worker is back with the next lines.
+    let (tx2, _rx2) = mpsc::unbounded_channel();
+    cp.worker_hello(
+        WorkerHello {
+            worker: w,
+            token: welcome.resume_token,
+            provider: "local".into(),
+            labels: BTreeMap::new(),
+            image: None,
+            capacity: 1,
+            running: vec![(job.id, attempt)],
+        },
+        Arc::new(ChanLink(tx2)),
+    )
+    .await
+    .unwrap();
+    cp.worker_message(
+        w,
+        FromWorker::Logs {
+            job: job.id,
+            attempt,
+            lines: lines(4..=6),
+        },
+    )
+    .await
+    .unwrap();
+    // Half a second for a second append to start (it must not, while the
+    // first is held), then the store is released.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while held.entered.load(SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    release_tx.send(true).unwrap();
+    let report = AttemptReport {
+        exit_code: Some(0),
+        ..AttemptReport::default()
+    };
+    cp.worker_message(
+        w,
+        FromWorker::Result {
+            job: job.id,
+            attempt,
+            report,
+        },
+    )
+    .await
+    .unwrap();
+    let done = cp.wait_terminal(job.id).await.unwrap();
+    assert_eq!(done.state(), JobState::Succeeded, "{done:?}");
+    let stored: Vec<String> = cp
+        .read_logs(job.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    let want: Vec<String> = (1..=6).map(|n| format!("line {n}")).collect();
+    assert_eq!(stored, want);
+    assert!(
+        !held.overlapped.load(SeqCst),
+        "two appends of the job ran at once"
+    );
+}

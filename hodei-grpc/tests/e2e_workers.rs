@@ -104,12 +104,16 @@ impl Proxy {
                     let (mut out_r, mut out_w) = outbound.into_split();
                     let up = async {
                         let mut buf = vec![0u8; 64 * 1024];
+                        // Once it dropped bytes, a connection forwards
+                        // nothing more (what follows would be cut frames).
+                        let mut lost = false;
                         loop {
                             let n = match in_r.read(&mut buf).await {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
-                            if swallow.load(Ordering::SeqCst) {
+                            lost |= swallow.load(Ordering::SeqCst);
+                            if lost {
                                 swallowed.fetch_add(n as u64, Ordering::SeqCst);
                             } else if out_w.write_all(&buf[..n]).await.is_err() {
                                 return;

@@ -44,8 +44,9 @@ pub(crate) type AttemptKey = (String, u32);
 pub(crate) const UNACKED_LIMIT: usize = 256;
 
 /// Most memory (line text plus [`LINE_OVERHEAD`] a line) kept in log
-/// batches for a resend: about 4 MiB of 100-byte lines, more than a
-/// connection holds undelivered (HTTP/2 windows and socket buffers).
+/// batches for a resend: about 32,000 lines of 100 bytes (3 MB of text),
+/// more than a connection holds undelivered (HTTP/2 windows and socket
+/// buffers).
 pub(crate) const SENT_LOG_BYTES: usize = 6 << 20;
 
 /// What a kept line costs besides its text (the line's struct, its
