@@ -1527,8 +1527,12 @@ impl Engine {
 
     /// [`Engine::handle_worker_exited`], saying whether the worker was
     /// killed for exceeding its memory limit (a container's OOM kill): then
-    /// its jobs fail as [`FailureKind::OomKilled`], like a job the agent
+    /// its job fails as [`FailureKind::OomKilled`], like a job the agent
     /// saw OOM-killed. The limit is the job's, so it is the job's failure.
+    /// A worker that was running several jobs (`worker_capacity` above 1)
+    /// shares its limit between them and nobody can tell which one used
+    /// the memory: they fail as lost (transient, retried by policy), with
+    /// the OOM kill in the message.
     pub fn handle_worker_exit(
         &mut self,
         now: Timestamp,
@@ -1540,7 +1544,23 @@ impl Engine {
         if !self.workers.contains_key(&worker) {
             return;
         }
-        let failure = if oom_killed {
+        let running = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.status.worker() == Some(worker)
+                    && matches!(j.state(), JobState::Assigned | JobState::Running)
+            })
+            .count();
+        let failure = if oom_killed && running > 1 {
+            Failure::new(
+                FailureKind::WorkerLost,
+                format!(
+                    "worker killed for exceeding its memory limit (OOM) while running \
+                     {running} jobs that share it: {reason}"
+                ),
+            )
+        } else if oom_killed {
             Failure::new(
                 FailureKind::OomKilled,
                 format!("killed for exceeding its memory limit (OOM): {reason}"),

@@ -431,6 +431,52 @@ fn a_burst_on_multi_job_workers_starts_one_worker_per_capacity_jobs() {
     assert_eq!(shell.provisions.len(), 2, "{:?}", shell.provisions);
 }
 
+/// A multi-job worker's container killed for memory: its limit was
+/// shared, so neither job is blamed; both fail as lost and are retried.
+#[test]
+fn an_oom_killed_worker_running_several_jobs_fails_them_as_lost_and_retries() {
+    let mut config = pool("pool", 0, 4);
+    config.worker_capacity = 2;
+    let mut shell = Shell::new(vec![config]);
+    shell.tick();
+    let ids = submit_burst(&mut shell, vec![job_spec("pool"), job_spec("pool")]);
+    assert_eq!(shell.provisions.len(), 1, "one worker for both");
+    let (_, worker) = shell.provisions[0].clone();
+    shell.register_all();
+    for id in &ids {
+        let attempt = shell.engine.job(*id).expect("owned").attempt;
+        shell
+            .engine
+            .handle_ack(shell.now, worker, *id, attempt)
+            .expect("ack");
+    }
+    shell.pump();
+    shell.engine.handle_worker_exit(
+        shell.now,
+        worker,
+        "container hodei-worker-x exited with code 137 (out of memory: limit 64 MiB)",
+        true,
+    );
+    shell.pump();
+    for id in &ids {
+        let last = shell
+            .updates
+            .iter()
+            .rev()
+            .find(|j| j.id == *id)
+            .expect("an update");
+        assert_eq!(last.state(), JobState::Pending, "retried: {last:?}");
+        assert_eq!(last.attempt, 2, "{last:?}");
+        let first = &last.attempts[0];
+        let hodei_core::job::AttemptOutcome::Failed { failure } = &first.outcome else {
+            panic!("{first:?}")
+        };
+        assert_eq!(failure.kind, FailureKind::WorkerLost, "{failure:?}");
+        assert!(failure.message.contains("OOM"), "{failure:?}");
+        assert!(failure.message.contains("running 2 jobs"), "{failure:?}");
+    }
+}
+
 #[test]
 fn ephemeral_workers_run_one_job_whatever_the_capacity_says() {
     let mut eph = ProviderConfig::ephemeral("eph", "docker", true, 4);
