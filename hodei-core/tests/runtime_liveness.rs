@@ -33,20 +33,29 @@ async fn register(
 ) -> (WorkerId, mpsc::UnboundedReceiver<ToWorker>) {
     let (tx, rx) = mpsc::unbounded_channel();
     cp.worker_hello(
-        WorkerHello {
-            worker: launch.worker,
-            token: launch.token,
-            provider: "local".into(),
-            labels: BTreeMap::new(),
-            image: None,
-            capacity: 1,
-            running: Vec::new(),
-        },
+        hello(launch.worker, launch.token, Vec::new()),
         Arc::new(ChanLink(tx)),
     )
     .await
     .unwrap();
     (launch.worker, rx)
+}
+
+/// What the test's agent says first: one slot, no labels.
+fn hello(
+    worker: WorkerId,
+    token: String,
+    running: Vec<(hodei_core::ids::JobId, u32)>,
+) -> WorkerHello {
+    WorkerHello {
+        worker,
+        token,
+        provider: "local".into(),
+        labels: BTreeMap::new(),
+        image: None,
+        capacity: 1,
+        running,
+    }
 }
 
 async fn next_run(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> u32 {
@@ -399,15 +408,7 @@ async fn lines_of_a_new_session_wait_for_the_old_session_s_lines_to_be_stored() 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let welcome = cp
         .worker_hello(
-            WorkerHello {
-                worker: launch.worker,
-                token: launch.token,
-                provider: "local".into(),
-                labels: BTreeMap::new(),
-                image: None,
-                capacity: 1,
-                running: Vec::new(),
-            },
+            hello(launch.worker, launch.token, Vec::new()),
             Arc::new(ChanLink(tx)),
         )
         .await
@@ -455,15 +456,7 @@ async fn lines_of_a_new_session_wait_for_the_old_session_s_lines_to_be_stored() 
     // Session 2: the worker is back with the next lines.
     let (tx2, _rx2) = mpsc::unbounded_channel();
     cp.worker_hello(
-        WorkerHello {
-            worker: w,
-            token: welcome.resume_token,
-            provider: "local".into(),
-            labels: BTreeMap::new(),
-            image: None,
-            capacity: 1,
-            running: vec![(job.id, attempt)],
-        },
+        hello(w, welcome.resume_token, vec![(job.id, attempt)]),
         Arc::new(ChanLink(tx2)),
     )
     .await

@@ -153,10 +153,8 @@ impl Proxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
-    // Workers reach the server through a proxy; the test cuts the proxy's
-    // connections while a job runs.
+/// A server whose workers reach it through a [`Proxy`].
+async fn proxied_server() -> (Proxy, TestServer) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -168,6 +166,14 @@ async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
         advertise_url: Some(format!("http://{}", proxy.addr)),
         ..Default::default()
     });
+    (proxy, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
+    // Workers reach the server through a proxy; the test cuts the proxy's
+    // connections while a job runs.
+    let (proxy, server) = proxied_server().await;
     let client = server.client().await;
     let gate = server.path("gate");
     let job = client
@@ -210,17 +216,7 @@ async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
 /// ignores what it has).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connections_lose_no_log_line_and_duplicate_none() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let upstream = format!("127.0.0.1:{port}");
-    let proxy = Proxy::start(upstream.clone()).await;
-    let server = TestServer::start_with(ServerOpts {
-        grpc_addr: Some(upstream),
-        advertise_url: Some(format!("http://{}", proxy.addr)),
-        ..Default::default()
-    });
+    let (proxy, server) = proxied_server().await;
     let client = server.client().await;
     const LINES: u64 = 100_000;
     // 2,000 lines every 50 ms or so: still printing across the cuts.

@@ -71,18 +71,7 @@ impl WorkerRegistry for PgStore {
             .bind(record)
             .bind(worker.last_seen)
             .bind(worker.created_at);
-        let answer = bind_events(q, &events)?
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(store_err)?;
-        let (saved, events) = stored_events(&answer, events)?;
-        if !saved {
-            return Err(StoreError::Other(format!(
-                "worker {} was not saved",
-                worker.id
-            )));
-        }
-        Ok(events)
+        write_recording(self, q, events, || format!("worker {}", worker.id)).await
     }
 
     fn upsert_records_events(&self) -> bool {
@@ -231,26 +220,33 @@ impl WorkerRegistry for PgStore {
     }
 }
 
+/// Runs a [`write_sql`] statement whose first part has its parameters
+/// bound in `q`, with `events` bound after them; an error when the first
+/// part stored nothing (`what` names the record).
+async fn write_recording(
+    store: &PgStore,
+    q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    events: Vec<DomainEvent>,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<DomainEvent>, StoreError> {
+    let answer = bind_events(q, &events)?
+        .fetch_one(&store.inner.pool)
+        .await
+        .map_err(store_err)?;
+    let (saved, events) = stored_events(&answer, events)?;
+    if !saved {
+        return Err(StoreError::Other(format!("{} was not saved", what())));
+    }
+    Ok(events)
+}
+
 #[async_trait]
 impl ProviderStore for PgStore {
     async fn upsert(&self, record: &ProviderRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO providers (id, kind, config, healthy, health_message, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (id) DO UPDATE SET kind = EXCLUDED.kind, config = EXCLUDED.config, \
-             healthy = EXCLUDED.healthy, health_message = EXCLUDED.health_message, \
-             updated_at = EXCLUDED.updated_at",
-        )
-        .bind(record.id.as_str())
-        .bind(&record.kind)
-        .bind(&record.config)
-        .bind(record.healthy)
-        .bind(&record.health_message)
-        .bind(record.updated_at)
-        .execute(&self.inner.pool)
-        .await
-        .map_err(store_err)?;
-        Ok(())
+        // Rare (start, health changes): the same statement, no events.
+        ProviderStore::upsert_recording(self, record, Vec::new())
+            .await
+            .map(drop)
     }
 
     async fn upsert_recording(
@@ -277,18 +273,7 @@ impl ProviderStore for PgStore {
             .bind(record.healthy)
             .bind(&record.health_message)
             .bind(record.updated_at);
-        let answer = bind_events(q, &events)?
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(store_err)?;
-        let (saved, events) = stored_events(&answer, events)?;
-        if !saved {
-            return Err(StoreError::Other(format!(
-                "provider {} was not saved",
-                record.id
-            )));
-        }
-        Ok(events)
+        write_recording(self, q, events, || format!("provider {}", record.id)).await
     }
 
     fn upsert_records_events(&self) -> bool {

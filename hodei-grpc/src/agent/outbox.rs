@@ -354,6 +354,14 @@ mod tests {
         }
     }
 
+    /// A new session whose outbox is open: its control sender and stream.
+    fn open_session(outbox: &Arc<Outbox>) -> (mpsc::UnboundedSender<Control>, SessionStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        (tx, stream)
+    }
+
     fn result(job: &str) -> WorkerMessage {
         WorkerMessage {
             kind: Some(Kind::Result(JobResult {
@@ -372,9 +380,7 @@ mod tests {
         outbox.push(batch("j", &[3])).await;
         outbox.push(result("j")).await;
 
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut first = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (tx, mut first) = open_session(&outbox);
         assert!(first.next().await.is_some());
         assert_eq!(outbox.running()[0].last_log_seq, 2);
 
@@ -410,9 +416,7 @@ mod tests {
         outbox.open_attempt(("k".to_owned(), 1));
         outbox.push(result("j")).await;
         outbox.push(result("k")).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut first = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (tx, mut first) = open_session(&outbox);
         assert_eq!(first.next().await, Some(result("j")));
         assert_eq!(first.next().await, Some(result("k")));
         outbox.wait_empty().await;
@@ -424,21 +428,15 @@ mod tests {
         assert_eq!(outbox.len(), 1);
         outbox.push(batch("m", &[1])).await;
 
-        let (tx2, rx2) = mpsc::unbounded_channel();
-        let mut second = outbox.session_stream(rx2);
-        tx2.send(Control::OpenOutbox).unwrap();
+        let (tx2, mut second) = open_session(&outbox);
         assert_eq!(second.next().await, Some(result("j")), "resent first");
         assert_eq!(second.next().await, Some(batch("m", &[1])));
         // Still unacknowledged: once more on a third session.
-        let (tx3, rx3) = mpsc::unbounded_channel();
-        let mut third = outbox.session_stream(rx3);
-        tx3.send(Control::OpenOutbox).unwrap();
+        let (tx3, mut third) = open_session(&outbox);
         assert_eq!(third.next().await, Some(result("j")));
         outbox.acked(&("j".to_owned(), 1));
         assert!(outbox.running().is_empty());
-        let (tx4, rx4) = mpsc::unbounded_channel();
-        let mut fourth = outbox.session_stream(rx4);
-        tx4.send(Control::OpenOutbox).unwrap();
+        let (tx4, mut fourth) = open_session(&outbox);
         drop(tx4);
         assert!(fourth.next().await.is_none(), "nothing left to resend");
         drop((tx, tx2, tx3));
@@ -456,17 +454,13 @@ mod tests {
         outbox.push(batch("k", &[1])).await;
         outbox.push(result("k")).await;
         outbox.push(batch("j", &[3])).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut first = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (tx, mut first) = open_session(&outbox);
         for _ in 0..3 {
             assert!(first.next().await.is_some());
         }
         // The connection dies with j's [3] still queued.
         outbox.end_session();
-        let (tx2, rx2) = mpsc::unbounded_channel();
-        let mut second = outbox.session_stream(rx2);
-        tx2.send(Control::OpenOutbox).unwrap();
+        let (tx2, mut second) = open_session(&outbox);
         assert_eq!(second.next().await, Some(batch("j", &[1, 2])));
         assert_eq!(second.next().await, Some(batch("k", &[1])));
         assert_eq!(second.next().await, Some(result("k")), "after its lines");
@@ -475,9 +469,7 @@ mod tests {
         // are, all of them, in order.
         outbox.acked(&("k".to_owned(), 1));
         outbox.end_session();
-        let (tx3, rx3) = mpsc::unbounded_channel();
-        let mut third = outbox.session_stream(rx3);
-        tx3.send(Control::OpenOutbox).unwrap();
+        let (tx3, mut third) = open_session(&outbox);
         assert_eq!(third.next().await, Some(batch("j", &[1, 2])));
         assert_eq!(third.next().await, Some(batch("j", &[3])));
         assert_eq!(outbox.len(), 0);
@@ -496,22 +488,16 @@ mod tests {
         outbox.push(batch("j", &[1])).await;
         outbox.push(batch("j", &[2])).await;
         outbox.push(result("j")).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut first = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (tx, mut first) = open_session(&outbox);
         for _ in 0..3 {
             assert!(first.next().await.is_some());
         }
         outbox.end_session();
         // The second session re-sends one batch, then dies too.
-        let (tx2, rx2) = mpsc::unbounded_channel();
-        let mut second = outbox.session_stream(rx2);
-        tx2.send(Control::OpenOutbox).unwrap();
+        let (tx2, mut second) = open_session(&outbox);
         assert_eq!(second.next().await, Some(batch("j", &[1])));
         outbox.end_session();
-        let (tx3, rx3) = mpsc::unbounded_channel();
-        let mut third = outbox.session_stream(rx3);
-        tx3.send(Control::OpenOutbox).unwrap();
+        let (tx3, mut third) = open_session(&outbox);
         assert_eq!(third.next().await, Some(batch("j", &[1])));
         assert_eq!(third.next().await, Some(batch("j", &[2])));
         assert_eq!(third.next().await, Some(result("j")));
@@ -522,9 +508,7 @@ mod tests {
     async fn sent_log_batches_kept_are_bounded() {
         let outbox = Outbox::new(4);
         outbox.open_attempt(("j".to_owned(), 1));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut stream = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (tx, mut stream) = open_session(&outbox);
         let line = "x".repeat(64 * 1024);
         let big = |seq: u64| WorkerMessage {
             kind: Some(Kind::Logs(LogBatch {
@@ -546,9 +530,7 @@ mod tests {
         let kept = outbox.len();
         assert!(kept < n && kept >= n - 21, "kept {kept} of {n}");
         // The newest are the ones kept.
-        let (tx2, rx2) = mpsc::unbounded_channel();
-        let mut again = outbox.session_stream(rx2);
-        tx2.send(Control::OpenOutbox).unwrap();
+        let (tx2, mut again) = open_session(&outbox);
         let mut last = 0;
         for _ in 0..kept {
             let Some(WorkerMessage {
@@ -566,9 +548,7 @@ mod tests {
     #[tokio::test]
     async fn unacknowledged_results_are_bounded() {
         let outbox = Outbox::new(4);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut stream = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (_tx, mut stream) = open_session(&outbox);
         for i in 0..UNACKED_LIMIT + 10 {
             let job = format!("j{i}");
             outbox.open_attempt((job.clone(), 1));
@@ -590,9 +570,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!blocked.is_finished());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut stream = outbox.session_stream(rx);
-        tx.send(Control::OpenOutbox).unwrap();
+        let (_tx, mut stream) = open_session(&outbox);
         assert_eq!(stream.next().await, Some(batch("j", &[1])));
         blocked.await.unwrap();
         assert_eq!(stream.next().await, Some(batch("j", &[2])));
