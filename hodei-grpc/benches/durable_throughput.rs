@@ -10,7 +10,9 @@
 //!    with the same client count, running a script that does what a queue
 //!    minimally must per job: insert, claim (`UPDATE … WHERE id = (SELECT …
 //!    FOR UPDATE SKIP LOCKED LIMIT 1)`) and complete, three commits, on a
-//!    scratch table.
+//!    scratch table. The summary says whether the server flushes commits
+//!    (`fsync`, `synchronous_commit`): start it with `HODEI_PG_DURABLE=1
+//!    scripts/pg start DIR` for durable figures.
 //! 2. **Event bus.** Events/s delivered to a `PgStore` subscriber while
 //!    another task appends events in batches of 100, with the `LISTEN`
 //!    connection killed (`pg_terminate_backend`) half way through; every
@@ -100,15 +102,21 @@ async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
     }
     let ceiling = pgbench_ceiling(pgbench_secs).await;
     let spawns = spawn_ceiling(pgbench_secs).await?;
-    let minimal = minimal_runner(pgbench_secs).await?;
+    let minimal = minimal_runner(pgbench_secs, false).await?;
+    let audited = minimal_runner(pgbench_secs, true).await?;
     println!();
     println!("durable no-op jobs, {CLIENTS} clients, {CLIENTS} warm workers, {jobs} jobs:");
+    match durability().await {
+        Ok(d) => println!("  postgresql:          {d}"),
+        Err(e) => println!("  postgresql:          durability settings not read: {e:#}"),
+    }
     for (capacity, hodei) in &runs {
         println!(
-            "  hodei, capacity {capacity:>3}: {:>8.0} jobs/s  ({:.2} s; {:.1} commits/job; {} succeeded, {} other)",
+            "  hodei, capacity {capacity:>3}: {:>8.0} jobs/s  ({:.2} s; {:.1} commits/job; {:.1} events/job; {} succeeded, {} other)",
             hodei.jobs as f64 / hodei.secs,
             hodei.secs,
             hodei.commits as f64 / hodei.jobs as f64,
+            hodei.events as f64 / hodei.jobs as f64,
             hodei.succeeded,
             hodei.jobs - hodei.succeeded
         );
@@ -136,14 +144,56 @@ async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
         "  minimal runner:      {:>8.0} jobs/s  (the pgbench script's 3 statements + `true` per job, {CLIENTS} tasks, sqlx, {} s)",
         minimal, pgbench_secs
     );
+    println!(
+        "  minimal runner, audited: {:>4.0} jobs/s  (the same, each statement also appending its {AUDITED_EVENTS} events per job \
+         to a table with the indexes of Hodei's and notifying, {CLIENTS} tasks, {} s)",
+        audited, pgbench_secs
+    );
+    if let Ok(c) = &ceiling {
+        println!(
+            "  ratio to pgbench: minimal runner {:.2}, audited minimal runner {:.2}",
+            minimal / c.tps,
+            audited / c.tps
+        );
+    }
     for (capacity, hodei) in &runs {
         println!(
-            "  ratio to the minimal runner, capacity {capacity:>3}: {:.2}",
-            hodei.jobs as f64 / hodei.secs / minimal
+            "  ratio to the minimal runner, capacity {capacity:>3}: {:.2} (to the audited one {:.2})",
+            hodei.jobs as f64 / hodei.secs / minimal,
+            hodei.jobs as f64 / hodei.secs / audited
         );
     }
 
     Ok(())
+}
+
+/// Whether the server of `HODEI_TEST_DATABASE_URL` flushes commits: the
+/// figures are durable throughput only when it does (`scripts/pg` turns
+/// flushing off unless `HODEI_PG_DURABLE=1`).
+async fn durability() -> Result<String> {
+    let base = support::pg_base_url().context("HODEI_TEST_DATABASE_URL is not set")?;
+    let mut conn = sqlx::PgConnection::connect(&base).await?;
+    let mut show = Vec::new();
+    for name in ["fsync", "synchronous_commit", "full_page_writes"] {
+        let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+            .fetch_one(&mut conn)
+            .await?;
+        show.push((name, value));
+    }
+    conn.close().await?;
+    let flushed = show.iter().take(2).all(|(_, v)| v != "off");
+    let settings: Vec<String> = show.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    Ok(if flushed {
+        format!(
+            "{} (commits are flushed: durable figures)",
+            settings.join(", ")
+        )
+    } else {
+        format!(
+            "{} (commits are NOT flushed: CPU figures; HODEI_PG_DURABLE=1 scripts/pg start for durable ones)",
+            settings.join(", ")
+        )
+    })
 }
 
 /// `true` in `PATH`, as the agent would resolve it.
@@ -187,7 +237,12 @@ async fn spawn_ceiling(secs: usize) -> Result<f64> {
 /// pgbench script's insert, claim (`FOR UPDATE SKIP LOCKED`) and complete
 /// (three autocommitted statements) with a `true` process started and
 /// reaped between claim and complete, by [`CLIENTS`] tasks for `secs`.
-async fn minimal_runner(secs: usize) -> Result<f64> {
+/// `audited`: each statement also appends the job's events of that step
+/// ([`AUDITED_EVENTS`], six per job) to a table with the columns and
+/// indexes of Hodei's `events` and notifies their last sequence, in the
+/// same statement: what the issue's audit trail and event bus cost at the
+/// least, with nothing else of Hodei (no documents, no workers, no gRPC).
+async fn minimal_runner(secs: usize, audited: bool) -> Result<f64> {
     let db = support::fresh_database("minimal")
         .await?
         .ok_or_else(|| anyhow!("no database"))?;
@@ -197,6 +252,14 @@ async fn minimal_runner(secs: usize) -> Result<f64> {
             .connect(&db.url)
             .await?;
         sqlx::raw_sql(SCRATCH).execute(&pool).await?;
+        if audited {
+            sqlx::raw_sql(SCRATCH_EVENTS).execute(&pool).await?;
+        }
+        let [insert, claim, complete] = if audited {
+            AUDITED_STATEMENTS
+        } else {
+            PLAIN_STATEMENTS
+        };
         let bin = true_binary();
         let until = Instant::now() + Duration::from_secs(secs as u64);
         let t0 = Instant::now();
@@ -206,23 +269,19 @@ async fn minimal_runner(secs: usize) -> Result<f64> {
             tasks.push(tokio::spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < until {
-                    sqlx::query(
-                        "INSERT INTO bench_queue (state, spec) VALUES ('PENDING', '{\"command\": [\"true\"]}')",
-                    )
-                    .execute(&pool)
-                    .await?;
-                    let claimed: Option<i64> = sqlx::query_scalar(
-                        "UPDATE bench_queue SET state = 'RUNNING', claimed_by = $1, updated_at = now() \
-                         WHERE id = (SELECT id FROM bench_queue WHERE state = 'PENDING' ORDER BY id \
-                         FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id",
-                    )
-                    .bind(client)
-                    .fetch_optional(&pool)
-                    .await?;
+                    sqlx::query(insert).execute(&pool).await?;
+                    let claimed: Option<i64> = sqlx::query_scalar(claim)
+                        .bind(client)
+                        .fetch_one(&pool)
+                        .await?;
                     let Some(id) = claimed else { continue };
                     let status = tokio::process::Command::new(&bin).status().await?;
-                    let state = if status.success() { "SUCCEEDED" } else { "FAILED" };
-                    sqlx::query("UPDATE bench_queue SET state = $1, updated_at = now() WHERE id = $2")
+                    let state = if status.success() {
+                        "SUCCEEDED"
+                    } else {
+                        "FAILED"
+                    };
+                    sqlx::query(complete)
                         .bind(state)
                         .bind(id)
                         .execute(&pool)
@@ -245,6 +304,77 @@ async fn minimal_runner(secs: usize) -> Result<f64> {
     result
 }
 
+/// The minimal runner's statements: insert, claim (`$1` the client;
+/// yields the claimed id or NULL), complete (`$1` the state, `$2` the id).
+const PLAIN_STATEMENTS: [&str; 3] = [
+    "INSERT INTO bench_queue (state, spec) VALUES ('PENDING', '{\"command\": [\"true\"]}')",
+    "WITH c AS (UPDATE bench_queue SET state = 'RUNNING', claimed_by = $1, updated_at = now() \
+     WHERE id = (SELECT id FROM bench_queue WHERE state = 'PENDING' ORDER BY id \
+     FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id) \
+     SELECT (SELECT id FROM c)",
+    "UPDATE bench_queue SET state = $1, updated_at = now() WHERE id = $2",
+];
+
+/// Events the audited minimal runner appends per job: two with the insert,
+/// three with the claim, one with the completion.
+const AUDITED_EVENTS: usize = 6;
+
+/// [`PLAIN_STATEMENTS`], each also appending its step's events to
+/// `bench_events` and notifying their last sequence.
+const AUDITED_STATEMENTS: [&str; 3] = [
+    "WITH j AS (INSERT INTO bench_queue (state, spec) \
+         VALUES ('PENDING', '{\"command\": [\"true\"]}') RETURNING id, uid), \
+     e AS (INSERT INTO bench_events (event_id, event_type, aggregate_type, aggregate_id, \
+         correlation_id, actor, occurred_at, job_id, payload) \
+         SELECT gen_random_uuid(), t, 'job', j.uid::text, j.uid::text, 'user:bench', now(), \
+             j.uid, jsonb_build_object('job_id', j.uid, 'type', t) \
+         FROM j, unnest(ARRAY['JobCreated', 'JobQueued']) t RETURNING sequence) \
+     SELECT pg_notify('bench_events', max(sequence)::text) FROM e",
+    "WITH c AS (UPDATE bench_queue SET state = 'RUNNING', claimed_by = $1, updated_at = now() \
+         WHERE id = (SELECT id FROM bench_queue WHERE state = 'PENDING' ORDER BY id \
+         FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id, uid), \
+     e AS (INSERT INTO bench_events (event_id, event_type, aggregate_type, aggregate_id, \
+         correlation_id, actor, occurred_at, job_id, payload) \
+         SELECT gen_random_uuid(), t, 'job', c.uid::text, c.uid::text, 'worker:bench', now(), \
+             c.uid, jsonb_build_object('job_id', c.uid, 'type', t) \
+         FROM c, unnest(ARRAY['JobScheduled', 'JobAssigned', 'JobStarted']) t RETURNING sequence), \
+     n AS (SELECT pg_notify('bench_events', max(sequence)::text) FROM e HAVING count(*) > 0) \
+     SELECT (SELECT id FROM c) + 0 * (SELECT count(*) FROM n)",
+    "WITH c AS (UPDATE bench_queue SET state = $1, updated_at = now() WHERE id = $2 \
+         RETURNING id, uid, state), \
+     e AS (INSERT INTO bench_events (event_id, event_type, aggregate_type, aggregate_id, \
+         correlation_id, actor, occurred_at, job_id, payload) \
+         SELECT gen_random_uuid(), \
+             CASE c.state WHEN 'SUCCEEDED' THEN 'JobSucceeded' ELSE 'JobFailed' END, \
+             'job', c.uid::text, c.uid::text, 'worker:bench', now(), c.uid, \
+             jsonb_build_object('job_id', c.uid, 'state', c.state) \
+         FROM c RETURNING sequence) \
+     SELECT pg_notify('bench_events', max(sequence)::text) FROM e",
+];
+
+/// The audited minimal runner's events table: the columns and indexes of
+/// Hodei's `events` (hodei-postgres/migrations/0001_initial.sql).
+const SCRATCH_EVENTS: &str = "
+ALTER TABLE bench_queue ADD COLUMN uid uuid NOT NULL DEFAULT gen_random_uuid();
+CREATE TABLE bench_events (
+    sequence        bigserial PRIMARY KEY,
+    event_id        uuid        NOT NULL UNIQUE,
+    event_type      text        NOT NULL,
+    aggregate_type  text        NOT NULL,
+    aggregate_id    text        NOT NULL,
+    correlation_id  text        NOT NULL,
+    actor           text        NOT NULL,
+    occurred_at     timestamptz NOT NULL,
+    job_id          uuid,
+    payload         jsonb       NOT NULL,
+    xid             xid8        NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX bench_events_correlation_idx ON bench_events (correlation_id, sequence);
+CREATE INDEX bench_events_type_idx ON bench_events (event_type, sequence);
+CREATE INDEX bench_events_actor_idx ON bench_events (actor, sequence);
+CREATE INDEX bench_events_occurred_idx ON bench_events (occurred_at);
+CREATE INDEX bench_events_job_idx ON bench_events (job_id, sequence) WHERE job_id IS NOT NULL;
+";
 fn print_bus(bus: &Bus, writers: usize) {
     println!();
     println!(
@@ -281,6 +411,8 @@ struct Durable {
     jobs: usize,
     secs: f64,
     commits: i64,
+    /// Events stored while the jobs ran.
+    events: i64,
     succeeded: usize,
 }
 
@@ -294,6 +426,12 @@ async fn xact_commit(conn: &mut sqlx::PgConnection) -> Result<i64> {
     .fetch_one(&mut *conn)
     .await?;
     Ok(n)
+}
+
+async fn event_count(conn: &mut sqlx::PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut *conn)
+        .await?)
 }
 
 async fn durable_jobs(jobs: usize, capacity: u32) -> Result<Durable> {
@@ -332,6 +470,7 @@ async fn durable_jobs(jobs: usize, capacity: u32) -> Result<Durable> {
         })
         .await;
         let before = xact_commit(&mut stats).await?;
+        let events_before = event_count(&mut stats).await?;
         let calls = probed.timing.snapshot();
         let t0 = Instant::now();
         submit_all(&cp, jobs).await?;
@@ -360,11 +499,13 @@ async fn durable_jobs(jobs: usize, capacity: u32) -> Result<Durable> {
         store.close().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = xact_commit(&mut stats).await?;
+        let events = event_count(&mut stats).await? - events_before;
         stats.close().await.ok();
         Ok(Durable {
             jobs,
             secs,
             commits: after - before,
+            events,
             succeeded,
         })
     }
