@@ -647,8 +647,9 @@ async fn a_restarted_server_removes_the_local_workers_orphaned_by_its_crash() {
 }
 
 /// A reusable local worker with `worker_capacity = 3` runs three jobs at
-/// once (each its own process, its own log) and then more on the same
-/// worker: the pool stays at one worker.
+/// once (each its own process, its own log, its own working directory,
+/// removed when it ends) and then more on the same worker: the pool stays
+/// at one worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
     let state = tempfile::tempdir().expect("temp dir");
@@ -664,8 +665,10 @@ async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
     let gate = server.path("gate");
     let mut ids = Vec::new();
     for i in 0..3 {
+        // Each writes the same relative file while the others run: in a
+        // directory of its own, each reads back what it wrote.
         let mut spec = sh(&format!(
-            "echo start-{i}; {}; echo end-{i}",
+            "echo start-{i}; echo {i} > mine; echo dir=$(pwd); {}; echo end-$(cat mine)",
             wait_file(&gate)
         ));
         spec.provider = Some("wide".into());
@@ -685,6 +688,7 @@ async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
         assert_eq!(job.state, JobState::Running as i32, "job {i}: {job:?}");
     }
     touch(&gate);
+    let mut dirs = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let done = client.wait_terminal(id).await;
         assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
@@ -694,8 +698,28 @@ async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
             .into_iter()
             .map(|l| l.text)
             .collect();
-        assert_eq!(logs, [format!("start-{i}"), format!("end-{i}")]);
+        assert_eq!(logs.len(), 3, "{logs:?}");
+        assert_eq!(
+            [&logs[0], &logs[2]],
+            [&format!("start-{i}"), &format!("end-{i}")]
+        );
+        let dir = std::path::PathBuf::from(logs[1].strip_prefix("dir=").expect("dir= line"));
+        assert!(
+            dir.ends_with(format!("{id}-1")),
+            "job {id} runs in its own directory: {}",
+            dir.display()
+        );
+        assert!(
+            !dir.exists(),
+            "{} is removed when the job ends",
+            dir.display()
+        );
+        dirs.push(dir);
     }
+    assert!(
+        dirs[0] != dirs[1] && dirs[1] != dirs[2] && dirs[0] != dirs[2],
+        "{dirs:?}"
+    );
     // A fourth job reuses the same worker.
     let mut spec = sh("echo again");
     spec.provider = Some("wide".into());

@@ -12,7 +12,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::exec::{self, ExecOutcome, ExecProgram, ExecRequest};
 use super::outbox::{AttemptKey, Outbox};
@@ -100,6 +100,42 @@ pub(crate) struct JobContext {
     pub(crate) default_timeout: Duration,
     /// cgroup `memory.events` file for OOM detection, when found.
     pub(crate) memory_events: Option<Arc<PathBuf>>,
+    /// On a worker that runs several jobs at once: the directory under
+    /// which each job that sets no `working_dir` gets one of its own
+    /// ([`job_dir`]), removed when the job ends. `None`: such jobs run in
+    /// the agent's working directory.
+    pub(crate) job_dirs: Option<Arc<PathBuf>>,
+}
+
+/// A root for per-job directories, unique to this agent: under the
+/// temporary directory, named after the process and a counter (several
+/// agents may share a process). Created with the first job's directory.
+pub(crate) fn job_dirs_root() -> PathBuf {
+    static AGENTS: AtomicU64 = AtomicU64::new(0);
+    let n = AGENTS.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("hodei-jobs-{}-{n}", std::process::id()))
+}
+
+/// The directory of attempt `attempt` of job `job_id` under `root`: the
+/// id's letters, digits and dashes (the server's ids are UUIDs; anything
+/// else cannot name a path outside `root`), then the attempt.
+fn job_dir(root: &Path, job_id: &str, attempt: u32) -> PathBuf {
+    let name: String = job_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect();
+    root.join(format!("{name}-{attempt}"))
+}
+
+/// Removes a job's own directory ([`JobContext::job_dirs`]) after it ended;
+/// a failure is logged, the job's result stands.
+async fn remove_job_dir(dir: &Path) {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dir = %dir.display(), error = %e, "job directory not removed"),
+    }
 }
 
 /// Builds the request for `run`, or says why it cannot run. Consumes the
@@ -140,10 +176,13 @@ pub(crate) fn exec_request(run: RunJob, ctx: &JobContext) -> Result<ExecRequest,
     let mut req = ExecRequest::new(program, timeout);
     req.env = env;
     req.secrets = secrets;
-    req.working_dir = spec
-        .working_dir
-        .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from);
+    req.working_dir = match spec.working_dir.filter(|dir| !dir.is_empty()) {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => ctx
+            .job_dirs
+            .as_deref()
+            .map(|root| job_dir(root, &run.job_id, run.attempt)),
+    };
     req.kill_grace = ctx.kill_grace;
     Ok(req)
 }
@@ -162,6 +201,17 @@ pub(crate) async fn run_job(
     let span =
         info_span!("job", job_id = %key.0, attempt = key.1, correlation_id = %correlation_id);
     async move {
+        // The job's own directory, when it was given one (it is created
+        // when the process starts).
+        let own_dir = req
+            .as_ref()
+            .ok()
+            .and_then(|r| r.working_dir.clone())
+            .filter(|dir| {
+                ctx.job_dirs
+                    .as_deref()
+                    .is_some_and(|root| dir.parent() == Some(root.as_path()))
+            });
         let (outcome, oom_killed) = match req {
             Ok(req) => execute(&key, req, cancel, &ctx).await,
             Err(error) => (
@@ -182,6 +232,9 @@ pub(crate) async fn run_job(
             lines = outcome.lines,
             "job ended"
         );
+        if let Some(dir) = own_dir {
+            remove_job_dir(&dir).await;
+        }
         // The process is gone and every log line queued: the slot is free
         // before the server can learn it from the result.
         drop(slot);
@@ -408,6 +461,7 @@ mod tests {
             kill_grace: Duration::from_secs(1),
             default_timeout: Duration::from_secs(3600),
             memory_events: None,
+            job_dirs: None,
         }
     }
 
@@ -536,6 +590,90 @@ mod tests {
         );
         let (_, oom) = execute(&key, req, CancellationToken::new(), &ctx).await;
         assert!(!oom);
+    }
+
+    /// On a worker of capacity > 1, a job that sets no `working_dir` gets a
+    /// directory of its own under the agent's root, named after the job and
+    /// attempt (an id cannot lead out of the root); one that sets it keeps
+    /// it; without a root nothing changes.
+    #[test]
+    fn jobs_without_a_working_dir_get_their_own_on_a_multi_job_worker() {
+        let root = PathBuf::from("/tmp/hodei-jobs-test");
+        let mut ctx = ctx();
+        let spec = || JobSpec {
+            command: vec!["true".into()],
+            ..JobSpec::default()
+        };
+        let req = exec_request(run_job_msg(spec(), &[]), &ctx).unwrap();
+        assert_eq!(req.working_dir, None);
+        ctx.job_dirs = Some(Arc::new(root.clone()));
+        let req = exec_request(run_job_msg(spec(), &[]), &ctx).unwrap();
+        assert_eq!(req.working_dir, Some(root.join("job-1-2")));
+        let mut msg = run_job_msg(spec(), &[]);
+        msg.job_id = "../../etc/x".into();
+        let dir = exec_request(msg, &ctx).unwrap().working_dir.unwrap();
+        assert_eq!(dir.parent(), Some(root.as_path()), "{}", dir.display());
+        assert_eq!(dir, root.join("etcx-2"));
+        let mut own = spec();
+        own.working_dir = Some("/srv/build".into());
+        let req = exec_request(run_job_msg(own, &[]), &ctx).unwrap();
+        assert_eq!(req.working_dir, Some(PathBuf::from("/srv/build")));
+    }
+
+    /// A job's own directory exists while it runs (it is the job's working
+    /// directory) and is gone, with what the job wrote there, before its
+    /// result is queued; a `working_dir` the job named is left alone.
+    #[tokio::test]
+    async fn a_job_s_own_directory_is_removed_when_it_ends() {
+        use futures::StreamExt;
+
+        use super::super::outbox::Control;
+        let root = tempfile::tempdir().unwrap();
+        let named = root.path().join("named");
+        let mut ctx = ctx();
+        ctx.job_dirs = Some(Arc::new(root.path().join("jobs")));
+        let script = |name: &str| JobSpec {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("pwd; echo data > {name}; test -f {name}"),
+            ],
+            ..JobSpec::default()
+        };
+        let mut kept = script("kept");
+        kept.working_dir = Some(named.display().to_string());
+        for (spec, job) in [(script("scratch"), "own"), (kept, "named")] {
+            let mut msg = run_job_msg(spec, &[]);
+            msg.job_id = job.into();
+            let req = exec_request(msg, &ctx);
+            run_job(
+                (job.to_owned(), 2),
+                "corr-1".to_owned(),
+                req,
+                CancellationToken::new(),
+                ctx.clone(),
+                Slots::default().take(),
+            )
+            .await;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stream = ctx.outbox.session_stream(rx);
+        tx.send(Control::OpenOutbox).unwrap();
+        let mut pwd = Vec::new();
+        for _ in 0..2 {
+            let Some(Kind::Logs(batch)) = stream.next().await.and_then(|m| m.kind) else {
+                panic!("expected the log batch");
+            };
+            pwd.push(PathBuf::from(&batch.lines[0].text));
+            let Some(Kind::Result(result)) = stream.next().await.and_then(|m| m.kind) else {
+                panic!("expected the result");
+            };
+            assert_eq!(result.exit_code, Some(0), "{result:?}");
+        }
+        let own = root.path().join("jobs").join("own-2");
+        assert_eq!(pwd, [own.clone(), named.clone()]);
+        assert!(!own.exists(), "the job's own directory is removed");
+        assert!(named.join("kept").exists(), "a named working_dir is kept");
     }
 
     /// Regression (benchmark): the slot was freed after the result was

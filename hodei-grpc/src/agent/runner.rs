@@ -81,6 +81,7 @@ pub(crate) async fn run(
             config.log_flush.unwrap_or(DEFAULT_LOG_FLUSH),
         ),
         memory_events,
+        job_dirs: (config.capacity > 1).then(|| Arc::new(job::job_dirs_root())),
         jobs: JoinSet::new(),
         running: HashMap::new(),
         slots: Slots::default(),
@@ -92,7 +93,14 @@ pub(crate) async fn run(
         endpoint,
         config,
     };
-    agent.run(shutdown, commands).await
+    let job_dirs = agent.job_dirs.clone();
+    let exit = agent.run(shutdown, commands).await;
+    if let Some(root) = job_dirs {
+        // Each job removed its own; a job still running (an agent ended
+        // without draining) keeps its directory and so the root.
+        let _ = tokio::fs::remove_dir(root.as_path()).await;
+    }
+    exit
 }
 
 /// HTTP/2 pings that detect a dead connection while nothing is sent.
@@ -108,6 +116,9 @@ struct Agent {
     outbox: Arc<Outbox>,
     settings: Arc<LogSettings>,
     memory_events: Option<Arc<PathBuf>>,
+    /// Root of the jobs' own directories (workers of capacity > 1, see
+    /// [`JobContext::job_dirs`]); removed, when empty, as the agent ends.
+    job_dirs: Option<Arc<PathBuf>>,
     /// One task per accepted attempt (plus, rarely, result-only tasks).
     jobs: JoinSet<()>,
     running: HashMap<AttemptKey, Running>,
@@ -536,6 +547,7 @@ impl Agent {
             kill_grace: self.config.kill_grace,
             default_timeout: self.config.default_job_timeout,
             memory_events: self.memory_events.clone(),
+            job_dirs: self.job_dirs.clone(),
         };
         let correlation_id = run.correlation_id.clone();
         let req = job::exec_request(run, &ctx);
