@@ -105,7 +105,10 @@ async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
     let minimal = minimal_runner(pgbench_secs, false).await?;
     let audited = minimal_runner(pgbench_secs, true).await?;
     println!();
-    println!("durable no-op jobs, {CLIENTS} clients, {CLIENTS} warm workers, {jobs} jobs:");
+    println!(
+        "durable no-op jobs, {} submitting clients, {CLIENTS} warm workers, {jobs} jobs:",
+        submitters()?
+    );
     match durability().await {
         Ok(d) => println!("  postgresql:          {d}"),
         Err(e) => println!("  postgresql:          durability settings not read: {e:#}"),
@@ -515,12 +518,30 @@ async fn durable_jobs(jobs: usize, capacity: u32) -> Result<Durable> {
     result
 }
 
-/// Submits `n` jobs from [`CLIENTS`] concurrent clients.
+/// Concurrent submitters of the Hodei runs: `HODEI_BENCH_SUBMITTERS`,
+/// default [`CLIENTS`] (pgbench's client count).
+fn submitters() -> Result<usize> {
+    match std::env::var("HODEI_BENCH_SUBMITTERS") {
+        Err(_) => Ok(CLIENTS),
+        Ok(raw) => raw
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| {
+                anyhow!("HODEI_BENCH_SUBMITTERS: {raw:?} is not a count; expected 1 to 1024")
+            }),
+    }
+}
+
+/// Submits `n` jobs from [`submitters`] concurrent clients, each waiting
+/// for its submission to be stored before the next.
 async fn submit_all(cp: &hodei_core::runtime::ControlPlane, n: usize) -> Result<()> {
+    let clients = submitters()?;
     let mut tasks = Vec::new();
-    for c in 0..CLIENTS {
+    for c in 0..clients {
         let cp = cp.clone();
-        let mine = n / CLIENTS + usize::from(c < n % CLIENTS);
+        let mine = n / clients + usize::from(c < n % clients);
         tasks.push(tokio::spawn(async move {
             for _ in 0..mine {
                 cp.submit(support::command(&["true"]), &support::ctx())

@@ -648,7 +648,7 @@ async fn a_restarted_server_removes_the_local_workers_orphaned_by_its_crash() {
 
 /// A reusable local worker with `worker_capacity = 3` runs three jobs at
 /// once (each its own process, its own log, its own working directory,
-/// removed when it ends) and then more on the same worker: the pool stays
+/// emptied when it ends) and then more on the same worker: the pool stays
 /// at one worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
@@ -704,21 +704,13 @@ async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
             [&format!("start-{i}"), &format!("end-{i}")]
         );
         let dir = std::path::PathBuf::from(logs[1].strip_prefix("dir=").expect("dir= line"));
-        assert!(
-            dir.ends_with(format!("{id}-1")),
-            "job {id} runs in its own directory: {}",
-            dir.display()
-        );
-        assert!(
-            !dir.exists(),
-            "{} is removed when the job ends",
-            dir.display()
-        );
+        let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{} is emptied when the job ends", dir.display());
         dirs.push(dir);
     }
     assert!(
         dirs[0] != dirs[1] && dirs[1] != dirs[2] && dirs[0] != dirs[2],
-        "{dirs:?}"
+        "each job had a directory of its own: {dirs:?}"
     );
     // A fourth job reuses the same worker.
     let mut spec = sh("echo again");

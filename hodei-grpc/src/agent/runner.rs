@@ -81,7 +81,7 @@ pub(crate) async fn run(
             config.log_flush.unwrap_or(DEFAULT_LOG_FLUSH),
         ),
         memory_events,
-        job_dirs: (config.capacity > 1).then(|| Arc::new(job::job_dirs_root())),
+        job_dirs: (config.capacity > 1).then(|| Arc::new(job::JobDirs::new())),
         jobs: JoinSet::new(),
         running: HashMap::new(),
         slots: Slots::default(),
@@ -95,10 +95,10 @@ pub(crate) async fn run(
     };
     let job_dirs = agent.job_dirs.clone();
     let exit = agent.run(shutdown, commands).await;
-    if let Some(root) = job_dirs {
-        // Each job removed its own; a job still running (an agent ended
-        // without draining) keeps its directory and so the root.
-        let _ = tokio::fs::remove_dir(root.as_path()).await;
+    if let Some(dirs) = job_dirs {
+        // A job still running (an agent ended without draining) keeps its
+        // directory, and so the root.
+        dirs.remove();
     }
     exit
 }
@@ -116,9 +116,9 @@ struct Agent {
     outbox: Arc<Outbox>,
     settings: Arc<LogSettings>,
     memory_events: Option<Arc<PathBuf>>,
-    /// Root of the jobs' own directories (workers of capacity > 1, see
-    /// [`JobContext::job_dirs`]); removed, when empty, as the agent ends.
-    job_dirs: Option<Arc<PathBuf>>,
+    /// The jobs' own directories (workers of capacity > 1, see
+    /// [`JobContext::job_dirs`]); removed as the agent ends.
+    job_dirs: Option<Arc<job::JobDirs>>,
     /// One task per accepted attempt (plus, rarely, result-only tasks).
     jobs: JoinSet<()>,
     running: HashMap<AttemptKey, Running>,
