@@ -3,7 +3,7 @@
 //!
 //! 1. **Jobs.** An embedded server on a fresh database with 8 warm
 //!    reusable in-process workers (capacity 1, then 8 jobs each) runs 5,000 no-op jobs (`true`) submitted
-//!    by 8 concurrent clients through `ControlPlane::submit`: jobs/s from
+//!    by 64 concurrent clients (`HODEI_BENCH_SUBMITTERS`) through `ControlPlane::submit`: jobs/s from
 //!    the first submission to the last terminal state stored, and commits
 //!    per job (`pg_stat_database.xact_commit` delta / jobs). Beside it, the
 //!    ceiling of the same PostgreSQL measured in the same run by `pgbench`
@@ -23,6 +23,7 @@
 //! `cargo bench -p hodei-grpc --bench durable_throughput`
 //! (`HODEI_BENCH_JOBS`, `HODEI_BENCH_EVENTS`, `HODEI_BENCH_PGBENCH_SECS`,
 //! `HODEI_BENCH_CAPACITIES` (jobs per worker at once, default `1,8`);
+//! `HODEI_BENCH_SUBMITTERS` (clients submitting to Hodei, default 64);
 //! `HODEI_BENCH_PARTS=jobs` or `bus` for one part); without `--bench` a
 //! smoke pass.
 
@@ -44,6 +45,10 @@ use hodei_grpc::config::ProviderKind;
 use sqlx::Connection;
 
 const CLIENTS: usize = 8;
+/// Clients submitting to Hodei, each waiting for its submission to be
+/// stored before the next. More than [`CLIENTS`]: with 8, the offered load
+/// is bounded by the submit round trip (8 / ~12 ms), not by the platform.
+const SUBMITTERS: usize = 64;
 /// Appending tasks of the second event bus run (concurrent writers).
 const BUS_WRITERS: usize = 4;
 /// The subscriber gives up after this long without an event.
@@ -519,10 +524,10 @@ async fn durable_jobs(jobs: usize, capacity: u32) -> Result<Durable> {
 }
 
 /// Concurrent submitters of the Hodei runs: `HODEI_BENCH_SUBMITTERS`,
-/// default [`CLIENTS`] (pgbench's client count).
+/// default [`SUBMITTERS`].
 fn submitters() -> Result<usize> {
     match std::env::var("HODEI_BENCH_SUBMITTERS") {
-        Err(_) => Ok(CLIENTS),
+        Err(_) => Ok(SUBMITTERS),
         Ok(raw) => raw
             .trim()
             .parse::<usize>()

@@ -310,9 +310,12 @@ fn run(job: &str, spec: JobSpec, secrets: HashMap<String, String>) -> server_mes
     })
 }
 
-/// A script that prints `before`, waits for the file `flag`, prints `after`.
+/// A script that prints `before`, waits for the file `flag` (or for its
+/// directory to go with the test), prints `after`.
 fn wait_for_flag(before: &str, flag: &str, after: &str) -> String {
-    format!("echo {before}; while [ ! -e {flag} ]; do sleep 0.02; done; echo {after}")
+    format!(
+        "echo {before}; while [ ! -e {flag} ] && [ -d $(dirname {flag}) ]; do sleep 0.02; done; echo {after}"
+    )
 }
 
 fn touch(path: &str) {

@@ -510,9 +510,16 @@ pub fn sh(script: &str) -> proto::JobSpec {
     }
 }
 
-/// A shell fragment that waits until `path` exists.
+/// A shell fragment that waits until `path` exists, or until its directory
+/// is gone (the test that made it is over): a job orphaned by a killed
+/// agent must not loop for ever after its test.
 pub fn wait_file(path: &Path) -> String {
-    format!("while [ ! -e '{}' ]; do sleep 0.05; done", path.display())
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    format!(
+        "while [ ! -e '{}' ] && [ -d '{}' ]; do sleep 0.05; done",
+        path.display(),
+        dir.display()
+    )
 }
 
 pub fn touch(path: &Path) {
