@@ -2090,8 +2090,15 @@ impl Driver {
     /// A pass takes every effect polled so far and runs them concurrently,
     /// except that an effect waits for the earlier effects of the pass
     /// that share a lane with it ([`Lane`]: its job, its worker), and a
-    /// claim waits for every earlier effect (so that it sees the jobs just
-    /// created or requeued). So the store calls of different jobs overlap,
+    /// claim waits for every earlier effect that can put a job in the queue
+    /// (a creation, a job back to `PENDING`, a released claim), so that it
+    /// sees the jobs just created or requeued, but not for the others (a
+    /// job's ending, an assignment, a worker's record): a worker's next job
+    /// is claimed while its last one's result is being stored. A claim
+    /// racing an update that takes a job out of the queue is harmless: the
+    /// row is locked or no longer `PENDING` for the claim, or the engine
+    /// already holds the job (and skips it), or its stale copy conflicts on
+    /// the version when placed. So the store calls of different jobs overlap,
     /// while each job's changes are stored, and dispatched, in the order the
     /// engine decided them, each change with its events in one unit (the
     /// store's `update`). What the engine must hear back (a claim's jobs, a
@@ -2295,7 +2302,10 @@ impl Driver {
                 other => self.prepare(i, other, &last_save),
             };
             let deps: Vec<usize> = if matches!(op, Op::Claim { .. }) {
-                last.values().copied().collect()
+                last.values()
+                    .copied()
+                    .filter(|&k| ops[k].0.may_make_claimable())
+                    .collect()
             } else {
                 lanes.iter().filter_map(|l| last.get(l).copied()).collect()
             };
@@ -2732,6 +2742,26 @@ enum FollowUp {
 }
 
 impl Op {
+    /// Whether, once stored, this can put a job in the queue (a creation,
+    /// a job back to `PENDING`, a released claim): what a claim of the
+    /// same pass waits for.
+    fn may_make_claimable(&self) -> bool {
+        match self {
+            Op::Nothing
+            | Op::Record(_)
+            | Op::SaveWorker(..)
+            | Op::SaveWorkers(_)
+            | Op::Claim { .. }
+            | Op::Provision { .. }
+            | Op::Dispatch { .. }
+            | Op::Send(..)
+            | Op::Destroy { .. } => false,
+            Op::Update { job, .. } => job.state() == JobState::Pending,
+            Op::UpdateMany(updates) => updates.iter().any(|u| u.job.state() == JobState::Pending),
+            Op::Create { .. } | Op::CreateMany(_) | Op::Release(_) => true,
+        }
+    }
+
     /// Carries the operation out. Also returns the jobs whose logs are to
     /// be marked finished (after the operation's lanes are released).
     async fn run(self, ctx: &PassCtx, now: Timestamp) -> (Vec<FollowUp>, Vec<JobId>) {

@@ -12,15 +12,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use hodei_core::engine::{AttemptReport, RefusalCode};
+use hodei_core::engine::{AttemptReport, ProviderConfig, RefusalCode};
 use hodei_core::event::{DomainEvent, EventBody};
-use hodei_core::ids::{Actor, CorrelationId, WorkerId};
-use hodei_core::job::JobState;
+use hodei_core::ids::{Actor, CorrelationId, JobId, WorkerId};
+use hodei_core::job::{Job, JobState};
 use hodei_core::memory::MemoryStore;
-use hodei_core::ports::{LogStream, NewLogLine, RequestContext, ToWorker, WorkerLaunch};
+use hodei_core::ports::{
+    Claim, JobQueue, LogStream, NewLogLine, RequestContext, StoreError, ToWorker, WorkerLaunch,
+};
 use hodei_core::runtime::{ControlPlane, FromWorker, RuntimeConfig, Stores, WorkerHello, now_utc};
 use hodei_core::spec::RawJobSpec;
-use runtime_support::{ChanLink, FakeProvider, HeldJobs, start_control_plane};
+use hodei_core::time::Timestamp;
+use runtime_support::{
+    ChanLink, FakeProvider, HeldJobs, start_control_plane, start_control_plane_with,
+};
 use tokio::sync::mpsc;
 
 /// The attempt of the next job the worker is given (a guard fails the
@@ -509,4 +514,147 @@ async fn lines_of_a_new_session_wait_for_the_old_session_s_lines_to_be_stored() 
         !held.overlapped.load(SeqCst),
         "two appends of the job ran at once"
     );
+}
+
+/// A queue that counts the claims made through it.
+struct CountedClaims {
+    inner: Arc<MemoryStore>,
+    claims: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl JobQueue for CountedClaims {
+    async fn claim(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claims
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.claim(owner, now, limit, lease).await
+    }
+    async fn release(&self, id: JobId, owner: &str) -> Result<(), StoreError> {
+        self.inner.release(id, owner).await
+    }
+    async fn depth(&self) -> Result<u64, StoreError> {
+        self.inner.depth().await
+    }
+    async fn overdue(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.inner.overdue(now, limit).await
+    }
+}
+
+/// A claim waits only for the effects of its pass that can put a job in
+/// the queue, not for the others: when a worker's job ends, the claim of
+/// its next job is made while the ending is still being stored (the store
+/// holds it), so the two writes overlap instead of following each other.
+#[tokio::test]
+async fn a_claim_does_not_wait_for_a_job_s_ending_to_be_stored() {
+    let (launches_tx, mut launches) = mpsc::unbounded_channel();
+    let mem = Arc::new(MemoryStore::new());
+    let jobs = Arc::new(HeldJobs::new(mem.clone()));
+    let queue = Arc::new(CountedClaims {
+        inner: mem.clone(),
+        claims: Default::default(),
+    });
+    let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
+    // One reusable worker: the second job waits for the first one's slot.
+    let mut setup = ProviderConfig::ephemeral("local", "local", false, 1);
+    setup.ephemeral = false;
+    let cp = start_control_plane_with(
+        RuntimeConfig::default(),
+        Stores {
+            jobs: jobs.clone(),
+            queue: queue.clone(),
+            ..Stores::from_store(mem)
+        },
+        Arc::new(provider),
+        setup,
+    )
+    .await;
+    let ctx = RequestContext {
+        correlation_id: CorrelationId::new("corr-claim"),
+        actor: Actor::new("tester"),
+    };
+    let spec = RawJobSpec {
+        command: Some(vec!["true".into()]),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let first = cp.submit(spec.clone(), &ctx).await.unwrap();
+    let (w, mut rx) = register(&cp, launches.recv().await.unwrap()).await;
+    let attempt = next_run(&mut rx).await;
+    // The only worker is busy: the second job waits in the queue.
+    let second = cp.submit(spec, &ctx).await.unwrap();
+    cp.worker_message(
+        w,
+        FromWorker::Ack {
+            job: first.id,
+            attempt,
+        },
+    )
+    .await
+    .unwrap();
+
+    // Two calls through the driver: the second is handled after every
+    // pass the earlier messages caused (the second job's claim and
+    // release among them) is done.
+    cp.workers().await.unwrap();
+    cp.workers().await.unwrap();
+    jobs.hold_endings.send_replace(true);
+    let before = queue.claims.load(std::sync::atomic::Ordering::SeqCst);
+    cp.worker_message(
+        w,
+        FromWorker::Result {
+            job: first.id,
+            attempt,
+            report: AttemptReport {
+                exit_code: Some(0),
+                ..AttemptReport::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), jobs.held.notified())
+        .await
+        .expect("the first job's ending waits in the store");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while queue.claims.load(std::sync::atomic::Ordering::SeqCst) == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no claim was made while the ending was held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    jobs.hold_endings.send_replace(false);
+
+    // The second job runs on the freed worker, and both end well.
+    let attempt = next_run(&mut rx).await;
+    for message in [
+        FromWorker::Ack {
+            job: second.id,
+            attempt,
+        },
+        FromWorker::Result {
+            job: second.id,
+            attempt,
+            report: AttemptReport {
+                exit_code: Some(0),
+                ..AttemptReport::default()
+            },
+        },
+    ] {
+        cp.worker_message(w, message).await.unwrap();
+    }
+    for id in [first.id, second.id] {
+        let done = tokio::time::timeout(Duration::from_secs(30), cp.wait_terminal(id))
+            .await
+            .expect("the job ends")
+            .unwrap();
+        assert_eq!(done.state(), JobState::Succeeded, "{done:?}");
+    }
+    cp.shutdown().await;
 }

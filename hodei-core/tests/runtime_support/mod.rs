@@ -6,6 +6,8 @@
 
 mod provider;
 
+#[allow(unused_imports)] // used by some test files only
+pub use provider::start_control_plane_with;
 pub use provider::{FakeProvider, start_control_plane};
 
 use std::sync::atomic::{AtomicBool, Ordering};

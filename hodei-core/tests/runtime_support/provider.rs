@@ -143,11 +143,22 @@ pub async fn start_control_plane(
     provider: Arc<FakeProvider>,
     max_workers: u32,
 ) -> ControlPlane {
+    let setup = ProviderConfig::ephemeral(provider.kind, provider.kind, false, max_workers);
+    start_control_plane_with(config, stores, provider, setup).await
+}
+
+/// [`start_control_plane`] with the provider configured by `setup`.
+pub async fn start_control_plane_with(
+    config: RuntimeConfig,
+    stores: Stores,
+    provider: Arc<FakeProvider>,
+    setup: ProviderConfig,
+) -> ControlPlane {
     let cp = ControlPlane::start(
         config,
         stores,
         vec![ProviderSetup {
-            config: ProviderConfig::ephemeral(provider.kind, provider.kind, false, max_workers),
+            config: setup,
             provider: provider.clone(),
         }],
     )
