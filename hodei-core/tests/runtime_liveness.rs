@@ -76,6 +76,26 @@ async fn next_run(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> u32 {
     .expect("a job is dispatched")
 }
 
+/// A request context of the tester with correlation id `corr`.
+fn ctx(corr: &str) -> RequestContext {
+    RequestContext {
+        correlation_id: CorrelationId::new(corr),
+        actor: Actor::new("tester"),
+    }
+}
+
+/// An attempt's result: exited 0.
+fn exited_ok(job: JobId, attempt: u32) -> FromWorker {
+    FromWorker::Result {
+        job,
+        attempt,
+        report: AttemptReport {
+            exit_code: Some(0),
+            ..AttemptReport::default()
+        },
+    }
+}
+
 /// The next event of the stream matching `f` (a guard fails the test if
 /// it never comes).
 async fn next_matching(
@@ -104,10 +124,7 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
     let cp = start_control_plane(config, Stores::memory(), Arc::new(provider), 4).await;
     let mut events = cp.watch_events(0);
-    let ctx = RequestContext {
-        correlation_id: CorrelationId::new("corr-live"),
-        actor: Actor::new("tester"),
-    };
+    let ctx = ctx("corr-live");
     let spec = RawJobSpec {
         command: Some(vec!["true".into()]),
         ..Default::default()
@@ -159,19 +176,9 @@ async fn a_log_batch_revives_a_worker_the_heartbeat_timeout_disconnected() {
     )
     .await;
 
-    cp.worker_message(
-        w,
-        FromWorker::Result {
-            job: job.id,
-            attempt,
-            report: AttemptReport {
-                exit_code: Some(0),
-                ..AttemptReport::default()
-            },
-        },
-    )
-    .await
-    .unwrap();
+    cp.worker_message(w, exited_ok(job.id, attempt))
+        .await
+        .unwrap();
     let done = tokio::time::timeout(Duration::from_secs(30), cp.wait_terminal(job.id))
         .await
         .expect("the job ends")
@@ -198,10 +205,7 @@ async fn a_typed_capacity_refusal_gives_the_attempt_back() {
     )
     .await;
     let mut events = cp.watch_events(0);
-    let ctx = RequestContext {
-        correlation_id: CorrelationId::new("corr-refuse"),
-        actor: Actor::new("tester"),
-    };
+    let ctx = ctx("corr-refuse");
     let spec = RawJobSpec {
         command: Some(vec!["true".into()]),
         max_attempts: Some(1),
@@ -254,10 +258,7 @@ async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
         4,
     )
     .await;
-    let ctx = RequestContext {
-        correlation_id: CorrelationId::new("corr-held"),
-        actor: Actor::new("tester"),
-    };
+    let ctx = ctx("corr-held");
     let spec = RawJobSpec {
         command: Some(vec!["true".into()]),
         max_attempts: Some(1),
@@ -292,19 +293,9 @@ async fn an_ack_that_waited_for_a_held_up_driver_beats_the_deadline_it_met() {
     jobs.hold_creates.send_replace(false);
     other.await.unwrap().unwrap();
 
-    cp.worker_message(
-        w,
-        FromWorker::Result {
-            job: job.id,
-            attempt,
-            report: AttemptReport {
-                exit_code: Some(0),
-                ..AttemptReport::default()
-            },
-        },
-    )
-    .await
-    .unwrap();
+    cp.worker_message(w, exited_ok(job.id, attempt))
+        .await
+        .unwrap();
     let done = tokio::time::timeout(Duration::from_secs(30), cp.wait_terminal(job.id))
         .await
         .expect("the job ends")
@@ -400,10 +391,7 @@ async fn lines_of_a_new_session_wait_for_the_old_session_s_lines_to_be_stored() 
     stores.logs = held.clone();
     let provider = FakeProvider::new("local").handing_launches_to(launches_tx);
     let cp = start_control_plane(config, stores, Arc::new(provider), 4).await;
-    let ctx = RequestContext {
-        correlation_id: CorrelationId::new("corr-pipes"),
-        actor: Actor::new("tester"),
-    };
+    let ctx = ctx("corr-pipes");
     let spec = RawJobSpec {
         command: Some(vec!["true".into()]),
         ..Default::default()
@@ -574,10 +562,7 @@ async fn a_claim_does_not_wait_for_a_job_s_ending_to_be_stored() {
         setup,
     )
     .await;
-    let ctx = RequestContext {
-        correlation_id: CorrelationId::new("corr-claim"),
-        actor: Actor::new("tester"),
-    };
+    let ctx = ctx("corr-claim");
     let spec = RawJobSpec {
         command: Some(vec!["true".into()]),
         max_attempts: Some(1),
@@ -605,19 +590,9 @@ async fn a_claim_does_not_wait_for_a_job_s_ending_to_be_stored() {
     cp.workers().await.unwrap();
     jobs.hold_endings.send_replace(true);
     let before = queue.claims.load(std::sync::atomic::Ordering::SeqCst);
-    cp.worker_message(
-        w,
-        FromWorker::Result {
-            job: first.id,
-            attempt,
-            report: AttemptReport {
-                exit_code: Some(0),
-                ..AttemptReport::default()
-            },
-        },
-    )
-    .await
-    .unwrap();
+    cp.worker_message(w, exited_ok(first.id, attempt))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(30), jobs.held.notified())
         .await
         .expect("the first job's ending waits in the store");
@@ -638,14 +613,7 @@ async fn a_claim_does_not_wait_for_a_job_s_ending_to_be_stored() {
             job: second.id,
             attempt,
         },
-        FromWorker::Result {
-            job: second.id,
-            attempt,
-            report: AttemptReport {
-                exit_code: Some(0),
-                ..AttemptReport::default()
-            },
-        },
+        exited_ok(second.id, attempt),
     ] {
         cp.worker_message(w, message).await.unwrap();
     }

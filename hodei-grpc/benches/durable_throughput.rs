@@ -154,7 +154,7 @@ async fn jobs_vs_pgbench(jobs: usize, pgbench_secs: usize) -> Result<()> {
     );
     println!(
         "  minimal runner, audited: {:>4.0} jobs/s  (the same, each statement also appending its {AUDITED_EVENTS} events per job \
-         to a table with the indexes of Hodei's and notifying, {CLIENTS} tasks, {} s)",
+         to Hodei's events table and notifying, {CLIENTS} tasks, {} s)",
         audited, pgbench_secs
     );
     if let Ok(c) = &ceiling {
@@ -246,9 +246,9 @@ async fn spawn_ceiling(secs: usize) -> Result<f64> {
 /// (three autocommitted statements) with a `true` process started and
 /// reaped between claim and complete, by [`CLIENTS`] tasks for `secs`.
 /// `audited`: each statement also appends the job's events of that step
-/// ([`AUDITED_EVENTS`], six per job) to a table with the columns and
-/// indexes of Hodei's `events` and notifies their last sequence, in the
-/// same statement: what the issue's audit trail and event bus cost at the
+/// ([`AUDITED_EVENTS`], six per job) to Hodei's own `events` table (the
+/// database is migrated) and notifies their last sequence, in the same
+/// statement: what the issue's audit trail and event bus cost at the
 /// least, with nothing else of Hodei (no documents, no workers, no gRPC).
 async fn minimal_runner(secs: usize, audited: bool) -> Result<f64> {
     let db = support::fresh_database("minimal")
@@ -261,7 +261,13 @@ async fn minimal_runner(secs: usize, audited: bool) -> Result<f64> {
             .await?;
         sqlx::raw_sql(SCRATCH).execute(&pool).await?;
         if audited {
-            sqlx::raw_sql(SCRATCH_EVENTS).execute(&pool).await?;
+            // Hodei's own schema, for its `events` table and indexes.
+            support::pg_store(&db.url).await?.close().await;
+            sqlx::raw_sql(
+                "ALTER TABLE bench_queue ADD COLUMN uid uuid NOT NULL DEFAULT gen_random_uuid()",
+            )
+            .execute(&pool)
+            .await?;
         }
         let [insert, claim, complete] = if audited {
             AUDITED_STATEMENTS
@@ -328,11 +334,11 @@ const PLAIN_STATEMENTS: [&str; 3] = [
 const AUDITED_EVENTS: usize = 6;
 
 /// [`PLAIN_STATEMENTS`], each also appending its step's events to
-/// `bench_events` and notifying their last sequence.
+/// `events` and notifying their last sequence.
 const AUDITED_STATEMENTS: [&str; 3] = [
     "WITH j AS (INSERT INTO bench_queue (state, spec) \
          VALUES ('PENDING', '{\"command\": [\"true\"]}') RETURNING id, uid), \
-     e AS (INSERT INTO bench_events (event_id, event_type, aggregate_type, aggregate_id, \
+     e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
          correlation_id, actor, occurred_at, job_id, payload) \
          SELECT gen_random_uuid(), t, 'job', j.uid::text, j.uid::text, 'user:bench', now(), \
              j.uid, jsonb_build_object('job_id', j.uid, 'type', t) \
@@ -341,7 +347,7 @@ const AUDITED_STATEMENTS: [&str; 3] = [
     "WITH c AS (UPDATE bench_queue SET state = 'RUNNING', claimed_by = $1, updated_at = now() \
          WHERE id = (SELECT id FROM bench_queue WHERE state = 'PENDING' ORDER BY id \
          FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id, uid), \
-     e AS (INSERT INTO bench_events (event_id, event_type, aggregate_type, aggregate_id, \
+     e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
          correlation_id, actor, occurred_at, job_id, payload) \
          SELECT gen_random_uuid(), t, 'job', c.uid::text, c.uid::text, 'worker:bench', now(), \
              c.uid, jsonb_build_object('job_id', c.uid, 'type', t) \
@@ -350,7 +356,7 @@ const AUDITED_STATEMENTS: [&str; 3] = [
      SELECT (SELECT id FROM c) + 0 * (SELECT count(*) FROM n)",
     "WITH c AS (UPDATE bench_queue SET state = $1, updated_at = now() WHERE id = $2 \
          RETURNING id, uid, state), \
-     e AS (INSERT INTO bench_events (event_id, event_type, aggregate_type, aggregate_id, \
+     e AS (INSERT INTO events (event_id, event_type, aggregate_type, aggregate_id, \
          correlation_id, actor, occurred_at, job_id, payload) \
          SELECT gen_random_uuid(), \
              CASE c.state WHEN 'SUCCEEDED' THEN 'JobSucceeded' ELSE 'JobFailed' END, \
@@ -360,29 +366,6 @@ const AUDITED_STATEMENTS: [&str; 3] = [
      SELECT pg_notify('bench_events', max(sequence)::text) FROM e",
 ];
 
-/// The audited minimal runner's events table: the columns and indexes of
-/// Hodei's `events` (hodei-postgres/migrations/0001_initial.sql).
-const SCRATCH_EVENTS: &str = "
-ALTER TABLE bench_queue ADD COLUMN uid uuid NOT NULL DEFAULT gen_random_uuid();
-CREATE TABLE bench_events (
-    sequence        bigserial PRIMARY KEY,
-    event_id        uuid        NOT NULL UNIQUE,
-    event_type      text        NOT NULL,
-    aggregate_type  text        NOT NULL,
-    aggregate_id    text        NOT NULL,
-    correlation_id  text        NOT NULL,
-    actor           text        NOT NULL,
-    occurred_at     timestamptz NOT NULL,
-    job_id          uuid,
-    payload         jsonb       NOT NULL,
-    xid             xid8        NOT NULL DEFAULT pg_current_xact_id()
-);
-CREATE INDEX bench_events_correlation_idx ON bench_events (correlation_id, sequence);
-CREATE INDEX bench_events_type_idx ON bench_events (event_type, sequence);
-CREATE INDEX bench_events_actor_idx ON bench_events (actor, sequence);
-CREATE INDEX bench_events_occurred_idx ON bench_events (occurred_at);
-CREATE INDEX bench_events_job_idx ON bench_events (job_id, sequence) WHERE job_id IS NOT NULL;
-";
 fn print_bus(bus: &Bus, writers: usize) {
     println!();
     println!(

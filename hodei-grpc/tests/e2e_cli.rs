@@ -282,12 +282,7 @@ async fn worker_list_and_drain() {
         (worker_doc(&v, &worker)["state"] == "TERMINATED").then_some(())
     })
     .await;
-    let texts: Vec<String> = client
-        .logs_of(&job.job_id)
-        .await
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let texts = client.log_texts(&job.job_id).await;
     assert_eq!(texts, ["working", "finished"]);
 
     // Unknown and malformed worker ids.

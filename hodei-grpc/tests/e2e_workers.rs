@@ -201,12 +201,7 @@ async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
     let done = client.wait_terminal(&job.job_id).await;
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
     assert_eq!(done.attempt, 1, "no retry was needed");
-    let texts: Vec<String> = client
-        .logs_of(&job.job_id)
-        .await
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let texts = client.log_texts(&job.job_id).await;
     assert_eq!(texts, ["before", "after"]);
 }
 
@@ -277,12 +272,7 @@ async fn cut_connections_lose_no_log_line_and_duplicate_none() {
         cuts.last().is_some_and(|c| *c < LINES),
         "the job was still printing at the last cut: {cuts:?}"
     );
-    let texts: Vec<String> = client
-        .logs_of(&job.job_id)
-        .await
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let texts = client.log_texts(&job.job_id).await;
     let missing: Vec<u64> = (1..=LINES)
         .filter(|n| {
             texts
@@ -339,12 +329,7 @@ async fn sigterm_drains_a_worker_which_finishes_its_job_and_exits_cleanly() {
             .then_some(())
     })
     .await;
-    let texts: Vec<String> = client
-        .logs_of(&job.job_id)
-        .await
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let texts = client.log_texts(&job.job_id).await;
     assert_eq!(texts, ["working", "finished"]);
 }
 
@@ -570,12 +555,7 @@ async fn a_provider_s_env_reaches_its_agents() {
     let job = client.submit(spec).await;
     let done = client.wait_terminal(&job.job_id).await;
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
-    let logs: Vec<String> = client
-        .logs_of(&job.job_id)
-        .await
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let logs = client.log_texts(&job.job_id).await;
     assert_eq!(logs, ["tz=Etc/Hodei"]);
 }
 
@@ -692,12 +672,7 @@ async fn a_worker_with_capacity_three_runs_three_jobs_at_once() {
     for (i, id) in ids.iter().enumerate() {
         let done = client.wait_terminal(id).await;
         assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
-        let logs: Vec<String> = client
-            .logs_of(id)
-            .await
-            .into_iter()
-            .map(|l| l.text)
-            .collect();
+        let logs = client.log_texts(id).await;
         assert_eq!(logs.len(), 3, "{logs:?}");
         assert_eq!(
             [&logs[0], &logs[2]],

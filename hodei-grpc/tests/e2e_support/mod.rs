@@ -433,6 +433,11 @@ impl Client {
         }
     }
 
+    /// The texts of a job's log lines, in order.
+    pub async fn log_texts(&self, id: &str) -> Vec<String> {
+        self.logs_of(id).await.into_iter().map(|l| l.text).collect()
+    }
+
     pub async fn logs_of(&self, id: &str) -> Vec<proto::LogLine> {
         let mut out: Vec<proto::LogLine> = Vec::new();
         loop {
