@@ -206,19 +206,22 @@ async fn a_worker_reconnects_after_its_stream_drops_and_finishes_the_job() {
 }
 
 /// Connections lose what the agent sends and are then cut, three times,
-/// while a job prints 100,000 lines: every line is stored exactly once, in
-/// order (the agent sends again what a dead connection took, the server
-/// ignores what it has).
+/// while a job prints lines until told to stop: every line is stored
+/// exactly once, in order (the agent sends again what a dead connection
+/// took, the server ignores what it has).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connections_lose_no_log_line_and_duplicate_none() {
     let (proxy, server) = proxied_server().await;
     let client = server.client().await;
-    const LINES: u64 = 100_000;
-    // 2,000 lines every 50 ms or so: still printing across the cuts.
+    // 2,000 lines every 50 ms or so until the test says stop, so the job
+    // is printing at every cut however slowly the machine runs the test.
+    const CHUNK: u64 = 2_000;
+    let stop = server.path("stop");
     let mut spec = sh(&format!(
-        "i=0; while [ $i -lt {chunks} ]; do seq $((i*2000+1)) $((i*2000+2000)); \
-         i=$((i+1)); sleep 0.05; done",
-        chunks = LINES / 2000
+        "i=0; while [ ! -e '{stop}' ] && [ -d '{dir}' ]; do \
+         seq $((i*{CHUNK}+1)) $((i*{CHUNK}+{CHUNK})); i=$((i+1)); sleep 0.05; done; echo chunks $i",
+        stop = stop.display(),
+        dir = stop.parent().expect("test dir").display(),
     ));
     spec.timeout_secs = Some(300);
     let job = client.submit(spec).await;
@@ -265,27 +268,37 @@ async fn cut_connections_lose_no_log_line_and_duplicate_none() {
         proxy.swallow(false);
         cuts.push(at_cut);
     }
+    // Lines flow once more after the last cut, then the job stops.
+    let at_start = count().await;
+    wait_for("log lines to flow after the last cut", DEADLINE, || async {
+        (count().await >= at_start + 3_000).then_some(())
+    })
+    .await;
+    touch(&stop);
     let done = client.wait_terminal(&job.job_id).await;
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
     assert_eq!(done.attempt, 1, "no retry: {done:?}");
-    assert!(
-        cuts.last().is_some_and(|c| *c < LINES),
-        "the job was still printing at the last cut: {cuts:?}"
-    );
-    let texts = client.log_texts(&job.job_id).await;
-    let missing: Vec<u64> = (1..=LINES)
-        .filter(|n| {
-            texts
-                .get(*n as usize - 1)
-                .is_none_or(|t| *t != n.to_string())
-        })
+    let mut texts = client.log_texts(&job.job_id).await;
+    // The job printed 1..=n in chunks of CHUNK, then "chunks <n / CHUNK>".
+    let last = texts.pop().unwrap_or_default();
+    let chunks: u64 = last
+        .strip_prefix("chunks ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("last line {last:?} is not the job's closing line"));
+    let printed = chunks * CHUNK;
+    let missing: Vec<u64> = (1..=printed)
+        .filter(|n| texts.get(*n as usize - 1) != Some(&n.to_string()))
         .take(10)
         .collect();
     assert!(
-        texts.len() as u64 == LINES && missing.is_empty(),
-        "{} lines stored for {LINES} printed (cuts at {cuts:?}); first lines out of place: \
+        texts.len() as u64 == printed && missing.is_empty(),
+        "{} lines stored for {printed} printed (cuts at {cuts:?}); first lines out of place: \
          {missing:?}",
         texts.len()
+    );
+    assert!(
+        cuts.last().is_some_and(|c| *c < printed),
+        "the job was still printing at the last cut: {cuts:?}"
     );
 }
 
