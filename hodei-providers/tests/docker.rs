@@ -7,9 +7,10 @@
 //! test uses its own server id and removes its containers on the way out,
 //! failed or not ([`Cleanup`]).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use hodei_providers::docker::{
     self, AGENT_MOUNT_PATH, DockerConfig, DockerNetwork, DockerProvider, container_name,
 };
 use serde_json::Value;
+use support::write_executable;
 
 const TEST_IMAGE: &str = "hodei-providers-test:latest";
 
@@ -305,8 +307,7 @@ async fn mounted_agent_is_the_entrypoint() {
     // static binary (the test image has a shell to run it).
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("fake-agent");
-    fs::write(&agent, "#!/bin/sh\nenv > /tmp/agent-env\nexec sleep 1000\n").unwrap();
-    fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
+    write_executable(&agent, "#!/bin/sh\nenv > /tmp/agent-env\nexec sleep 1000\n");
     config.agent_binary = Some(agent.clone());
     let provider = DockerProvider::new(config.clone());
     let launch = launch(&config);

@@ -1,6 +1,8 @@
 //! The local provider against real processes, with a fake agent: a shell
 //! script that writes its environment to a file and then sleeps.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +16,7 @@ use hodei_core::spec::Resources;
 use hodei_providers::local::{LocalConfig, LocalProvider};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use support::write_executable;
 
 /// A temp dir with a fake agent and a state dir.
 struct Fixture {
@@ -28,15 +31,13 @@ impl Fixture {
         let agent = dir.path().join("fake-agent");
         let out = dir.path().join("out");
         fs::create_dir(&out).unwrap();
-        fs::write(
+        write_executable(
             &agent,
-            format!(
+            &format!(
                 "#!/bin/sh\necho \"fake agent $HODEI_WORKER_ID\"\necho on-stderr >&2\nenv > \"{}/$HODEI_WORKER_ID.env.tmp\"\nmv \"{0}/$HODEI_WORKER_ID.env.tmp\" \"{0}/$HODEI_WORKER_ID.env\"\n{body}\n",
                 out.display()
             ),
-        )
-        .unwrap();
-        fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
+        );
         Self { dir, agent }
     }
 
