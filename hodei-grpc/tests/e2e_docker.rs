@@ -178,6 +178,17 @@ fn container_exists(name: &str) -> bool {
     docker(&["inspect", "--type", "container", name]).is_ok()
 }
 
+/// Shell code for a job in a container that waits until the test calls
+/// [`open_gate`] on that container (it cannot see the test's files), so
+/// the test can look at the container while the job surely runs.
+const CONTAINER_GATE: &str = "while [ ! -e /tmp/hodei-test-gate ]; do sleep 0.05; done";
+
+/// Lets a job waiting at [`CONTAINER_GATE`] in container `name` go on.
+fn open_gate(name: &str) {
+    docker(&["exec", name, "touch", "/tmp/hodei-test-gate"])
+        .unwrap_or_else(|e| panic!("docker exec {name} touch: {e}"));
+}
+
 fn inspect(name: &str) -> serde_json::Value {
     let text = docker(&["inspect", "--type", "container", name]).expect("docker inspect");
     serde_json::from_str::<serde_json::Value>(&text).unwrap()[0].clone()
@@ -435,7 +446,10 @@ async fn a_job_runs_in_a_container_of_the_default_image() {
     let job = client
         .submit(docker_job(
             "docker",
-            "echo started; sleep 2; test -x /usr/local/bin/hodei-worker && echo agent-from-image",
+            &format!(
+                "echo started; {CONTAINER_GATE}; \
+                 test -x /usr/local/bin/hodei-worker && echo agent-from-image"
+            ),
         ))
         .await;
     let worker = client.running_worker(&job.job_id).await;
@@ -449,6 +463,7 @@ async fn a_job_runs_in_a_container_of_the_default_image() {
     assert_eq!(labels["hodei.provider"], "docker");
     assert_eq!(info["Config"]["Image"], WORKER_IMAGE);
     assert_eq!(info["HostConfig"]["NetworkMode"], "host");
+    open_gate(&name);
     let done = client.wait_terminal(&job.job_id).await;
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
     assert_eq!(
@@ -536,14 +551,17 @@ async fn a_job_runs_in_an_image_without_the_agent() {
 
     let mut spec = docker_job(
         "docker",
-        "test ! -e /usr/local/bin/hodei-worker && echo no-agent-in-image; \
-         awk '$2 == \"/hodei/hodei-worker\" { split($4, o, \",\"); print \"agent mount \" o[1] }' /proc/mounts; \
-         sleep 1",
+        &format!(
+            "test ! -e /usr/local/bin/hodei-worker && echo no-agent-in-image; \
+             awk '$2 == \"/hodei/hodei-worker\" {{ split($4, o, \",\"); print \"agent mount \" o[1] }}' \
+             /proc/mounts; {CONTAINER_GATE}"
+        ),
     );
     spec.image = Some(image.to_owned());
     let job = client.submit(spec).await;
     let worker = client.running_worker(&job.job_id).await;
-    let info = inspect(&format!("hodei-worker-{worker}"));
+    let name = format!("hodei-worker-{worker}");
+    let info = inspect(&name);
     assert_eq!(info["Config"]["Image"], image);
     assert_eq!(
         info["Config"]["Entrypoint"],
@@ -556,6 +574,7 @@ async fn a_job_runs_in_an_image_without_the_agent() {
         .expect("the agent is mounted");
     assert_eq!(mount["Source"], agent.display().to_string());
     assert_eq!(mount["RW"], false, "{mount}");
+    open_gate(&name);
 
     let done = client.wait_terminal(&job.job_id).await;
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
