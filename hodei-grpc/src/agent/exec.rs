@@ -1066,24 +1066,6 @@ mod tests {
         command(&["sh", "-c", script])
     }
 
-    /// Writes an executable file (mode 0755) without this process ever
-    /// holding it open for writing: a child forked by another test's thread
-    /// while it was open would keep the handle until its exec, and running
-    /// the file in that window fails with ETXTBSY ("text file busy").
-    fn write_executable(path: &Path, text: &str) {
-        use std::io::Write as _;
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
-            .arg(path)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("sh");
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(text.as_bytes()).expect("writing the file");
-        drop(stdin);
-        assert!(child.wait().expect("sh").success(), "writing {path:?}");
-    }
-
     fn script(text: &str) -> ExecRequest {
         ExecRequest::new(ExecProgram::Script(text.to_owned()), LONG)
     }
@@ -1284,11 +1266,12 @@ mod tests {
     #[tokio::test]
     async fn a_job_s_own_path_finds_its_programs() {
         let dir = tempfile::tempdir().unwrap();
-        write_executable(
-            &dir.path().join("only-here"),
-            "#!/bin/sh\necho found via job PATH\n",
-        );
-        let mut req = command(&["only-here"]);
+        // A link to an existing program, not a file written here: a file
+        // this process just wrote can be held open for writing by a child
+        // another test's thread is forking, and executing it then fails
+        // with ETXTBSY.
+        std::os::unix::fs::symlink("/bin/echo", dir.path().join("only-here")).unwrap();
+        let mut req = command(&["only-here", "found", "via", "job", "PATH"]);
         req.env.insert(
             "PATH".into(),
             format!("{}:{}", dir.path().display(), DEFAULT_PATH),
